@@ -1,0 +1,1 @@
+"""What the coordinator and the participants share: storage, errors, gRPC plumbing, failpoints."""

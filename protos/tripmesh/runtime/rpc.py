@@ -1,0 +1,208 @@
+"""gRPC plumbing shared by every tripmesh server and client.
+
+- `start_server`: a grpc.aio server with health checking and reflection, bound
+  to an address (port 0 picks a free one) and returning the bound port.
+- `ErrorMapping`: the one place where TripmeshError becomes a gRPC status,
+  with field violations in the rich error model (google.rpc.BadRequest).
+- `serve_until_signalled`: graceful shutdown on SIGTERM: health goes
+  NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish.
+- `channel`: a long-lived client channel with keepalive and retries of
+  UNAVAILABLE declared in its service config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from tripmesh.runtime.errors import ErrorKind, TripmeshError
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    ErrorKind.INVALID: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
+    ErrorKind.NOT_FOUND: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
+    ErrorKind.CONFLICT: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
+    ErrorKind.PRECONDITION: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
+    ErrorKind.EXHAUSTED: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
+    ErrorKind.UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+}
+
+
+def status_code_of(error: TripmeshError) -> grpc.StatusCode:
+    return _CODES[error.kind][0]
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: TripmeshError) -> None:
+    """Abort the RPC with the status that `error` maps to (raises)."""
+    _, rpc_code = _CODES[error.kind]
+    details = []
+    if error.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        details.append(packed)
+    status = status_pb2.Status(code=rpc_code, message=error.message, details=details)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns TripmeshError into its status code; anything else into a plain INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except TripmeshError as exc:
+                await abort_with(context, exc)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer to register: the generated `add_*_to_server` and its full name."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    full_name: str
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    address: str,
+    services: Sequence[Service],
+    *,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start a server on `address` ("127.0.0.1:0" for a free port) and return it.
+
+    Health reports NOT_SERVING until the caller says `set_serving(True)`, so a
+    process can finish its start-up work (recovery) before it takes traffic.
+    """
+    server = grpc.aio.server(
+        interceptors=[ErrorMapping(), *interceptors],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in services:
+        service.add_to_server(service.servicer, server)
+    names = tuple(s.full_name for s in services)
+    reflection.enable_server_reflection(
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    running = RunningServer(server, port, health_servicer, names)
+    await running.set_serving(False)
+    return running
+
+
+async def serve_until_signalled(running: RunningServer, *, grace: float = 5.0) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received: NOT_SERVING, draining for up to %.1fs", grace)
+    await running.stop(grace)
+
+
+def _service_config(services: Sequence[str]) -> str:
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": s} for s in services],
+                    "retryPolicy": {
+                        "maxAttempts": 3,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def channel(target: str, *, retry_services: Sequence[str] = ()) -> grpc.aio.Channel:
+    """A long-lived channel to `target`; calls to `retry_services` retry UNAVAILABLE.
+
+    Only list services whose every method is idempotent.
+    """
+    options: list[tuple[str, Any]] = [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Reconnect quickly after a partition heals or a server restarts.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.min_reconnect_backoff_ms", 100),
+    ]
+    if retry_services:
+        options.append(("grpc.enable_retries", 1))
+        options.append(("grpc.service_config", _service_config(retry_services)))
+    return grpc.aio.insecure_channel(target, options=options)

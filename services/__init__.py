@@ -1,0 +1,1 @@
+"""The flight, hotel and car services: one participant engine, three catalogs."""

@@ -1,0 +1,85 @@
+"""Protobuf <-> participant domain, and nothing else."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tripmesh.v1 import participant_pb2 as pb
+
+from services.participant.domain import (
+    Hold,
+    InventoryDay,
+    Protocol,
+    Reservation,
+    ReservationStatus,
+    Resource,
+)
+
+_STATUS_TO_PROTO = {
+    ReservationStatus.HELD: pb.RESERVATION_STATUS_HELD,
+    ReservationStatus.CONFIRMED: pb.RESERVATION_STATUS_CONFIRMED,
+    ReservationStatus.RELEASED: pb.RESERVATION_STATUS_RELEASED,
+    ReservationStatus.CANCELLED: pb.RESERVATION_STATUS_CANCELLED,
+    ReservationStatus.REFUSED: pb.RESERVATION_STATUS_REFUSED,
+}
+_STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
+_PROTOCOL_TO_PROTO = {
+    Protocol.TWO_PHASE_COMMIT: pb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT,
+    Protocol.SAGA: pb.PARTICIPANT_PROTOCOL_SAGA,
+}
+
+
+def hold_from_proto(message: pb.Hold) -> Hold:
+    return Hold.parse(message.resource_id, message.start_date, message.days, message.quantity)
+
+
+def hold_to_proto(hold: Hold) -> pb.Hold:
+    return pb.Hold(
+        resource_id=hold.resource_id,
+        start_date=hold.start_date.isoformat(),
+        days=hold.days,
+        quantity=hold.quantity,
+    )
+
+
+def status_from_proto(value: int) -> ReservationStatus | None:
+    return _STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def reservation_to_proto(r: Reservation) -> pb.Reservation:
+    return pb.Reservation(
+        reservation_id=r.reservation_id,
+        trip_id=r.trip_id,
+        protocol=_PROTOCOL_TO_PROTO[r.protocol],
+        status=_STATUS_TO_PROTO[r.status],
+        hold=hold_to_proto(r.hold) if r.hold else None,
+        price_cents=r.price_cents,
+        reason=r.reason,
+        settled_by=r.settled_by,
+        created_at=_timestamp(r.created_at),
+        updated_at=_timestamp(r.updated_at),
+    )
+
+
+def inventory_day_to_proto(d: InventoryDay) -> pb.InventoryDay:
+    return pb.InventoryDay(
+        date=d.date, capacity=d.capacity, available=d.available, held=d.held, confirmed=d.confirmed
+    )
+
+
+def resource_to_proto(r: Resource, unit: str) -> pb.Resource:
+    return pb.Resource(
+        resource_id=r.resource_id,
+        name=r.name,
+        unit=unit,
+        price_cents=r.price_cents,
+        first_date=r.first_date,
+        last_date=r.last_date,
+        attributes=r.attributes,
+    )

@@ -1,0 +1,135 @@
+"""The participant's vocabulary: holds, reservations and their statuses.
+
+Pure: imports only the standard library and tripmesh's error types.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+
+from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError, invalid
+
+MAX_DAYS = 30
+MAX_QUANTITY = 9
+
+
+class ParticipantError(TripmeshError):
+    """Root of the participant's deliberate errors."""
+
+
+class Protocol(enum.Enum):
+    TWO_PHASE_COMMIT = "2pc"
+    SAGA = "saga"
+
+
+class ReservationStatus(enum.Enum):
+    HELD = "held"  # 2PC: prepared, waiting for the decision
+    CONFIRMED = "confirmed"  # 2PC committed, or saga reserved
+    RELEASED = "released"  # 2PC aborted (or a tombstone: aborted before prepare)
+    CANCELLED = "cancelled"  # saga compensated (or a tombstone: cancelled before reserve)
+    REFUSED = "refused"  # voted no / sold out: nothing taken
+
+
+@dataclass(frozen=True)
+class Hold:
+    """`quantity` units of `resource_id` on each of `days` dates from `start_date`."""
+
+    resource_id: str
+    start_date: dt.date
+    days: int
+    quantity: int
+
+    @property
+    def dates(self) -> list[str]:
+        return [(self.start_date + dt.timedelta(days=i)).isoformat() for i in range(self.days)]
+
+    @property
+    def end_date(self) -> dt.date:
+        return self.start_date + dt.timedelta(days=self.days - 1)
+
+    @classmethod
+    def parse(
+        cls, resource_id: str, start_date: str, days: int, quantity: int, *, prefix: str = "hold"
+    ) -> Hold:
+        """Build a Hold from wire values, naming every bad field."""
+        problems: list[FieldViolation] = []
+        if not resource_id:
+            problems.append(FieldViolation(f"{prefix}.resource_id", "is required"))
+        start = parse_date(start_date, f"{prefix}.start_date", problems)
+        if not 1 <= days <= MAX_DAYS:
+            problems.append(FieldViolation(f"{prefix}.days", f"must be 1 to {MAX_DAYS}, got {days}"))
+        if not 1 <= quantity <= MAX_QUANTITY:
+            problems.append(
+                FieldViolation(f"{prefix}.quantity", f"must be 1 to {MAX_QUANTITY}, got {quantity}")
+            )
+        if problems or start is None:
+            raise invalid(*problems)
+        return cls(resource_id, start, days, quantity)
+
+
+def parse_date(text: str, field: str, problems: list[FieldViolation]) -> dt.date | None:
+    """Parse YYYY-MM-DD or add a violation for `field`."""
+    if not text:
+        problems.append(FieldViolation(field, "is required (YYYY-MM-DD)"))
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        problems.append(FieldViolation(field, f"{text!r} is not a date (YYYY-MM-DD)"))
+        return None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A reservation record; it is also the idempotency record of every step on it."""
+
+    reservation_id: str
+    trip_id: str
+    protocol: Protocol
+    status: ReservationStatus
+    hold: Hold | None  # None for a tombstone
+    price_cents: int
+    reason: str
+    settled_by: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What Prepare or Reserve did: accepted (voted yes / reserved) or refused, and why."""
+
+    accepted: bool
+    reason: str
+    reservation: Reservation
+
+
+@dataclass(frozen=True)
+class InventoryDay:
+    date: str
+    capacity: int
+    available: int
+    held: int
+    confirmed: int
+
+
+@dataclass(frozen=True)
+class Resource:
+    resource_id: str
+    name: str
+    price_cents: int
+    attributes: dict[str, str]
+    first_date: str
+    last_date: str
+
+
+def not_found(message: str, field: str) -> ParticipantError:
+    return ParticipantError(
+        message, kind=ErrorKind.NOT_FOUND, violations=(FieldViolation(field, message),)
+    )
+
+
+def wrong_state(message: str) -> ParticipantError:
+    return ParticipantError(message, kind=ErrorKind.PRECONDITION)

@@ -1,0 +1,130 @@
+"""The Participant gRPC servicer: validate, call the store, convert. Nothing more."""
+
+from __future__ import annotations
+
+import grpc
+
+from tripmesh.runtime import failpoints
+from tripmesh.runtime.errors import FieldViolation, invalid
+from tripmesh.v1 import participant_pb2 as pb
+from tripmesh.v1 import participant_pb2_grpc
+
+from services.participant.convert import (
+    hold_from_proto,
+    inventory_day_to_proto,
+    reservation_to_proto,
+    resource_to_proto,
+    status_from_proto,
+)
+from services.participant.store import ParticipantStore
+
+_MAX_PAGE = 1000
+_MAX_ID = 200
+
+
+def _ids(request: pb.CommitRequest | pb.AbortRequest | pb.CancelRequest) -> tuple[str, str]:
+    problems = [
+        FieldViolation(name, f"is required and at most {_MAX_ID} characters")
+        for name in ("reservation_id", "trip_id")
+        if not 0 < len(getattr(request, name)) <= _MAX_ID
+    ]
+    if problems:
+        raise invalid(*problems)
+    return request.reservation_id, request.trip_id
+
+
+def _page(page_size: int, page_token: str) -> tuple[int, int]:
+    if page_size < 0:
+        raise invalid(FieldViolation("page_size", "must not be negative"))
+    if page_token and not page_token.isdigit():
+        raise invalid(FieldViolation("page_token", "is not a token this server issued"))
+    return min(page_size or 100, _MAX_PAGE), int(page_token or 0)
+
+
+class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
+    def __init__(self, store: ParticipantStore, unit: str) -> None:
+        self.store = store
+        self.unit = unit
+
+    async def Prepare(
+        self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrepareResponse:
+        reservation_id, trip_id = _ids(request)  # type: ignore[arg-type]
+        result = await self.store.prepare(reservation_id, trip_id, hold_from_proto(request.hold))
+        if result.accepted:
+            failpoints.hit("participant.after_vote_yes")
+        return pb.PrepareResponse(
+            vote=pb.VOTE_YES if result.accepted else pb.VOTE_NO,
+            reason=result.reason,
+            reservation=reservation_to_proto(result.reservation),
+        )
+
+    async def Commit(
+        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitResponse:
+        reservation_id, trip_id = _ids(request)
+        failpoints.hit("participant.before_commit")
+        done = await self.store.commit(reservation_id, trip_id, settled_by="coordinator")
+        return pb.CommitResponse(reservation=reservation_to_proto(done))
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        reservation_id, trip_id = _ids(request)
+        done = await self.store.abort(reservation_id, trip_id, settled_by="coordinator")
+        return pb.AbortResponse(reservation=reservation_to_proto(done))
+
+    async def Reserve(
+        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveResponse:
+        reservation_id, trip_id = _ids(request)  # type: ignore[arg-type]
+        result = await self.store.reserve(reservation_id, trip_id, hold_from_proto(request.hold))
+        return pb.ReserveResponse(
+            reserved=result.accepted,
+            reason=result.reason,
+            reservation=reservation_to_proto(result.reservation),
+        )
+
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelResponse:
+        reservation_id, trip_id = _ids(request)
+        done = await self.store.cancel(reservation_id, trip_id)
+        return pb.CancelResponse(reservation=reservation_to_proto(done))
+
+    async def GetInventory(
+        self, request: pb.GetInventoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetInventoryResponse:
+        if not request.resource_id:
+            raise invalid(FieldViolation("resource_id", "is required"))
+        days = await self.store.inventory(request.resource_id, request.from_date, request.to_date)
+        return pb.GetInventoryResponse(
+            resource_id=request.resource_id,
+            unit=self.unit,
+            days=[inventory_day_to_proto(d) for d in days],
+        )
+
+    async def ListReservations(
+        self, request: pb.ListReservationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListReservationsResponse:
+        limit, after = _page(request.page_size, request.page_token)
+        status = status_from_proto(request.status) if request.status else None
+        rows, last = await self.store.reservations(
+            after=after, limit=limit, status=status, trip_id=request.trip_id
+        )
+        return pb.ListReservationsResponse(
+            reservations=[reservation_to_proto(r) for r in rows],
+            next_page_token=str(last) if last is not None else "",
+        )
+
+    async def ListResources(
+        self, request: pb.ListResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResourcesResponse:
+        if request.page_size < 0:
+            raise invalid(FieldViolation("page_size", "must not be negative"))
+        limit = min(request.page_size or 100, _MAX_PAGE)
+        found = await self.store.resources(after=request.page_token, limit=limit)
+        return pb.ListResourcesResponse(
+            resources=[resource_to_proto(r, self.unit) for r in found],
+            next_page_token=found[-1].resource_id if len(found) == limit else "",
+        )

@@ -1,0 +1,390 @@
+"""The participant's books in SQLite, and every protocol step as one local transaction.
+
+Each step (Prepare, Commit, Abort, Reserve, Cancel) changes inventory and
+writes the reservation record in the same transaction. The reservation row,
+keyed by the coordinator's reservation id, is the step's idempotency record: a
+duplicate finds it and answers as the first call did. The database itself
+refuses negative inventory and any row where available + held + confirmed
+differs from capacity (CHECK constraints), whatever the Python does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from tripmesh.runtime.database import Database
+from tripmesh.runtime.errors import ErrorKind
+
+from services.participant.domain import (
+    Hold,
+    InventoryDay,
+    ParticipantError,
+    Protocol,
+    Reservation,
+    ReservationStatus,
+    Resource,
+    StepResult,
+    not_found,
+    wrong_state,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+  resource_id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  price_cents INTEGER NOT NULL CHECK (price_cents >= 0),
+  attributes TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS inventory (
+  resource_id TEXT NOT NULL REFERENCES resources(resource_id),
+  day TEXT NOT NULL,
+  capacity INTEGER NOT NULL CHECK (capacity >= 0),
+  available INTEGER NOT NULL CHECK (available >= 0),
+  held INTEGER NOT NULL DEFAULT 0 CHECK (held >= 0),
+  confirmed INTEGER NOT NULL DEFAULT 0 CHECK (confirmed >= 0),
+  CHECK (available + held + confirmed = capacity),
+  PRIMARY KEY (resource_id, day)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+  reservation_id TEXT PRIMARY KEY,
+  trip_id TEXT NOT NULL,
+  protocol TEXT NOT NULL CHECK (protocol IN ('2pc', 'saga')),
+  status TEXT NOT NULL
+    CHECK (status IN ('held', 'confirmed', 'released', 'cancelled', 'refused')),
+  resource_id TEXT,
+  start_date TEXT,
+  days INTEGER,
+  quantity INTEGER,
+  price_cents INTEGER NOT NULL DEFAULT 0,
+  reason TEXT NOT NULL DEFAULT '',
+  settled_by TEXT NOT NULL DEFAULT '',
+  created_at REAL NOT NULL,
+  updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_by_status ON reservations(status, updated_at);
+CREATE INDEX IF NOT EXISTS reservations_by_trip ON reservations(trip_id);
+"""
+
+_S = ReservationStatus
+
+
+class ParticipantStore:
+    """The books of one participant. Every method is one transaction on the DB thread."""
+
+    def __init__(self, path: Path | str, *, kind: str = "resource") -> None:
+        self.db = Database(path, SCHEMA)
+        self.kind = kind  # "flight", "hotel", "car": for messages
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- 2PC -------------------------------------------------------------
+    async def prepare(self, reservation_id: str, trip_id: str, hold: Hold) -> StepResult:
+        return await self.db.run(
+            lambda c: _take(c, self.kind, reservation_id, trip_id, hold, Protocol.TWO_PHASE_COMMIT)
+        )
+
+    async def commit(self, reservation_id: str, trip_id: str, *, settled_by: str) -> Reservation:
+        return await self.db.run(lambda c: _commit(c, reservation_id, settled_by))
+
+    async def abort(self, reservation_id: str, trip_id: str, *, settled_by: str) -> Reservation:
+        return await self.db.run(
+            lambda c: _give_back(c, reservation_id, trip_id, Protocol.TWO_PHASE_COMMIT, settled_by)
+        )
+
+    # -- saga ------------------------------------------------------------
+    async def reserve(self, reservation_id: str, trip_id: str, hold: Hold) -> StepResult:
+        return await self.db.run(
+            lambda c: _take(c, self.kind, reservation_id, trip_id, hold, Protocol.SAGA)
+        )
+
+    async def cancel(self, reservation_id: str, trip_id: str) -> Reservation:
+        return await self.db.run(
+            lambda c: _give_back(c, reservation_id, trip_id, Protocol.SAGA, "coordinator")
+        )
+
+    # -- audit -------------------------------------------------------------
+    async def inventory(self, resource_id: str, first: str, last: str) -> list[InventoryDay]:
+        return await self.db.run(lambda c: _inventory(c, self.kind, resource_id, first, last))
+
+    async def reservations(
+        self, *, after: int, limit: int, status: ReservationStatus | None, trip_id: str
+    ) -> tuple[list[Reservation], int | None]:
+        return await self.db.run(lambda c: _reservations(c, after, limit, status, trip_id))
+
+    async def in_doubt(self, older_than: float) -> list[Reservation]:
+        """Prepared holds untouched for `older_than` seconds: ask the coordinator about them."""
+        cutoff = time.time() - older_than
+        return await self.db.run(
+            lambda c: [
+                _row_to_reservation(r)
+                for r in c.execute(
+                    "SELECT * FROM reservations WHERE status = 'held' AND updated_at <= ?"
+                    " ORDER BY updated_at LIMIT 500",
+                    (cutoff,),
+                )
+            ]
+        )
+
+    async def resources(self, *, after: str, limit: int) -> list[Resource]:
+        return await self.db.run(lambda c: _resources(c, after, limit))
+
+
+def _load(conn: sqlite3.Connection, reservation_id: str) -> Reservation | None:
+    row = conn.execute(
+        "SELECT * FROM reservations WHERE reservation_id = ?", (reservation_id,)
+    ).fetchone()
+    return _row_to_reservation(row) if row else None
+
+
+def _check_protocol(existing: Reservation, protocol: Protocol) -> None:
+    if existing.protocol is not protocol:
+        raise wrong_state(
+            f"reservation {existing.reservation_id} belongs to a {existing.protocol.value}"
+            f" transaction, not {protocol.value}"
+        )
+
+
+def _take(
+    conn: sqlite3.Connection,
+    kind: str,
+    reservation_id: str,
+    trip_id: str,
+    hold: Hold,
+    protocol: Protocol,
+) -> StepResult:
+    """Prepare (2PC: available -> held) or Reserve (saga: available -> confirmed)."""
+    existing = _load(conn, reservation_id)
+    if existing is not None:
+        _check_protocol(existing, protocol)
+        if existing.hold is not None and existing.hold != hold:
+            raise ParticipantError(
+                f"reservation {reservation_id} was first requested with other parameters",
+                kind=ErrorKind.CONFLICT,
+            )
+        if existing.status in (_S.HELD, _S.CONFIRMED):
+            return StepResult(True, "", existing)
+        if existing.status in (_S.RELEASED, _S.CANCELLED):
+            reason = existing.reason or "aborted before it was requested"
+            return StepResult(False, reason, existing)
+        return StepResult(False, existing.reason, existing)  # REFUSED: same answer again
+
+    price = _price(conn, kind, hold)
+    dates = hold.dates
+    _require_dates(conn, kind, hold, dates)
+    target = "held" if protocol is Protocol.TWO_PHASE_COMMIT else "confirmed"
+    conn.execute("SAVEPOINT take")
+    moved = conn.execute(
+        f"UPDATE inventory SET available = available - :q, {target} = {target} + :q"
+        " WHERE resource_id = :r AND day >= :first AND day <= :last AND available >= :q",
+        {"q": hold.quantity, "r": hold.resource_id, "first": dates[0], "last": dates[-1]},
+    ).rowcount
+    if moved == len(dates):
+        status, reason = (_S.HELD if target == "held" else _S.CONFIRMED), ""
+    else:
+        # Not every date had room: undo the dates that did (all or none).
+        conn.execute("ROLLBACK TO take")
+        status, reason = _S.REFUSED, f"sold out: fewer than {hold.quantity} left on some date"
+        price = 0
+    conn.execute("RELEASE take")
+    now = time.time()
+    conn.execute(
+        "INSERT INTO reservations (reservation_id, trip_id, protocol, status, resource_id,"
+        " start_date, days, quantity, price_cents, reason, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            reservation_id,
+            trip_id,
+            protocol.value,
+            status.value,
+            hold.resource_id,
+            hold.start_date.isoformat(),
+            hold.days,
+            hold.quantity,
+            price,
+            reason,
+            now,
+            now,
+        ),
+    )
+    return StepResult(status is not _S.REFUSED, reason, _load_required(conn, reservation_id))
+
+
+def _commit(conn: sqlite3.Connection, reservation_id: str, settled_by: str) -> Reservation:
+    existing = _load(conn, reservation_id)
+    if existing is None:
+        raise wrong_state(f"cannot commit {reservation_id}: it was never prepared here")
+    _check_protocol(existing, Protocol.TWO_PHASE_COMMIT)
+    if existing.status is _S.CONFIRMED:
+        return existing
+    if existing.status is not _S.HELD or existing.hold is None:
+        raise wrong_state(f"cannot commit {reservation_id}: it is {existing.status.value}")
+    _move(conn, existing.hold, "held", "confirmed")
+    return _set_status(conn, existing, _S.CONFIRMED, settled_by)
+
+
+def _give_back(
+    conn: sqlite3.Connection,
+    reservation_id: str,
+    trip_id: str,
+    protocol: Protocol,
+    settled_by: str,
+) -> Reservation:
+    """Abort (2PC) or Cancel (saga); a tombstone when nothing is known yet."""
+    final = _S.RELEASED if protocol is Protocol.TWO_PHASE_COMMIT else _S.CANCELLED
+    existing = _load(conn, reservation_id)
+    if existing is None:
+        now = time.time()
+        conn.execute(
+            "INSERT INTO reservations (reservation_id, trip_id, protocol, status, reason,"
+            " settled_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                reservation_id,
+                trip_id,
+                protocol.value,
+                final.value,
+                "aborted before it was requested",
+                settled_by,
+                now,
+                now,
+            ),
+        )
+        return _load_required(conn, reservation_id)
+    _check_protocol(existing, protocol)
+    if existing.status is final:
+        return existing
+    if existing.status is _S.CONFIRMED and protocol is Protocol.TWO_PHASE_COMMIT:
+        raise wrong_state(f"cannot abort {reservation_id}: it is already committed")
+    if existing.status in (_S.HELD, _S.CONFIRMED) and existing.hold is not None:
+        _move(conn, existing.hold, existing.status.value, "available")
+    return _set_status(conn, existing, final, settled_by)
+
+
+def _move(conn: sqlite3.Connection, hold: Hold, source: str, target: str) -> None:
+    dates = hold.dates
+    moved = conn.execute(
+        f"UPDATE inventory SET {source} = {source} - :q, {target} = {target} + :q"
+        " WHERE resource_id = :r AND day >= :first AND day <= :last",
+        {"q": hold.quantity, "r": hold.resource_id, "first": dates[0], "last": dates[-1]},
+    ).rowcount
+    if moved != len(dates):
+        raise RuntimeError(f"inventory rows missing for {hold}")
+
+
+def _set_status(
+    conn: sqlite3.Connection, existing: Reservation, status: ReservationStatus, settled_by: str
+) -> Reservation:
+    conn.execute(
+        "UPDATE reservations SET status = ?, settled_by = ?, updated_at = ? WHERE reservation_id = ?",
+        (status.value, settled_by, time.time(), existing.reservation_id),
+    )
+    return _load_required(conn, existing.reservation_id)
+
+
+def _price(conn: sqlite3.Connection, kind: str, hold: Hold) -> int:
+    row = conn.execute(
+        "SELECT price_cents FROM resources WHERE resource_id = ?", (hold.resource_id,)
+    ).fetchone()
+    if row is None:
+        raise not_found(f"unknown {kind} {hold.resource_id!r}", "hold.resource_id")
+    return int(row["price_cents"]) * hold.days * hold.quantity
+
+
+def _require_dates(conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[str]) -> None:
+    (count,) = conn.execute(
+        "SELECT count(*) FROM inventory WHERE resource_id = ? AND day >= ? AND day <= ?",
+        (hold.resource_id, dates[0], dates[-1]),
+    ).fetchone()
+    if count != len(dates):
+        raise ParticipantError(
+            f"{kind} {hold.resource_id} is not on sale for every date"
+            f" from {dates[0]} to {dates[-1]}",
+            kind=ErrorKind.INVALID,
+        )
+
+
+def _inventory(
+    conn: sqlite3.Connection, kind: str, resource_id: str, first: str, last: str
+) -> list[InventoryDay]:
+    if conn.execute("SELECT 1 FROM resources WHERE resource_id = ?", (resource_id,)).fetchone() is None:
+        raise not_found(f"unknown {kind} {resource_id!r}", "resource_id")
+    rows = conn.execute(
+        "SELECT day, capacity, available, held, confirmed FROM inventory"
+        " WHERE resource_id = ? AND day >= ? AND day <= ? ORDER BY day",
+        (resource_id, first or "0000-00-00", last or "9999-99-99"),
+    )
+    return [InventoryDay(*tuple(r)) for r in rows]
+
+
+def _reservations(
+    conn: sqlite3.Connection,
+    after: int,
+    limit: int,
+    status: ReservationStatus | None,
+    trip_id: str,
+) -> tuple[list[Reservation], int | None]:
+    sql = "SELECT rowid AS seq, * FROM reservations WHERE rowid > ?"
+    args: list[object] = [after]
+    if status is not None:
+        sql += " AND status = ?"
+        args.append(status.value)
+    if trip_id:
+        sql += " AND trip_id = ?"
+        args.append(trip_id)
+    rows = conn.execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [_row_to_reservation(r) for r in rows], (rows[-1]["seq"] if more else None)
+
+
+def _resources(conn: sqlite3.Connection, after: str, limit: int) -> list[Resource]:
+    rows = conn.execute(
+        "SELECT r.*, min(i.day) AS first_date, max(i.day) AS last_date FROM resources r"
+        " LEFT JOIN inventory i USING (resource_id) WHERE r.resource_id > ?"
+        " GROUP BY r.resource_id ORDER BY r.resource_id LIMIT ?",
+        (after, limit),
+    )
+    return [
+        Resource(
+            r["resource_id"],
+            r["name"],
+            r["price_cents"],
+            json.loads(r["attributes"]),
+            r["first_date"] or "",
+            r["last_date"] or "",
+        )
+        for r in rows
+    ]
+
+
+def _load_required(conn: sqlite3.Connection, reservation_id: str) -> Reservation:
+    found = _load(conn, reservation_id)
+    assert found is not None
+    return found
+
+
+def _row_to_reservation(row: sqlite3.Row) -> Reservation:
+    hold = None
+    if row["resource_id"] is not None:
+        hold = Hold(
+            row["resource_id"],
+            dt.date.fromisoformat(row["start_date"]),
+            row["days"],
+            row["quantity"],
+        )
+    return Reservation(
+        reservation_id=row["reservation_id"],
+        trip_id=row["trip_id"],
+        protocol=Protocol(row["protocol"]),
+        status=ReservationStatus(row["status"]),
+        hold=hold,
+        price_cents=row["price_cents"],
+        reason=row["reason"],
+        settled_by=row["settled_by"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

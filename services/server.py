@@ -1,0 +1,148 @@
+"""Run one participant service: `python -m services.server flight|hotel|car`.
+
+Configuration (flags override the environment):
+
+| variable | default | meaning |
+|---|---|---|
+| TRIPMESH_LISTEN | 127.0.0.1:50051 (flight), :50052 (hotel), :50053 (car) | where to listen |
+| TRIPMESH_DATA_DIR | .data | the database is DATA_DIR/<kind>.db |
+| TRIPMESH_DECISIONS | 127.0.0.1:60050 | where to ask the coordinator for 2PC decisions |
+| TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
+| TRIPMESH_SEED_DAYS | 60 | how many dates are put on sale, from today |
+| TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared hold waits before we ask about it |
+| TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tripmesh.runtime import failpoints, logs, rpc
+from tripmesh.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    coordinator_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
+)
+
+from services import car, flight, hotel
+from services.catalog import CatalogKind, load_catalog_file, seed
+from services.participant.resolver import InDoubtResolver
+from services.participant.servicer import ParticipantServicer
+from services.participant.store import ParticipantStore
+
+log = logging.getLogger(__name__)
+
+KINDS: dict[str, CatalogKind] = {"flight": flight.KIND, "hotel": hotel.KIND, "car": car.KIND}
+DEFAULT_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    kind: str
+    listen: str
+    data_dir: Path
+    decisions: str
+    catalog: Path | None
+    seed_days: int
+    resolve_after: float
+    resolve_interval: float
+    grace: float
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> ServiceConfig:
+        env = os.environ
+        parser = argparse.ArgumentParser(prog="python -m services.server")
+        parser.add_argument("kind", choices=sorted(KINDS))
+        parser.add_argument("--listen", default=env.get("TRIPMESH_LISTEN"))
+        parser.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
+        parser.add_argument("--decisions", default=env.get("TRIPMESH_DECISIONS", "127.0.0.1:60050"))
+        parser.add_argument("--catalog", default=env.get("TRIPMESH_CATALOG"))
+        parser.add_argument("--seed-days", type=int, default=int(env.get("TRIPMESH_SEED_DAYS", 60)))
+        parser.add_argument(
+            "--resolve-after", type=float, default=float(env.get("TRIPMESH_RESOLVE_AFTER", 5))
+        )
+        args = parser.parse_args(argv)
+        return cls(
+            kind=args.kind,
+            listen=args.listen or f"127.0.0.1:{DEFAULT_PORTS[args.kind]}",
+            data_dir=Path(args.data_dir),
+            decisions=args.decisions,
+            catalog=Path(args.catalog) if args.catalog else None,
+            seed_days=args.seed_days,
+            resolve_after=args.resolve_after,
+            resolve_interval=max(0.5, args.resolve_after / 2),
+            grace=5.0,
+        )
+
+
+def _search_service(kind: str, store: ParticipantStore) -> rpc.Service:
+    servicers = {
+        "flight": (catalog_pb2_grpc.add_FlightServiceServicer_to_server, flight.FlightSearch),
+        "hotel": (catalog_pb2_grpc.add_HotelServiceServicer_to_server, hotel.HotelSearch),
+        "car": (catalog_pb2_grpc.add_CarServiceServicer_to_server, car.CarSearch),
+    }
+    add, servicer = servicers[kind]
+    name = {"flight": "FlightService", "hotel": "HotelService", "car": "CarService"}[kind]
+    return rpc.Service(add, servicer(store), catalog_pb2.DESCRIPTOR.services_by_name[name].full_name)
+
+
+def open_store(config: ServiceConfig) -> ParticipantStore:
+    """Open (and on first use, seed) this service's database."""
+    kind = KINDS[config.kind]
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = ParticipantStore(config.data_dir / f"{config.kind}.db", kind=config.kind)
+    resources, start, days = kind.seed, dt.datetime.now(dt.UTC).date(), config.seed_days
+    if config.catalog is not None:
+        resources, file_start, file_days = load_catalog_file(config.catalog)
+        start, days = file_start or start, file_days or days
+    if seed(store, resources, start, days):
+        log.info("seeded %d %ss for %d days from %s", len(resources), config.kind, days, start)
+    return store
+
+
+async def serve(config: ServiceConfig) -> None:
+    store = open_store(config)
+    participant = rpc.Service(
+        participant_pb2_grpc.add_ParticipantServicer_to_server,
+        ParticipantServicer(store, KINDS[config.kind].unit),
+        participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name,
+    )
+    running = await rpc.start_server(config.listen, [participant, _search_service(config.kind, store)])
+    decisions_channel = rpc.channel(config.decisions)
+    resolver = InDoubtResolver(
+        store,
+        coordinator_pb2_grpc.DecisionsStub(decisions_channel),
+        after=config.resolve_after,
+        interval=config.resolve_interval,
+    )
+    resolving = asyncio.create_task(resolver.run_forever(), name="in-doubt resolver")
+    await running.set_serving(True)
+    log.info("%s service serving on port %d", config.kind, running.port)
+    try:
+        await rpc.serve_until_signalled(running, grace=config.grace)
+    finally:
+        resolving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resolving
+        await decisions_channel.close()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = ServiceConfig.from_args(argv)
+    logs.configure(config.kind)
+    failpoints.arm_from_env()
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()
