@@ -1,0 +1,177 @@
+"""Typed clients for the three participants, with deadlines and one error classification.
+
+Every outcome of a participant call is one of:
+- a reply (the step happened, or was refused as a business answer: sold out);
+- `ParticipantRejected`: definite, the step did not happen and retrying will
+  not change that (bad request, wrong state);
+- `OutcomeUnknown`: the step may or may not have happened (timeout, dropped
+  connection, participant down). Every participant call is idempotent on its
+  reservation id, so the engines may retry it, or compensate it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from tripmesh.runtime import rpc
+from tripmesh.runtime.errors import ErrorKind
+from tripmesh.v1 import participant_pb2 as pb
+from tripmesh.v1 import participant_pb2_grpc
+
+from coordinator.domain import CoordinatorError, LegKind, LegRequest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_DEFINITE = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+class ParticipantRejected(CoordinatorError):
+    """The participant definitely did not do it, and will not on a retry."""
+
+
+class OutcomeUnknown(CoordinatorError):
+    """The call may or may not have taken effect."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class StepReply:
+    accepted: bool  # voted yes / reserved
+    reason: str
+    price_cents: int
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    resource_id: str
+    first_date: str
+    last_date: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter; `give_up_after` None retries forever."""
+
+    initial: float = 0.05
+    cap: float = 2.0
+    give_up_after: float | None = 10.0
+
+    def delays(self) -> Callable[[int], float]:
+        return lambda attempt: random.uniform(0, min(self.cap, self.initial * 2**attempt))
+
+
+async def retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
+    """Retry `call` while its outcome is unknown, within `policy`; re-raise the last unknown."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    delay = policy.delays()
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except OutcomeUnknown as exc:
+            elapsed = loop.time() - started
+            if policy.give_up_after is not None and elapsed >= policy.give_up_after:
+                raise
+            attempt += 1
+            if attempt in (1, 10) or attempt % 50 == 0:
+                log.warning("%s: outcome unknown (%s), retry %d", what, exc.message, attempt)
+            await asyncio.sleep(delay(min(attempt, 16)))
+
+
+def _hold(leg: LegRequest) -> pb.Hold:
+    return pb.Hold(
+        resource_id=leg.resource_id, start_date=leg.start_date, days=leg.days, quantity=leg.quantity
+    )
+
+
+class ParticipantClient:
+    """One participant (flight, hotel or car) over one long-lived channel."""
+
+    def __init__(self, kind: LegKind, channel: grpc.aio.Channel, *, timeout: float) -> None:
+        self.kind = kind
+        self.channel = channel
+        self.timeout = timeout
+        self._stub = participant_pb2_grpc.ParticipantStub(channel)
+
+    async def _call(self, method: str, request: object) -> object:
+        try:
+            return await getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            message = f"{self.kind.value}.{method}: {exc.code().name}: {exc.details()}"
+            if exc.code() in _DEFINITE:
+                raise ParticipantRejected(message, kind=ErrorKind.PRECONDITION) from exc
+            raise OutcomeUnknown(message) from exc
+
+    async def prepare(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
+        reply = await self._call(
+            "Prepare",
+            pb.PrepareRequest(reservation_id=reservation_id, trip_id=trip_id, hold=_hold(leg)),
+        )
+        assert isinstance(reply, pb.PrepareResponse)
+        return StepReply(reply.vote == pb.VOTE_YES, reply.reason, reply.reservation.price_cents)
+
+    async def commit(self, reservation_id: str, trip_id: str) -> None:
+        await self._call("Commit", pb.CommitRequest(reservation_id=reservation_id, trip_id=trip_id))
+
+    async def abort(self, reservation_id: str, trip_id: str) -> None:
+        await self._call("Abort", pb.AbortRequest(reservation_id=reservation_id, trip_id=trip_id))
+
+    async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
+        reply = await self._call(
+            "Reserve",
+            pb.ReserveRequest(reservation_id=reservation_id, trip_id=trip_id, hold=_hold(leg)),
+        )
+        assert isinstance(reply, pb.ReserveResponse)
+        return StepReply(reply.reserved, reply.reason, reply.reservation.price_cents)
+
+    async def cancel(self, reservation_id: str, trip_id: str) -> None:
+        await self._call("Cancel", pb.CancelRequest(reservation_id=reservation_id, trip_id=trip_id))
+
+    async def catalog(self) -> list[CatalogEntry]:
+        """Every resource on sale, with its first and last date."""
+        entries: list[CatalogEntry] = []
+        token = ""
+        while True:
+            reply = await self._call(
+                "ListResources", pb.ListResourcesRequest(page_size=1000, page_token=token)
+            )
+            assert isinstance(reply, pb.ListResourcesResponse)
+            entries += [CatalogEntry(r.resource_id, r.first_date, r.last_date) for r in reply.resources]
+            token = reply.next_page_token
+            if not token:
+                return entries
+
+
+class Participants:
+    """The three participant clients, one channel each, created once."""
+
+    def __init__(self, addresses: dict[LegKind, str], *, timeout: float) -> None:
+        service = pb.DESCRIPTOR.services_by_name["Participant"].full_name
+        self._clients = {
+            kind: ParticipantClient(
+                kind, rpc.channel(address, retry_services=[service]), timeout=timeout
+            )
+            for kind, address in addresses.items()
+        }
+
+    def __getitem__(self, kind: LegKind) -> ParticipantClient:
+        return self._clients[kind]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.channel.close()

@@ -1,0 +1,152 @@
+"""The coordinator's vocabulary: trips, legs, statuses, decisions.
+
+Pure: imports only the standard library and tripmesh's error types.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from tripmesh.runtime.errors import TripmeshError
+
+
+class CoordinatorError(TripmeshError):
+    """Root of the coordinator's deliberate errors."""
+
+
+class Protocol(enum.Enum):
+    TWO_PHASE_COMMIT = "2pc"
+    SAGA = "saga"
+
+
+class TripStatus(enum.Enum):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    ABORTED = "aborted"
+    NEEDS_ATTENTION = "needs_attention"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TripStatus.CONFIRMED, TripStatus.ABORTED)
+
+
+class Decision(enum.Enum):
+    """A 2PC decision as logged. No row means PENDING; presumed abort covers the rest."""
+
+    COMMIT = "commit"
+    ABORT = "abort"
+
+
+class LegKind(enum.Enum):
+    FLIGHT = "flight"
+    HOTEL = "hotel"
+    CAR = "car"
+
+
+# The order in which a saga takes its steps; compensation runs it backwards.
+LEG_ORDER = (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
+
+
+class LegStatus(enum.Enum):
+    NOT_STARTED = "not_started"
+    IN_FLIGHT = "in_flight"  # request sent, outcome unknown
+    HELD = "held"  # 2PC: voted yes
+    CONFIRMED = "confirmed"
+    REFUSED = "refused"  # voted no / sold out
+    RELEASED = "released"  # 2PC aborted
+    CANCELLED = "cancelled"  # saga compensated
+
+
+@dataclass(frozen=True)
+class LegRequest:
+    """What one leg takes: `quantity` of `resource_id` for `days` dates from `start_date`."""
+
+    resource_id: str
+    start_date: str  # YYYY-MM-DD
+    days: int
+    quantity: int
+
+
+@dataclass(frozen=True)
+class TripRequest:
+    """A validated BookTrip request."""
+
+    idempotency_key: str
+    customer_id: str
+    protocol: Protocol
+    flight: LegRequest
+    hotel: LegRequest
+    car: LegRequest
+
+    def leg(self, kind: LegKind) -> LegRequest:
+        return {LegKind.FLIGHT: self.flight, LegKind.HOTEL: self.hotel, LegKind.CAR: self.car}[kind]
+
+    def fingerprint(self) -> str:
+        """A hash of everything but the key: the same key with another fingerprint is a conflict."""
+        body = asdict(self)
+        body.pop("idempotency_key")
+        body["protocol"] = self.protocol.value
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["protocol"] = self.protocol.value
+        return json.dumps(body, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TripRequest:
+        body = json.loads(text)
+        return cls(
+            idempotency_key=body["idempotency_key"],
+            customer_id=body["customer_id"],
+            protocol=Protocol(body["protocol"]),
+            flight=LegRequest(**body["flight"]),
+            hotel=LegRequest(**body["hotel"]),
+            car=LegRequest(**body["car"]),
+        )
+
+
+@dataclass(frozen=True)
+class Leg:
+    kind: LegKind
+    reservation_id: str
+    status: LegStatus
+    price_cents: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Trip:
+    trip_id: str
+    request: TripRequest
+    status: TripStatus
+    decision: Decision | None
+    legs: tuple[Leg, ...]
+    failure_reason: str
+    created_at: float
+    updated_at: float
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.request.protocol
+
+    def leg(self, kind: LegKind) -> Leg:
+        return next(leg for leg in self.legs if leg.kind is kind)
+
+
+@dataclass(frozen=True)
+class TripEvent:
+    """One line of a trip's timeline."""
+
+    trip_id: str
+    at: float
+    kind: str  # created, step, outcome, decision, compensation, recovery, finished ...
+    leg: str
+    detail: str
+
+
+def reservation_id(trip_id: str, kind: LegKind) -> str:
+    return f"{trip_id}-{kind.value}"

@@ -1,0 +1,43 @@
+"""The one interface both protocols implement, and the policies they share."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from coordinator.clients import Participants, RetryPolicy
+from coordinator.domain import Protocol, Trip
+from coordinator.log import TripLog
+
+
+@dataclass(frozen=True)
+class Policies:
+    """How long each kind of call is retried while its outcome is unknown."""
+
+    # A 2PC vote or a saga step: past this, the trip aborts / compensates.
+    step: RetryPolicy = field(default_factory=lambda: RetryPolicy(give_up_after=5.0))
+    # A saga compensation: past this, the trip becomes NEEDS_ATTENTION.
+    compensation: RetryPolicy = field(default_factory=lambda: RetryPolicy(give_up_after=60.0))
+    # 2PC phase 2 is retried until acknowledged, however long that takes...
+    phase2: RetryPolicy = field(default_factory=lambda: RetryPolicy(give_up_after=None))
+    # ...but past this many seconds the trip shows NEEDS_ATTENTION meanwhile.
+    phase2_attention_after: float = 60.0
+
+
+class TripEngine(abc.ABC):
+    """Drives a logged trip to CONFIRMED, ABORTED or NEEDS_ATTENTION."""
+
+    protocol: Protocol
+
+    def __init__(self, log: TripLog, participants: Participants, policies: Policies) -> None:
+        self.log = log
+        self.participants = participants
+        self.policies = policies
+
+    @abc.abstractmethod
+    async def book(self, trip: Trip) -> Trip:
+        """Run a trip that was just logged."""
+
+    @abc.abstractmethod
+    async def recover(self, trip: Trip) -> Trip:
+        """Finish a trip found unfinished in the log (after a crash or a driver failure)."""

@@ -1,0 +1,278 @@
+"""The coordinator's write-ahead log: every trip, leg, decision and event, in SQLite.
+
+Nothing is done to a participant before the state that justifies it is
+committed here (see the engines), and a trip is answered from here, never from
+memory. Writes go through the group-commit `Database`, so many trips share one
+fsync.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tripmesh.runtime.database import Database
+from tripmesh.runtime.errors import ErrorKind
+
+from coordinator.domain import (
+    LEG_ORDER,
+    CoordinatorError,
+    Decision,
+    Leg,
+    LegKind,
+    LegStatus,
+    Protocol,
+    Trip,
+    TripEvent,
+    TripRequest,
+    TripStatus,
+    reservation_id,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS trips (
+  trip_id TEXT PRIMARY KEY,
+  protocol TEXT NOT NULL CHECK (protocol IN ('2pc', 'saga')),
+  status TEXT NOT NULL
+    CHECK (status IN ('pending', 'confirmed', 'aborted', 'needs_attention')),
+  decision TEXT CHECK (decision IN ('commit', 'abort')),
+  request TEXT NOT NULL,
+  failure_reason TEXT NOT NULL DEFAULT '',
+  created_at REAL NOT NULL,
+  updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trips_by_status ON trips(status);
+CREATE TABLE IF NOT EXISTS legs (
+  trip_id TEXT NOT NULL REFERENCES trips(trip_id),
+  kind TEXT NOT NULL,
+  reservation_id TEXT NOT NULL UNIQUE,
+  status TEXT NOT NULL,
+  price_cents INTEGER NOT NULL DEFAULT 0,
+  reason TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (trip_id, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  key TEXT PRIMARY KEY,
+  trip_id TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys(created_at);
+CREATE TABLE IF NOT EXISTS events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  trip_id TEXT NOT NULL,
+  at REAL NOT NULL,
+  kind TEXT NOT NULL,
+  leg TEXT NOT NULL DEFAULT '',
+  detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_by_trip ON events(trip_id, seq);
+"""
+
+
+@dataclass(frozen=True)
+class LegUpdate:
+    status: LegStatus
+    reason: str = ""
+    price_cents: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    leg: str = ""
+    detail: str = ""
+
+
+class TripLog:
+    def __init__(self, path: Path | str) -> None:
+        self.db = Database(path, SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    async def create(self, request: TripRequest) -> tuple[Trip, bool]:
+        """Log a new trip for `request`, or return the key's first trip (replayed=True).
+
+        Raises CONFLICT when the key was used with a different request.
+        """
+        return await self.db.run(lambda c: _create(c, request))
+
+    async def record(
+        self,
+        trip_id: str,
+        *,
+        events: tuple[Event, ...],
+        status: TripStatus | None = None,
+        decision: Decision | None = None,
+        legs: dict[LegKind, LegUpdate] | None = None,
+        failure_reason: str | None = None,
+    ) -> Trip:
+        """Change a trip durably (one transaction) and return it as it now is."""
+
+        def job(conn: sqlite3.Connection) -> Trip:
+            now = time.time()
+            sets, args = ["updated_at = ?"], [now]
+            if status is not None:
+                sets.append("status = ?")
+                args.append(status.value)
+            if decision is not None:
+                sets.append("decision = ?")
+                args.append(decision.value)
+            if failure_reason is not None:
+                sets.append("failure_reason = ?")
+                args.append(failure_reason)
+            conn.execute(f"UPDATE trips SET {', '.join(sets)} WHERE trip_id = ?", (*args, trip_id))
+            for kind, update in (legs or {}).items():
+                conn.execute(
+                    "UPDATE legs SET status = ?, reason = ?,"
+                    " price_cents = coalesce(?, price_cents) WHERE trip_id = ? AND kind = ?",
+                    (update.status.value, update.reason, update.price_cents, trip_id, kind.value),
+                )
+            _add_events(conn, trip_id, now, events)
+            return _load(conn, trip_id)
+
+        return await self.db.run(job)
+
+    async def get(self, trip_id: str) -> Trip | None:
+        return await self.db.run(lambda c: _load(c, trip_id) if _exists(c, trip_id) else None)
+
+    async def decision(self, trip_id: str) -> tuple[bool, Decision | None]:
+        """(known, decision) for a participant's question."""
+
+        def job(conn: sqlite3.Connection) -> tuple[bool, Decision | None]:
+            row = conn.execute("SELECT decision FROM trips WHERE trip_id = ?", (trip_id,)).fetchone()
+            if row is None:
+                return False, None
+            return True, Decision(row["decision"]) if row["decision"] else None
+
+        return await self.db.run(job)
+
+    async def list(
+        self,
+        *,
+        status: TripStatus | None,
+        protocol: Protocol | None,
+        before: int,
+        limit: int,
+    ) -> tuple[list[Trip], int | None]:
+        """Newest first; `before` is the page token (a rowid), 0 for the first page."""
+
+        def job(conn: sqlite3.Connection) -> tuple[list[Trip], int | None]:
+            sql, args = "SELECT rowid AS seq, trip_id FROM trips WHERE 1 = 1", []
+            if before:
+                sql += " AND rowid < ?"
+                args.append(before)
+            if status is not None:
+                sql += " AND status = ?"
+                args.append(status.value)
+            if protocol is not None:
+                sql += " AND protocol = ?"
+                args.append(protocol.value)
+            rows = conn.execute(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            return [_load(conn, r["trip_id"]) for r in rows], (rows[-1]["seq"] if more else None)
+
+        return await self.db.run(job)
+
+    async def unfinished(self) -> list[str]:
+        """Every trip not yet CONFIRMED or ABORTED (NEEDS_ATTENTION waits for an operator)."""
+        return await self.db.run(
+            lambda c: [
+                r["trip_id"]
+                for r in c.execute("SELECT trip_id FROM trips WHERE status = 'pending' ORDER BY rowid")
+            ]
+        )
+
+    async def events(self, trip_id: str) -> list[TripEvent]:
+        return await self.db.run(
+            lambda c: [
+                TripEvent(trip_id, r["at"], r["kind"], r["leg"], r["detail"])
+                for r in c.execute(
+                    "SELECT * FROM events WHERE trip_id = ? ORDER BY seq", (trip_id,)
+                )
+            ]
+        )
+
+    async def purge_keys(self, older_than: float) -> int:
+        """Forget idempotency keys older than `older_than` seconds; the trips stay."""
+        cutoff = time.time() - older_than
+        return await self.db.run(
+            lambda c: c.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)
+            ).rowcount
+        )
+
+
+def _create(conn: sqlite3.Connection, request: TripRequest) -> tuple[Trip, bool]:
+    fingerprint = request.fingerprint()
+    row = conn.execute(
+        "SELECT trip_id, fingerprint FROM idempotency_keys WHERE key = ?",
+        (request.idempotency_key,),
+    ).fetchone()
+    if row is not None:
+        if row["fingerprint"] != fingerprint:
+            raise CoordinatorError(
+                f"idempotency_key {request.idempotency_key!r} was already used for trip"
+                f" {row['trip_id']} with different parameters",
+                kind=ErrorKind.CONFLICT,
+            )
+        return _load(conn, row["trip_id"]), True
+    trip_id = "trip-" + uuid.uuid4().hex[:20]
+    now = time.time()
+    conn.execute(
+        "INSERT INTO trips (trip_id, protocol, status, request, created_at, updated_at)"
+        " VALUES (?, ?, 'pending', ?, ?, ?)",
+        (trip_id, request.protocol.value, request.to_json(), now, now),
+    )
+    conn.executemany(
+        "INSERT INTO legs (trip_id, kind, reservation_id, status) VALUES (?, ?, ?, 'not_started')",
+        [(trip_id, kind.value, reservation_id(trip_id, kind)) for kind in LEG_ORDER],
+    )
+    conn.execute(
+        "INSERT INTO idempotency_keys (key, trip_id, fingerprint, created_at) VALUES (?, ?, ?, ?)",
+        (request.idempotency_key, trip_id, fingerprint, now),
+    )
+    _add_events(conn, trip_id, now, (Event("created", detail=request.protocol.value),))
+    return _load(conn, trip_id), False
+
+
+def _add_events(
+    conn: sqlite3.Connection, trip_id: str, now: float, events: tuple[Event, ...]
+) -> None:
+    conn.executemany(
+        "INSERT INTO events (trip_id, at, kind, leg, detail) VALUES (?, ?, ?, ?, ?)",
+        [(trip_id, now, e.kind, e.leg, e.detail) for e in events],
+    )
+
+
+def _exists(conn: sqlite3.Connection, trip_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM trips WHERE trip_id = ?", (trip_id,)).fetchone() is not None
+
+
+def _load(conn: sqlite3.Connection, trip_id: str) -> Trip:
+    row = conn.execute("SELECT * FROM trips WHERE trip_id = ?", (trip_id,)).fetchone()
+    legs = {
+        LegKind(r["kind"]): Leg(
+            LegKind(r["kind"]),
+            r["reservation_id"],
+            LegStatus(r["status"]),
+            r["price_cents"],
+            r["reason"],
+        )
+        for r in conn.execute("SELECT * FROM legs WHERE trip_id = ?", (trip_id,))
+    }
+    return Trip(
+        trip_id=trip_id,
+        request=TripRequest.from_json(row["request"]),
+        status=TripStatus(row["status"]),
+        decision=Decision(row["decision"]) if row["decision"] else None,
+        legs=tuple(legs[kind] for kind in LEG_ORDER),
+        failure_reason=row["failure_reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )

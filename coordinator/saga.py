@@ -1,0 +1,177 @@
+"""The orchestrated saga: flight, then hotel, then car; compensate backwards on failure.
+
+A saga is data: `TRIP_SAGA` is an ordered tuple of steps, each with its action
+and its compensation. Each step is logged IN_FLIGHT before its RPC and with
+its outcome after it (the outcome of one step and the start of the next share
+one write). A refusal (sold out) compensates at once; an outcome still unknown
+after the step policy is treated as possibly done, so that leg is compensated
+too (Cancel is idempotent and leaves a tombstone that refuses a late Reserve).
+Compensations are retried within the compensation policy; past it, the trip
+becomes NEEDS_ATTENTION and is logged loudly.
+
+For a saga, the trip's decision is ABORT once compensation has begun and
+COMMIT once every step is confirmed: recovery resumes forward or backward
+from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from tripmesh.runtime import failpoints
+
+from coordinator.clients import (
+    OutcomeUnknown,
+    ParticipantClient,
+    ParticipantRejected,
+    StepReply,
+    retry,
+)
+from coordinator.domain import (
+    Decision,
+    LegKind,
+    LegRequest,
+    LegStatus,
+    Protocol,
+    Trip,
+    TripStatus,
+)
+from coordinator.engine import TripEngine
+from coordinator.log import Event, LegUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SagaStep:
+    leg: LegKind
+    action: Callable[[ParticipantClient, str, str, LegRequest], Awaitable[StepReply]]
+    compensation: Callable[[ParticipantClient, str, str], Awaitable[None]]
+
+
+TRIP_SAGA: tuple[SagaStep, ...] = tuple(
+    SagaStep(kind, ParticipantClient.reserve, ParticipantClient.cancel)
+    for kind in (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
+)
+
+# Legs that may hold units and so need compensating.
+_MAY_HOLD = (LegStatus.CONFIRMED, LegStatus.IN_FLIGHT)
+
+
+class Saga(TripEngine):
+    protocol = Protocol.SAGA
+    steps = TRIP_SAGA
+
+    async def book(self, trip: Trip) -> Trip:
+        return await self._forward(trip)
+
+    async def recover(self, trip: Trip) -> Trip:
+        direction = "compensate" if trip.decision is Decision.ABORT else "resume"
+        trip = await self.log.record(trip.trip_id, events=(Event("recovery", detail=direction),))
+        if trip.decision is Decision.ABORT:
+            return await self._compensate(trip, trip.failure_reason)
+        if trip.decision is Decision.COMMIT:
+            return await self.log.record(
+                trip.trip_id, status=TripStatus.CONFIRMED, events=(Event("finished", detail="confirmed"),)
+            )
+        return await self._forward(trip)
+
+    async def _forward(self, trip: Trip) -> Trip:
+        for index, step in enumerate(self.steps):
+            leg = trip.leg(step.leg)
+            if leg.status is LegStatus.CONFIRMED:
+                continue
+            if leg.status is LegStatus.NOT_STARTED:
+                trip = await self.log.record(
+                    trip.trip_id,
+                    legs={step.leg: LegUpdate(LegStatus.IN_FLIGHT)},
+                    events=(Event("step", step.leg.value, "reserve"),),
+                )
+            client = self.participants[step.leg]
+            try:
+                reply = await retry(
+                    lambda: step.action(
+                        client, leg.reservation_id, trip.trip_id, trip.request.leg(step.leg)
+                    ),
+                    self.policies.step,
+                    f"{trip.trip_id} reserve {step.leg.value}",
+                )
+            except OutcomeUnknown as exc:
+                reason = f"{step.leg.value}: outcome unknown: {exc.message}"
+                return await self._start_compensation(trip, step.leg, LegStatus.IN_FLIGHT, reason)
+            except ParticipantRejected as exc:
+                reason = f"{step.leg.value}: {exc.message}"
+                return await self._start_compensation(trip, step.leg, LegStatus.REFUSED, reason)
+            failpoints.hit("saga.after_step_rpc")
+            if not reply.accepted:
+                reason = f"{step.leg.value}: {reply.reason}"
+                return await self._start_compensation(trip, step.leg, LegStatus.REFUSED, reason)
+            legs = {step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)}
+            events = [Event("outcome", step.leg.value, "confirmed")]
+            last = index == len(self.steps) - 1
+            if not last:
+                following = self.steps[index + 1].leg
+                legs[following] = LegUpdate(LegStatus.IN_FLIGHT)
+                events.append(Event("step", following.value, "reserve"))
+            else:
+                events.append(Event("finished", detail="confirmed"))
+            trip = await self.log.record(
+                trip.trip_id,
+                legs=legs,
+                events=tuple(events),
+                status=TripStatus.CONFIRMED if last else None,
+                decision=Decision.COMMIT if last else None,
+            )
+        return trip
+
+    async def _start_compensation(
+        self, trip: Trip, failed: LegKind, status: LegStatus, reason: str
+    ) -> Trip:
+        trip = await self.log.record(
+            trip.trip_id,
+            decision=Decision.ABORT,
+            legs={failed: LegUpdate(status, reason)},
+            failure_reason=reason,
+            events=(Event("outcome", failed.value, f"{status.value}: {reason}"),),
+        )
+        return await self._compensate(trip, reason)
+
+    async def _compensate(self, trip: Trip, reason: str) -> Trip:
+        acknowledged = 0
+        for step in reversed(self.steps):
+            leg = trip.leg(step.leg)
+            if leg.status not in _MAY_HOLD:
+                continue
+            client = self.participants[step.leg]
+            try:
+                await retry(
+                    lambda: step.compensation(client, leg.reservation_id, trip.trip_id),
+                    self.policies.compensation,
+                    f"{trip.trip_id} cancel {step.leg.value}",
+                )
+            except (OutcomeUnknown, ParticipantRejected) as exc:
+                log.error(
+                    "compensation of %s failed past policy: %s; trip needs attention",
+                    step.leg.value,
+                    exc.message,
+                    extra={"trip_id": trip.trip_id, "leg": step.leg.value},
+                )
+                return await self.log.record(
+                    trip.trip_id,
+                    status=TripStatus.NEEDS_ATTENTION,
+                    failure_reason=f"{reason}; compensation of {step.leg.value} failed: {exc.message}",
+                    events=(Event("attention", step.leg.value, exc.message),),
+                )
+            trip = await self.log.record(
+                trip.trip_id,
+                legs={step.leg: LegUpdate(LegStatus.CANCELLED, leg.reason)},
+                events=(Event("compensation", step.leg.value, "cancelled"),),
+            )
+            acknowledged += 1
+            if acknowledged == 1:
+                failpoints.hit("saga.mid_compensation")
+        return await self.log.record(
+            trip.trip_id, status=TripStatus.ABORTED, events=(Event("finished", detail="aborted"),)
+        )

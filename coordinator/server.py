@@ -1,0 +1,160 @@
+"""Run the coordinator: `python -m coordinator.server`.
+
+Configuration (flags override the environment):
+
+| variable | default | meaning |
+|---|---|---|
+| TRIPMESH_LISTEN | 127.0.0.1:50050 | where to listen (Coordinator and Decisions) |
+| TRIPMESH_DATA_DIR | .data | the log is DATA_DIR/coordinator.db |
+| TRIPMESH_FLIGHT / _HOTEL / _CAR | 127.0.0.1:60051 / 60052 / 60053 | participants (their Toxiproxy proxies) |
+| TRIPMESH_DEFAULT_PROTOCOL | saga | 2pc or saga, for requests that do not say |
+| TRIPMESH_RPC_TIMEOUT | 2.0 | deadline of each participant call, seconds |
+| TRIPMESH_STEP_GIVE_UP | 5 | seconds a vote or saga step is retried before aborting |
+| TRIPMESH_COMPENSATION_GIVE_UP | 60 | seconds a compensation is retried before NEEDS_ATTENTION |
+| TRIPMESH_KEY_RETENTION_HOURS | 72 | how long idempotency keys are kept |
+| TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tripmesh.runtime import failpoints, logs, rpc
+from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+from coordinator.catalog import Catalog
+from coordinator.clients import Participants, RetryPolicy
+from coordinator.domain import LegKind, Protocol
+from coordinator.engine import Policies
+from coordinator.log import TripLog
+from coordinator.saga import Saga
+from coordinator.service import TripService
+from coordinator.servicer import CoordinatorServicer, DecisionsServicer
+from coordinator.twopc import TwoPhaseCommit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    listen: str
+    data_dir: Path
+    participants: dict[LegKind, str]
+    default_protocol: Protocol
+    rpc_timeout: float
+    policies: Policies
+    key_retention: float
+    max_wait: float = 30.0
+    sweep_every: float = 5.0
+    grace: float = 5.0
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> CoordinatorConfig:
+        env = os.environ
+        p = argparse.ArgumentParser(prog="python -m coordinator.server")
+        p.add_argument("--listen", default=env.get("TRIPMESH_LISTEN", "127.0.0.1:50050"))
+        p.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
+        p.add_argument("--flight", default=env.get("TRIPMESH_FLIGHT", "127.0.0.1:60051"))
+        p.add_argument("--hotel", default=env.get("TRIPMESH_HOTEL", "127.0.0.1:60052"))
+        p.add_argument("--car", default=env.get("TRIPMESH_CAR", "127.0.0.1:60053"))
+        p.add_argument(
+            "--default-protocol",
+            choices=[x.value for x in Protocol],
+            default=env.get("TRIPMESH_DEFAULT_PROTOCOL", "saga"),
+        )
+        p.add_argument("--rpc-timeout", type=float, default=float(env.get("TRIPMESH_RPC_TIMEOUT", 2.0)))
+        p.add_argument("--step-give-up", type=float, default=float(env.get("TRIPMESH_STEP_GIVE_UP", 5)))
+        p.add_argument(
+            "--compensation-give-up",
+            type=float,
+            default=float(env.get("TRIPMESH_COMPENSATION_GIVE_UP", 60)),
+        )
+        p.add_argument(
+            "--key-retention-hours",
+            type=float,
+            default=float(env.get("TRIPMESH_KEY_RETENTION_HOURS", 72)),
+        )
+        a = p.parse_args(argv)
+        return cls(
+            listen=a.listen,
+            data_dir=Path(a.data_dir),
+            participants={LegKind.FLIGHT: a.flight, LegKind.HOTEL: a.hotel, LegKind.CAR: a.car},
+            default_protocol=Protocol(a.default_protocol),
+            rpc_timeout=a.rpc_timeout,
+            policies=Policies(
+                step=RetryPolicy(give_up_after=a.step_give_up),
+                compensation=RetryPolicy(give_up_after=a.compensation_give_up),
+                phase2=RetryPolicy(give_up_after=None),
+                phase2_attention_after=a.compensation_give_up,
+            ),
+            key_retention=a.key_retention_hours * 3600,
+        )
+
+
+async def serve(config: CoordinatorConfig) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    trip_log = TripLog(config.data_dir / "coordinator.db")
+    participants = Participants(config.participants, timeout=config.rpc_timeout)
+    catalog = Catalog(participants)
+    engines = {
+        engine.protocol: engine
+        for engine in (
+            TwoPhaseCommit(trip_log, participants, config.policies),
+            Saga(trip_log, participants, config.policies),
+        )
+    }
+    service = TripService(trip_log, engines, catalog)
+    names = coordinator_pb2.DESCRIPTOR.services_by_name
+    running = await rpc.start_server(
+        config.listen,
+        [
+            rpc.Service(
+                coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+                CoordinatorServicer(
+                    service, default_protocol=config.default_protocol, max_wait=config.max_wait
+                ),
+                names["Coordinator"].full_name,
+            ),
+            rpc.Service(
+                coordinator_pb2_grpc.add_DecisionsServicer_to_server,
+                DecisionsServicer(service),
+                names["Decisions"].full_name,
+            ),
+        ],
+    )
+    # Decisions must be answerable while we recover: prepared participants are asking.
+    await catalog.load()
+    recovery = asyncio.create_task(service.recover_unfinished(), name="recovery")
+    housekeeping = asyncio.create_task(
+        service.run_housekeeping(sweep_every=config.sweep_every, key_retention=config.key_retention),
+        name="housekeeping",
+    )
+    await running.set_serving(True)
+    log.info("coordinator serving on port %d", running.port)
+    try:
+        await rpc.serve_until_signalled(running, grace=config.grace)
+    finally:
+        for task in (recovery, housekeeping):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await service.stop()
+        await participants.close()
+        trip_log.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = CoordinatorConfig.from_args(argv)
+    logs.configure("coordinator")
+    failpoints.arm_from_env()
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

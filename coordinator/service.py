@@ -1,0 +1,138 @@
+"""Trips as a service: idempotent booking, lookups, decisions, recovery.
+
+Each trip in progress is driven by one asyncio task, kept in `_active` only
+while it runs (bounded by `max_in_flight`); everything else lives in the log.
+A client that stops waiting does not stop its trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from tripmesh.runtime.errors import ErrorKind
+
+from coordinator.catalog import Catalog
+from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest
+from coordinator.engine import TripEngine
+from coordinator.log import TripLog
+
+log = logging.getLogger(__name__)
+
+
+class TripService:
+    def __init__(
+        self,
+        log_: TripLog,
+        engines: dict[Protocol, TripEngine],
+        catalog: Catalog,
+        *,
+        max_in_flight: int = 5000,
+        recovery_concurrency: int = 64,
+    ) -> None:
+        self.log = log_
+        self.engines = engines
+        self.catalog = catalog
+        self.max_in_flight = max_in_flight
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._recovery_slots = asyncio.Semaphore(recovery_concurrency)
+        self.last_recovery_seconds: float | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    async def book(self, request: TripRequest, *, wait: float) -> tuple[Trip, bool]:
+        """Start (or find) the key's trip and wait up to `wait` seconds for its outcome."""
+        await self.catalog.check(request)
+        if len(self._active) >= self.max_in_flight:
+            raise CoordinatorError(
+                f"{len(self._active)} trips in flight; try again shortly", kind=ErrorKind.EXHAUSTED
+            )
+        trip, replayed = await self.log.create(request)
+        if not replayed:
+            self._start(trip, recovering=False)
+        task = self._active.get(trip.trip_id)
+        if task is not None and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), wait)
+        current = await self.log.get(trip.trip_id)
+        assert current is not None
+        return current, replayed
+
+    async def get(self, trip_id: str) -> Trip:
+        trip = await self.log.get(trip_id)
+        if trip is None:
+            raise CoordinatorError(f"no trip {trip_id!r}", kind=ErrorKind.NOT_FOUND)
+        return trip
+
+    async def decision(self, trip_id: str) -> Decision | None:
+        """The answer to a prepared participant; None means not decided yet."""
+        known, decision = await self.log.decision(trip_id)
+        if not known:
+            return Decision.ABORT  # presumed abort
+        return decision
+
+    def _start(self, trip: Trip, *, recovering: bool) -> None:
+        engine = self.engines[trip.protocol]
+        self._active[trip.trip_id] = asyncio.create_task(
+            self._drive(engine, trip, recovering), name=trip.trip_id
+        )
+
+    async def _drive(self, engine: TripEngine, trip: Trip, recovering: bool) -> None:
+        try:
+            if recovering:
+                async with self._recovery_slots:
+                    await engine.recover(trip)
+            else:
+                await engine.book(trip)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("trip driver failed; the sweeper will resume it", extra={"trip_id": trip.trip_id})
+        finally:
+            self._active.pop(trip.trip_id, None)
+
+    async def resume_unfinished(self) -> list[asyncio.Task[None]]:
+        """Start a recovery task for every unfinished trip that no task is driving."""
+        resumed = []
+        for trip_id in await self.log.unfinished():
+            if trip_id in self._active:
+                continue
+            trip = await self.log.get(trip_id)
+            if trip is None or trip_id in self._active:
+                continue
+            self._start(trip, recovering=True)
+            resumed.append(self._active[trip_id])
+        if resumed:
+            log.warning("resuming %d unfinished trips", len(resumed))
+        return resumed
+
+    async def recover_unfinished(self) -> int:
+        """Resume every unfinished trip and wait until each is settled (or needs attention)."""
+        started = time.monotonic()
+        resumed = await self.resume_unfinished()
+        if resumed:
+            await asyncio.gather(*resumed, return_exceptions=True)
+            self.last_recovery_seconds = time.monotonic() - started
+            log.warning("recovered %d trips in %.2fs", len(resumed), self.last_recovery_seconds)
+        return len(resumed)
+
+    async def run_housekeeping(self, *, sweep_every: float, key_retention: float) -> None:
+        """Resume trips whose driver failed, and forget expired idempotency keys."""
+        while True:
+            await asyncio.sleep(sweep_every)
+            try:
+                await self.resume_unfinished()
+                purged = await self.log.purge_keys(key_retention)
+                if purged:
+                    log.info("purged %d idempotency keys older than %.0fh", purged, key_retention / 3600)
+            except Exception:
+                log.exception("housekeeping round failed")
+
+    async def stop(self) -> None:
+        for task in list(self._active.values()):
+            task.cancel()
+        await asyncio.gather(*self._active.values(), return_exceptions=True)

@@ -1,0 +1,143 @@
+"""Two-phase commit with presumed abort.
+
+Phase 1 asks every participant to Prepare (hold) in parallel, each within the
+step policy. The decision (COMMIT only if all voted yes) is logged durably
+before any participant hears it. Phase 2 sends it until every participant has
+acknowledged, however long that takes: a prepared participant may not decide
+on its own, so the coordinator must not give up on it. A trip found undecided
+after a crash is aborted (presumed abort: nobody can have been told COMMIT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tripmesh.runtime import failpoints
+
+from coordinator.clients import OutcomeUnknown, ParticipantRejected, StepReply, retry
+from coordinator.domain import (
+    LEG_ORDER,
+    Decision,
+    Leg,
+    LegKind,
+    LegStatus,
+    Protocol,
+    Trip,
+    TripStatus,
+)
+from coordinator.engine import TripEngine
+from coordinator.log import Event, LegUpdate
+
+log = logging.getLogger(__name__)
+
+_SETTLED = {Decision.COMMIT: LegStatus.CONFIRMED, Decision.ABORT: LegStatus.RELEASED}
+
+
+class TwoPhaseCommit(TripEngine):
+    protocol = Protocol.TWO_PHASE_COMMIT
+
+    async def book(self, trip: Trip) -> Trip:
+        votes = await asyncio.gather(*(self._vote(trip, kind) for kind in LEG_ORDER))
+        failpoints.hit("2pc.before_decision")
+        legs = {kind: update for kind, update, _ in votes}
+        reasons = [reason for _, update, reason in votes if update.status is not LegStatus.HELD]
+        decision = Decision.ABORT if reasons else Decision.COMMIT
+        trip = await self.log.record(
+            trip.trip_id,
+            decision=decision,
+            legs=legs,
+            failure_reason="; ".join(reasons) if reasons else None,
+            events=(
+                *(Event("vote", k.value, f"{u.status.value} {u.reason}".strip()) for k, u in legs.items()),
+                Event("decision", detail=decision.value),
+            ),
+        )
+        failpoints.hit("2pc.after_decision")
+        return await self._phase2(trip)
+
+    async def recover(self, trip: Trip) -> Trip:
+        if trip.decision is None:
+            trip = await self.log.record(
+                trip.trip_id,
+                decision=Decision.ABORT,
+                failure_reason="coordinator restarted before deciding (presumed abort)",
+                events=(Event("recovery", detail="undecided: presumed abort"),),
+            )
+        else:
+            await self.log.record(
+                trip.trip_id, events=(Event("recovery", detail=f"resume phase 2: {trip.decision.value}"),)
+            )
+        return await self._phase2(trip)
+
+    async def _vote(self, trip: Trip, kind: LegKind) -> tuple[LegKind, LegUpdate, str]:
+        leg = trip.leg(kind)
+        client = self.participants[kind]
+        request = trip.request.leg(kind)
+        try:
+            reply: StepReply = await retry(
+                lambda: client.prepare(leg.reservation_id, trip.trip_id, request),
+                self.policies.step,
+                f"{trip.trip_id} prepare {kind.value}",
+            )
+        except (OutcomeUnknown, ParticipantRejected) as exc:
+            # No vote is a no vote. The hold may exist: the ABORT in phase 2 releases it.
+            return kind, LegUpdate(LegStatus.IN_FLIGHT, exc.message), f"{kind.value}: {exc.message}"
+        if reply.accepted:
+            return kind, LegUpdate(LegStatus.HELD, "", reply.price_cents), ""
+        return kind, LegUpdate(LegStatus.REFUSED, reply.reason), f"{kind.value}: {reply.reason}"
+
+    async def _phase2(self, trip: Trip) -> Trip:
+        decision = trip.decision
+        assert decision is not None
+        done = _SETTLED[decision]
+        # Under ABORT a REFUSED leg holds nothing; every other unsettled leg may hold.
+        todo = [leg for leg in trip.legs if leg.status not in (done, LegStatus.REFUSED)]
+        acknowledged = 0
+
+        async def settle(leg: Leg) -> None:
+            nonlocal acknowledged
+            client = self.participants[leg.kind]
+            call = client.commit if decision is Decision.COMMIT else client.abort
+            await retry(
+                lambda: call(leg.reservation_id, trip.trip_id),
+                self.policies.phase2,
+                f"{trip.trip_id} {decision.value} {leg.kind.value}",
+            )
+            await self.log.record(
+                trip.trip_id,
+                legs={leg.kind: LegUpdate(done, leg.reason if done is LegStatus.RELEASED else "")},
+                events=(Event("acknowledged", leg.kind.value, decision.value),),
+            )
+            acknowledged += 1
+            if acknowledged == 1 and len(todo) > 1:
+                failpoints.hit("2pc.between_phase2")
+
+        everyone = asyncio.gather(*(settle(leg) for leg in todo))
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(everyone), self.policies.phase2_attention_after)
+            except TimeoutError:
+                log.error(
+                    "2PC phase 2 not acknowledged after %.0fs; still retrying",
+                    self.policies.phase2_attention_after,
+                    extra={"trip_id": trip.trip_id},
+                )
+                await self.log.record(
+                    trip.trip_id,
+                    status=TripStatus.NEEDS_ATTENTION,
+                    events=(Event("attention", detail="phase 2 not acknowledged; still retrying"),),
+                )
+                await everyone
+        except ParticipantRejected as exc:
+            # A participant says the decision cannot apply (it never prepared, or
+            # it already applied the other one): a bug or a wiped database.
+            log.error("2PC phase 2 rejected: %s", exc.message, extra={"trip_id": trip.trip_id})
+            return await self.log.record(
+                trip.trip_id,
+                status=TripStatus.NEEDS_ATTENTION,
+                failure_reason=f"phase 2 rejected: {exc.message}",
+                events=(Event("attention", detail=exc.message),),
+            )
+        final = TripStatus.CONFIRMED if decision is Decision.COMMIT else TripStatus.ABORTED
+        return await self.log.record(trip.trip_id, status=final, events=(Event("finished", detail=final.value),))
