@@ -107,6 +107,7 @@ class Cluster:
     coordinator: Proc | None = None
 
     def __post_init__(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         coordinator_address = f"127.0.0.1:{free_port()}"
         for kind in KINDS:
             address = f"127.0.0.1:{free_port()}"
