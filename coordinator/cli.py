@@ -1,0 +1,264 @@
+"""`tripmesh`: book, look up and audit trips from the command line.
+
+    tripmesh book --protocol saga            # the story's trip, a week from today
+    tripmesh trip TRIP_ID
+    tripmesh trips --status pending
+    tripmesh inventory flight JL5 --from 2026-12-01 --to 2026-12-07
+    tripmesh search flights --origin JFK --destination NRT --date 2026-12-01
+
+Addresses come from flags or TRIPMESH_COORDINATOR (default 127.0.0.1:60050,
+the client-to-coordinator proxy) and TRIPMESH_FLIGHT_SERVICE / _HOTEL_ / _CAR_
+(defaults 127.0.0.1:50051 / 50052 / 50053). `--json` prints JSON for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from rich.console import Console
+from rich.table import Table
+
+from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc, coordinator_pb2 as pb
+from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+
+console = Console()
+PROTOCOLS = {"2pc": pb.PROTOCOL_TWO_PHASE_COMMIT, "saga": pb.PROTOCOL_SAGA, "default": 0}
+STATUSES = {
+    "pending": pb.TRIP_STATUS_PENDING,
+    "confirmed": pb.TRIP_STATUS_CONFIRMED,
+    "aborted": pb.TRIP_STATUS_ABORTED,
+    "needs_attention": pb.TRIP_STATUS_NEEDS_ATTENTION,
+}
+SERVICE_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
+
+
+def _name(enum: Any, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def _money(cents: int) -> str:
+    return f"${cents / 100:,.2f}"
+
+
+def show_trip(trip: pb.Trip) -> None:
+    table = Table(title=f"trip {trip.trip_id}", show_header=True)
+    table.add_column("leg")
+    table.add_column("resource")
+    table.add_column("status")
+    table.add_column("price", justify="right")
+    table.add_column("reservation")
+    for leg in trip.legs:
+        table.add_row(
+            _name(pb.LegKind, leg.kind, "LEG_KIND_"),
+            leg.resource_id,
+            _name(pb.LegStatus, leg.status, "LEG_STATUS_"),
+            _money(leg.price_cents),
+            leg.reservation_id,
+        )
+    console.print(table)
+    console.print(
+        f"status [bold]{_name(pb.TripStatus, trip.status, 'TRIP_STATUS_')}[/bold]"
+        f"  protocol {_name(pb.Protocol, trip.protocol, 'PROTOCOL_')}"
+        f"  decision {_name(pb.Decision, trip.decision, 'DECISION_')}"
+        f"  total {_money(trip.total_price_cents)}"
+    )
+    if trip.failure_reason:
+        console.print(f"reason: {trip.failure_reason}")
+
+
+def _emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+    else:
+        human()
+
+
+def cmd_book(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
+    date = args.date or (dt.date.today() + dt.timedelta(days=7)).isoformat()
+    request = pb.BookTripRequest(
+        idempotency_key=args.key or f"cli-{uuid.uuid4().hex[:12]}",
+        customer_id=args.customer,
+        protocol=PROTOCOLS[args.protocol],
+        flight=pb.FlightSelection(flight_id=args.flight, date=date, seats=args.seats),
+        hotel=pb.HotelSelection(hotel_id=args.hotel, check_in=date, nights=args.nights, rooms=args.rooms),
+        car=pb.CarSelection(car_id=args.car, pickup_date=date, days=args.days, cars=args.cars),
+    )
+    reply = stub.BookTrip(request, timeout=args.timeout)
+    _emit(reply, args.json, lambda: show_trip(reply.trip))
+
+
+def cmd_trip(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
+    trip = stub.GetTrip(pb.GetTripRequest(trip_id=args.trip_id), timeout=args.timeout)
+    _emit(trip, args.json, lambda: show_trip(trip))
+
+
+def cmd_trips(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
+    reply = stub.ListTrips(
+        pb.ListTripsRequest(
+            status=STATUSES.get(args.status or "", 0),
+            protocol=PROTOCOLS.get(args.protocol or "default", 0),
+            page_size=args.limit,
+        ),
+        timeout=args.timeout,
+    )
+
+    def human() -> None:
+        table = Table("trip", "protocol", "status", "customer", "reason")
+        for t in reply.trips:
+            table.add_row(
+                t.trip_id,
+                _name(pb.Protocol, t.protocol, "PROTOCOL_"),
+                _name(pb.TripStatus, t.status, "TRIP_STATUS_"),
+                t.customer_id,
+                t.failure_reason[:60],
+            )
+        console.print(table)
+
+    _emit(reply, args.json, human)
+
+
+def cmd_inventory(args: argparse.Namespace, _: object) -> None:
+    with grpc.insecure_channel(_service_address(args.kind)) as channel:
+        reply = participant_pb2_grpc.ParticipantStub(channel).GetInventory(
+            participant_pb2.GetInventoryRequest(
+                resource_id=args.resource_id, from_date=args.from_date, to_date=args.to_date
+            ),
+            timeout=args.timeout,
+        )
+
+    def human() -> None:
+        table = Table("date", "capacity", "available", "held", "confirmed",
+                      title=f"{args.kind} {reply.resource_id} ({reply.unit}s)")
+        for d in reply.days:
+            table.add_row(d.date, str(d.capacity), str(d.available), str(d.held), str(d.confirmed))
+        console.print(table)
+
+    _emit(reply, args.json, human)
+
+
+def cmd_search(args: argparse.Namespace, _: object) -> None:
+    kind = {"flights": "flight", "hotels": "hotel", "cars": "car"}[args.what]
+    date = args.date or (dt.date.today() + dt.timedelta(days=7)).isoformat()
+    with grpc.insecure_channel(_service_address(kind)) as channel:
+        if kind == "flight":
+            reply = catalog_pb2_grpc.FlightServiceStub(channel).SearchFlights(
+                catalog_pb2.SearchFlightsRequest(origin=args.origin, destination=args.destination, date=date),
+                timeout=args.timeout,
+            )
+            rows = [(f.flight_id, f"{f.airline} {f.origin}-{f.destination} {f.departure_time}",
+                     _money(f.price_cents), f.seats_available) for f in reply.flights]
+        elif kind == "hotel":
+            reply = catalog_pb2_grpc.HotelServiceStub(channel).SearchHotels(
+                catalog_pb2.SearchHotelsRequest(city=args.city, check_in=date, nights=args.nights),
+                timeout=args.timeout,
+            )
+            rows = [(h.hotel_id, f"{h.name}, {h.city}", _money(h.price_per_night_cents),
+                     h.rooms_available) for h in reply.hotels]
+        else:
+            reply = catalog_pb2_grpc.CarServiceStub(channel).SearchCars(
+                catalog_pb2.SearchCarsRequest(location=args.location, pickup_date=date, days=args.days),
+                timeout=args.timeout,
+            )
+            rows = [(c.car_id, f"{c.model} ({c.car_class}) at {c.location}",
+                     _money(c.price_per_day_cents), c.cars_available) for c in reply.cars]
+
+    def human() -> None:
+        table = Table("id", "what", "price", "available", title=f"{args.what} on {date}")
+        for row in rows:
+            table.add_row(*(str(x) for x in row))
+        console.print(table)
+
+    _emit(reply, args.json, human)
+
+
+def _service_address(kind: str) -> str:
+    return os.environ.get(f"TRIPMESH_{kind.upper()}_SERVICE", f"127.0.0.1:{SERVICE_PORTS[kind]}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tripmesh", description="Book and audit trips.")
+    p.add_argument("--coordinator", default=os.environ.get("TRIPMESH_COORDINATOR", "127.0.0.1:60050"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=30.0, help="RPC deadline, seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("book", help="book a flight, a hotel and a car as one trip")
+    b.add_argument("--protocol", choices=sorted(PROTOCOLS), default="default")
+    b.add_argument("--key", help="idempotency key (default: a new one)")
+    b.add_argument("--customer", default="cli-user")
+    b.add_argument("--date", help="YYYY-MM-DD (default: a week from today)")
+    b.add_argument("--flight", default="JL5")
+    b.add_argument("--seats", type=int, default=1)
+    b.add_argument("--hotel", default="TOKYO-GRAND")
+    b.add_argument("--nights", type=int, default=3)
+    b.add_argument("--rooms", type=int, default=1)
+    b.add_argument("--car", default="CAMRY-NRT")
+    b.add_argument("--days", type=int, default=3)
+    b.add_argument("--cars", type=int, default=1)
+    b.set_defaults(run=cmd_book)
+
+    t = sub.add_parser("trip", help="show one trip")
+    t.add_argument("trip_id")
+    t.set_defaults(run=cmd_trip)
+
+    ts = sub.add_parser("trips", help="list trips, newest first")
+    ts.add_argument("--status", choices=sorted(STATUSES))
+    ts.add_argument("--protocol", choices=["2pc", "saga"])
+    ts.add_argument("--limit", type=int, default=20)
+    ts.set_defaults(run=cmd_trips)
+
+    i = sub.add_parser("inventory", help="capacity, available, held, confirmed per date")
+    i.add_argument("kind", choices=sorted(SERVICE_PORTS))
+    i.add_argument("resource_id")
+    i.add_argument("--from", dest="from_date", default="")
+    i.add_argument("--to", dest="to_date", default="")
+    i.set_defaults(run=cmd_inventory)
+
+    s = sub.add_parser("search", help="search the catalog")
+    s.add_argument("what", choices=["flights", "hotels", "cars"])
+    s.add_argument("--origin", default="")
+    s.add_argument("--destination", default="")
+    s.add_argument("--city", default="")
+    s.add_argument("--location", default="")
+    s.add_argument("--date")
+    s.add_argument("--nights", type=int, default=1)
+    s.add_argument("--days", type=int, default=1)
+    s.set_defaults(run=cmd_search)
+    return p
+
+
+def _report(error: grpc.RpcError) -> None:
+    console.print(f"[red]{error.code().name}[/red]: {error.details()}", highlight=False)
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            for v in bad.field_violations:
+                console.print(f"  {v.field}: {v.description}", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        with grpc.insecure_channel(args.coordinator) as channel:
+            args.run(args, coordinator_pb2_grpc.CoordinatorStub(channel))
+    except grpc.RpcError as error:
+        _report(error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
