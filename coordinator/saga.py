@@ -51,9 +51,16 @@ class SagaStep:
     compensation: Callable[[ParticipantClient, str, str], Awaitable[None]]
 
 
+def reserve(client: ParticipantClient, reservation_id: str, trip_id: str, leg: LegRequest) -> Awaitable[StepReply]:
+    return client.reserve(reservation_id, trip_id, leg)
+
+
+def cancel(client: ParticipantClient, reservation_id: str, trip_id: str) -> Awaitable[None]:
+    return client.cancel(reservation_id, trip_id)
+
+
 TRIP_SAGA: tuple[SagaStep, ...] = tuple(
-    SagaStep(kind, ParticipantClient.reserve, ParticipantClient.cancel)
-    for kind in (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
+    SagaStep(kind, reserve, cancel) for kind in (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
 )
 
 # Legs that may hold units and so need compensating.

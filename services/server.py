@@ -6,7 +6,7 @@ Configuration (flags override the environment):
 |---|---|---|
 | TRIPMESH_LISTEN | 127.0.0.1:50051 (flight), :50052 (hotel), :50053 (car) | where to listen |
 | TRIPMESH_DATA_DIR | .data | the database is DATA_DIR/<kind>.db |
-| TRIPMESH_DECISIONS | 127.0.0.1:60050 | where to ask the coordinator for 2PC decisions |
+| TRIPMESH_DECISIONS | 127.0.0.1:60055 (flight), :60056 (hotel), :60057 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
 | TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
 | TRIPMESH_SEED_DAYS | 60 | how many dates are put on sale, from today |
 | TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared hold waits before we ask about it |
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 KINDS: dict[str, CatalogKind] = {"flight": flight.KIND, "hotel": hotel.KIND, "car": car.KIND}
 DEFAULT_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
+DEFAULT_DECISION_PORTS = {"flight": 60055, "hotel": 60056, "car": 60057}
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ServiceConfig:
         parser.add_argument("kind", choices=sorted(KINDS))
         parser.add_argument("--listen", default=env.get("TRIPMESH_LISTEN"))
         parser.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
-        parser.add_argument("--decisions", default=env.get("TRIPMESH_DECISIONS", "127.0.0.1:60050"))
+        parser.add_argument("--decisions", default=env.get("TRIPMESH_DECISIONS"))
         parser.add_argument("--catalog", default=env.get("TRIPMESH_CATALOG"))
         parser.add_argument("--seed-days", type=int, default=int(env.get("TRIPMESH_SEED_DAYS", 60)))
         parser.add_argument(
@@ -75,7 +76,7 @@ class ServiceConfig:
             kind=args.kind,
             listen=args.listen or f"127.0.0.1:{DEFAULT_PORTS[args.kind]}",
             data_dir=Path(args.data_dir),
-            decisions=args.decisions,
+            decisions=args.decisions or f"127.0.0.1:{DEFAULT_DECISION_PORTS[args.kind]}",
             catalog=Path(args.catalog) if args.catalog else None,
             seed_days=args.seed_days,
             resolve_after=args.resolve_after,

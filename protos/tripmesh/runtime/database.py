@@ -123,12 +123,9 @@ class Database:
             log.exception("sqlite batch failed on %s", self.path)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for job, future in batch:
-                if not future.done():
-                    if future.running() or future.set_running_or_notify_cancel():
-                        future.set_exception(exc)
-            for future, _, _ in outcomes:
-                if not future.done():
+            for _, future in batch:
+                # A future still PENDING here never started; RUNNING ones are ours.
+                if future.running() or future.set_running_or_notify_cancel():
                     future.set_exception(exc)
             return
         # Results are released only after COMMIT returned: nothing is

@@ -1,0 +1,63 @@
+"""Fakes for unit tests only: they subclass the real client interfaces."""
+
+from __future__ import annotations
+
+from coordinator.clients import (
+    OutcomeUnknown,
+    ParticipantClient,
+    ParticipantRejected,
+    Participants,
+    StepReply,
+)
+from coordinator.domain import LEG_ORDER, LegKind, LegRequest
+
+class FakeParticipant(ParticipantClient):
+    """Records every call; `behaviour[method]` returns a reply or raises, per call."""
+
+    def __init__(self, kind: LegKind) -> None:
+        self.kind = kind
+        self.calls: list[tuple[str, str]] = []
+        self.refuse: str | None = None  # a reason: votes no / sold out
+        self.unknown: set[str] = set()  # methods whose outcome is unknown (timeouts)
+        self.reject: set[str] = set()  # methods rejected definitely
+        self.held: set[str] = set()
+
+    def _enter(self, method: str, reservation_id: str) -> None:
+        self.calls.append((method, reservation_id))
+        if method in self.unknown:
+            raise OutcomeUnknown(f"{self.kind.value}.{method}: DEADLINE_EXCEEDED")
+        if method in self.reject:
+            raise ParticipantRejected(f"{self.kind.value}.{method}: FAILED_PRECONDITION")
+
+    def _take(self, method: str, reservation_id: str) -> StepReply:
+        self._enter(method, reservation_id)
+        if self.refuse:
+            return StepReply(False, self.refuse, 0)
+        self.held.add(reservation_id)
+        return StepReply(True, "", 100)
+
+    async def prepare(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
+        return self._take("prepare", reservation_id)
+
+    async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
+        return self._take("reserve", reservation_id)
+
+    async def commit(self, reservation_id: str, trip_id: str) -> None:
+        self._enter("commit", reservation_id)
+
+    async def abort(self, reservation_id: str, trip_id: str) -> None:
+        self._enter("abort", reservation_id)
+        self.held.discard(reservation_id)
+
+    async def cancel(self, reservation_id: str, trip_id: str) -> None:
+        self._enter("cancel", reservation_id)
+        self.held.discard(reservation_id)
+
+
+class FakeParticipants(Participants):
+    def __init__(self) -> None:
+        self.fakes = {kind: FakeParticipant(kind) for kind in LEG_ORDER}
+        self._clients = dict(self.fakes)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,158 @@
+"""The 2PC and saga engines over fake participants and a real trip log (a temp SQLite file)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator.clients import RetryPolicy
+from coordinator.domain import (
+    Decision,
+    LegKind,
+    LegRequest,
+    LegStatus,
+    Protocol,
+    TripRequest,
+    TripStatus,
+)
+from coordinator.engine import Policies
+from coordinator.log import TripLog
+from coordinator.saga import Saga
+from coordinator.twopc import TwoPhaseCommit
+from tests.unit.fakes import FakeParticipants
+
+FAST = Policies(
+    step=RetryPolicy(initial=0.001, cap=0.002, give_up_after=0.05),
+    compensation=RetryPolicy(initial=0.001, cap=0.002, give_up_after=0.05),
+    phase2=RetryPolicy(initial=0.001, cap=0.002, give_up_after=None),
+    phase2_attention_after=0.05,
+)
+
+
+def _request(protocol: Protocol, key: str = "k") -> TripRequest:
+    leg = LegRequest("X", "2030-01-01", 1, 1)
+    return TripRequest(key, "c", protocol, leg, leg, leg)
+
+
+def _run(tmp_path: Path, protocol: Protocol, arrange, recover: bool = False):
+    async def go():
+        log = TripLog(tmp_path / "log.db")
+        fakes = FakeParticipants()
+        arrange(fakes.fakes)
+        engine = (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(log, fakes, FAST)
+        trip, _ = await log.create(_request(protocol))
+        trip = await (engine.recover(trip) if recover else engine.book(trip))
+        events = await log.events(trip.trip_id)
+        log.close()
+        return trip, fakes.fakes, events
+
+    return asyncio.run(go())
+
+
+def test_saga_compensates_in_reverse_order_when_the_car_is_sold_out(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.CAR].refuse = "sold out"
+
+    trip, fakes, events = _run(tmp_path, Protocol.SAGA, arrange)
+    assert trip.status is TripStatus.ABORTED
+    assert trip.decision is Decision.ABORT
+    assert [leg.status for leg in trip.legs] == [
+        LegStatus.CANCELLED, LegStatus.CANCELLED, LegStatus.REFUSED,
+    ]
+    cancels = [e.leg for e in events if e.kind == "compensation"]
+    assert cancels == ["hotel", "flight"]
+    assert ("cancel", trip.leg(LegKind.CAR).reservation_id) not in fakes[LegKind.CAR].calls
+
+
+def test_saga_compensates_a_step_whose_outcome_is_unknown(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.HOTEL].unknown = {"reserve"}
+
+    trip, fakes, _ = _run(tmp_path, Protocol.SAGA, arrange)
+    assert trip.status is TripStatus.ABORTED
+    # The hotel may have reserved: it is cancelled too, and the car never asked.
+    assert ("cancel", trip.leg(LegKind.HOTEL).reservation_id) in fakes[LegKind.HOTEL].calls
+    assert fakes[LegKind.CAR].calls == []
+    assert len(fakes[LegKind.HOTEL].calls) > 2  # the step was retried before giving up
+
+
+def test_saga_compensation_failing_past_policy_needs_attention(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.CAR].refuse = "sold out"
+        f[LegKind.FLIGHT].unknown = {"cancel"}
+
+    trip, _, events = _run(tmp_path, Protocol.SAGA, arrange)
+    assert trip.status is TripStatus.NEEDS_ATTENTION
+    assert "compensation of flight failed" in trip.failure_reason
+    assert trip.leg(LegKind.HOTEL).status is LegStatus.CANCELLED
+    assert trip.leg(LegKind.FLIGHT).status is LegStatus.CONFIRMED
+    assert events[-1].kind == "attention"
+
+
+def test_2pc_commits_only_when_everyone_votes_yes(tmp_path: Path) -> None:
+    trip, fakes, events = _run(tmp_path, Protocol.TWO_PHASE_COMMIT, lambda f: None)
+    assert trip.status is TripStatus.CONFIRMED
+    assert trip.decision is Decision.COMMIT
+    kinds = [e.kind for e in events]
+    # Votes and decision are logged before any acknowledgement.
+    assert kinds.index("decision") < kinds.index("acknowledged")
+    assert all(("commit", trip.leg(k).reservation_id) in fakes[k].calls for k in fakes)
+
+
+def test_2pc_aborts_everyone_when_a_vote_times_out(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.HOTEL].unknown = {"prepare"}
+
+    trip, fakes, _ = _run(tmp_path, Protocol.TWO_PHASE_COMMIT, arrange)
+    assert trip.status is TripStatus.ABORTED
+    assert trip.decision is Decision.ABORT
+    for kind in fakes:  # the silent hotel gets an abort too: it may hold
+        assert ("abort", trip.leg(kind).reservation_id) in fakes[kind].calls
+    assert all(not fake.held for fake in fakes.values())
+
+
+def test_2pc_recovery_of_an_undecided_trip_presumes_abort(tmp_path: Path) -> None:
+    trip, fakes, events = _run(tmp_path, Protocol.TWO_PHASE_COMMIT, lambda f: None, recover=True)
+    assert trip.decision is Decision.ABORT
+    assert trip.status is TripStatus.ABORTED
+    assert "presumed abort" in trip.failure_reason
+    assert not any(call[0] == "prepare" for fake in fakes.values() for call in fake.calls)
+
+
+def test_2pc_phase2_outlasting_policy_shows_attention_and_keeps_trying(tmp_path: Path) -> None:
+    async def go():
+        log = TripLog(tmp_path / "log.db")
+        fakes = FakeParticipants()
+        fakes.fakes[LegKind.CAR].unknown = {"commit"}
+        engine = TwoPhaseCommit(log, fakes, FAST)
+        trip, _ = await log.create(_request(Protocol.TWO_PHASE_COMMIT))
+        running = asyncio.create_task(engine.book(trip))
+        while (await log.get(trip.trip_id)).status is not TripStatus.NEEDS_ATTENTION:
+            await asyncio.sleep(0.01)
+        assert not running.done()  # still retrying: a prepared car may not be given up on
+        fakes.fakes[LegKind.CAR].unknown = set()
+        final = await asyncio.wait_for(running, 5)
+        log.close()
+        return final
+
+    assert asyncio.run(go()).status is TripStatus.CONFIRMED
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+def test_log_replays_a_key_and_refuses_other_parameters(tmp_path: Path, protocol: Protocol) -> None:
+    async def go():
+        log = TripLog(tmp_path / "log.db")
+        first, replayed_first = await log.create(_request(protocol))
+        again, replayed = await log.create(_request(protocol))
+        other = TripRequest("k", "someone-else", protocol, *(_request(protocol).flight,) * 3)
+        with pytest.raises(Exception) as caught:
+            await log.create(other)
+        log.close()
+        return first, replayed_first, again, replayed, caught.value
+
+    first, replayed_first, again, replayed, error = asyncio.run(go())
+    assert (replayed_first, replayed) == (False, True)
+    assert again.trip_id == first.trip_id
+    assert error.kind.name == "CONFLICT"
