@@ -1,0 +1,111 @@
+"""Read the books from outside, through the public gRPC APIs, into a checker snapshot.
+
+The auditor trusts no internal state: it lists the coordinator's trips, and
+every participant's reservations and inventory, exactly as a third party could.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import grpc
+
+from tripmesh.v1 import coordinator_pb2 as cpb
+from tripmesh.v1 import coordinator_pb2_grpc
+from tripmesh.v1 import participant_pb2 as ppb
+from tripmesh.v1 import participant_pb2_grpc
+
+from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
+
+_TIMEOUT = 10.0
+
+
+def _enum(enum: object, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined]
+
+
+def _dates(hold: ppb.Hold) -> tuple[str, ...]:
+    if not hold.resource_id:
+        return ()
+    start = dt.date.fromisoformat(hold.start_date)
+    return tuple((start + dt.timedelta(days=i)).isoformat() for i in range(hold.days))
+
+
+def read_trips(channel: grpc.Channel) -> list[TripView]:
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+    trips: list[TripView] = []
+    token = ""
+    while True:
+        page = stub.ListTrips(cpb.ListTripsRequest(page_size=500, page_token=token), timeout=_TIMEOUT)
+        trips += [
+            TripView(
+                trip_id=t.trip_id,
+                idempotency_key=t.idempotency_key,
+                protocol="2pc" if t.protocol == cpb.PROTOCOL_TWO_PHASE_COMMIT else "saga",
+                status=_enum(cpb.TripStatus, t.status, "TRIP_STATUS_"),
+                decision=_enum(cpb.Decision, t.decision, "DECISION_"),
+            )
+            for t in page.trips
+        ]
+        token = page.next_page_token
+        if not token:
+            return trips
+
+
+def read_participant(
+    kind: str, channel: grpc.Channel
+) -> tuple[list[ReservationView], list[InventoryRow]]:
+    stub = participant_pb2_grpc.ParticipantStub(channel)
+    reservations: list[ReservationView] = []
+    token = ""
+    while True:
+        page = stub.ListReservations(
+            ppb.ListReservationsRequest(page_size=1000, page_token=token), timeout=_TIMEOUT
+        )
+        reservations += [
+            ReservationView(
+                reservation_id=r.reservation_id,
+                trip_id=r.trip_id,
+                kind=kind,
+                status=_enum(ppb.ReservationStatus, r.status, "RESERVATION_STATUS_"),
+                resource_id=r.hold.resource_id,
+                dates=_dates(r.hold),
+                quantity=r.hold.quantity,
+                settled_by=r.settled_by,
+            )
+            for r in page.reservations
+        ]
+        token = page.next_page_token
+        if not token:
+            break
+    inventory: list[InventoryRow] = []
+    token = ""
+    while True:
+        resources = stub.ListResources(
+            ppb.ListResourcesRequest(page_size=1000, page_token=token), timeout=_TIMEOUT
+        )
+        for resource in resources.resources:
+            days = stub.GetInventory(
+                ppb.GetInventoryRequest(resource_id=resource.resource_id), timeout=_TIMEOUT
+            )
+            inventory += [
+                InventoryRow(kind, resource.resource_id, d.date, d.capacity, d.available, d.held, d.confirmed)
+                for d in days.days
+            ]
+        token = resources.next_page_token
+        if not token:
+            return reservations, inventory
+
+
+def read_books(coordinator: str, participants: dict[str, str]) -> BooksSnapshot:
+    """Snapshot the whole mesh: `participants` maps flight/hotel/car to their addresses."""
+    with grpc.insecure_channel(coordinator) as channel:
+        trips = read_trips(channel)
+    reservations: list[ReservationView] = []
+    inventory: list[InventoryRow] = []
+    for kind, address in participants.items():
+        with grpc.insecure_channel(address) as channel:
+            rows, days = read_participant(kind, channel)
+        reservations += rows
+        inventory += days
+    return BooksSnapshot(tuple(trips), tuple(reservations), tuple(inventory))
