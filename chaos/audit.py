@@ -9,11 +9,9 @@ from __future__ import annotations
 import datetime as dt
 
 import grpc
-
 from tripmesh.v1 import coordinator_pb2 as cpb
-from tripmesh.v1 import coordinator_pb2_grpc
+from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
-from tripmesh.v1 import participant_pb2_grpc
 
 from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
 
@@ -36,7 +34,9 @@ def read_trips(channel: grpc.Channel) -> list[TripView]:
     trips: list[TripView] = []
     token = ""
     while True:
-        page = stub.ListTrips(cpb.ListTripsRequest(page_size=500, page_token=token), timeout=_TIMEOUT)
+        page = stub.ListTrips(
+            cpb.ListTripsRequest(page_size=500, page_token=token), timeout=_TIMEOUT
+        )
         trips += [
             TripView(
                 trip_id=t.trip_id,
@@ -89,7 +89,9 @@ def read_participant(
                 ppb.GetInventoryRequest(resource_id=resource.resource_id), timeout=_TIMEOUT
             )
             inventory += [
-                InventoryRow(kind, resource.resource_id, d.date, d.capacity, d.available, d.held, d.confirmed)
+                InventoryRow(
+                    kind, resource.resource_id, d.date, d.capacity, d.available, d.held, d.confirmed
+                )
                 for d in days.days
             ]
         token = resources.next_page_token

@@ -122,14 +122,24 @@ def all_or_nothing(books: BooksSnapshot) -> CheckResult:
         confirmed = {r.kind for r in rows if r.status == "confirmed"}
         trip = trips.get(trip_id)
         if trip is None and taken:
-            violations.append(Violation(trip_id, "units taken for a trip the coordinator does not know", len(taken)))
+            violations.append(
+                Violation(
+                    trip_id, "units taken for a trip the coordinator does not know", len(taken)
+                )
+            )
         elif trip is not None and trip.status == "confirmed" and confirmed != set(LEGS):
             missing = sorted(set(LEGS) - confirmed)
-            violations.append(Violation(trip_id, f"confirmed trip without {', '.join(missing)}", len(missing)))
+            violations.append(
+                Violation(trip_id, f"confirmed trip without {', '.join(missing)}", len(missing))
+            )
         elif trip is not None and trip.status != "confirmed" and taken:
             kinds = sorted(r.kind for r in taken)
             violations.append(
-                Violation(trip_id, f"{trip.status} trip still takes {', '.join(kinds)}", sum(r.quantity for r in taken))
+                Violation(
+                    trip_id,
+                    f"{trip.status} trip still takes {', '.join(kinds)}",
+                    sum(r.quantity for r in taken),
+                )
             )
     return _result("all-or-nothing", violations)
 
@@ -141,19 +151,36 @@ def conservation(books: BooksSnapshot) -> CheckResult:
     for r in books.reservations:
         if r.status in TAKEN:
             for date in r.dates:
-                expected[(r.kind, r.resource_id, date)][0 if r.status == "held" else 1] += r.quantity
+                expected[(r.kind, r.resource_id, date)][0 if r.status == "held" else 1] += (
+                    r.quantity
+                )
     for row in books.inventory:
         where = f"{row.kind}/{row.resource_id}/{row.date}"
         if row.capacity != row.available + row.held + row.confirmed:
             gap = abs(row.capacity - row.available - row.held - row.confirmed)
-            violations.append(Violation(where, f"capacity {row.capacity} != {row.available}+{row.held}+{row.confirmed}", gap))
+            violations.append(
+                Violation(
+                    where,
+                    f"capacity {row.capacity} != {row.available}+{row.held}+{row.confirmed}",
+                    gap,
+                )
+            )
         if min(row.available, row.held, row.confirmed) < 0:
-            violations.append(Violation(where, "negative inventory (overbooked)", -min(row.available, row.held, row.confirmed)))
+            violations.append(
+                Violation(
+                    where,
+                    "negative inventory (overbooked)",
+                    -min(row.available, row.held, row.confirmed),
+                )
+            )
         held, confirmed = expected.get((row.kind, row.resource_id, row.date), [0, 0])
         if (row.held, row.confirmed) != (held, confirmed):
             violations.append(
-                Violation(where, f"rows say held {row.held} confirmed {row.confirmed}; reservations say {held} and {confirmed}",
-                          abs(row.held - held) + abs(row.confirmed - confirmed))
+                Violation(
+                    where,
+                    f"rows say held {row.held} confirmed {row.confirmed}; reservations say {held} and {confirmed}",
+                    abs(row.held - held) + abs(row.confirmed - confirmed),
+                )
             )
     return _result("conservation", violations)
 
@@ -169,7 +196,13 @@ def acknowledged_durability(history: Iterable[Op], books: BooksSnapshot) -> Chec
             confirmed = {r.kind for r in rows.get(op.trip_id, []) if r.status == "confirmed"}
             if confirmed != set(LEGS):
                 lost = sorted(set(LEGS) - confirmed)
-                violations.append(Violation(op.trip_id, f"acknowledged confirmed, but {', '.join(lost)} not confirmed", len(lost)))
+                violations.append(
+                    Violation(
+                        op.trip_id,
+                        f"acknowledged confirmed, but {', '.join(lost)} not confirmed",
+                        len(lost),
+                    )
+                )
     return _result("acknowledged-durability", violations, detail=f"{len(seen)} acknowledged trips")
 
 
@@ -182,7 +215,7 @@ def one_trip_per_key(history: Iterable[Op], books: BooksSnapshot) -> CheckResult
         if op.type == "ok" and op.trip_id:
             trips_by_key[op.key].add(op.trip_id)
     violations = [
-        Violation(sorted(ids)[0], f"key {key!r} has {len(ids)} trips: {', '.join(sorted(ids))}", len(ids))
+        Violation(min(ids), f"key {key!r} has {len(ids)} trips: {', '.join(sorted(ids))}", len(ids))
         for key, ids in trips_by_key.items()
         if len(ids) > 1
     ]
@@ -191,7 +224,11 @@ def one_trip_per_key(history: Iterable[Op], books: BooksSnapshot) -> CheckResult
 
 def no_leaks(books: BooksSnapshot) -> CheckResult:
     """After the settle deadline: no pending trip, no held unit."""
-    violations = [Violation(t.trip_id, f"trip still {t.status}") for t in books.trips if t.status in ("pending", "needs_attention")]
+    violations = [
+        Violation(t.trip_id, f"trip still {t.status}")
+        for t in books.trips
+        if t.status in ("pending", "needs_attention")
+    ]
     violations += [
         Violation(r.trip_id, f"{r.kind} {r.reservation_id} still held", r.quantity * len(r.dates))
         for r in books.reservations
@@ -209,11 +246,26 @@ def no_unilateral_release(books: BooksSnapshot) -> CheckResult:
         if trip is None or trip.protocol != "2pc" or not r.dates:
             continue
         if r.status == "released" and trip.decision == "commit":
-            violations.append(Violation(r.trip_id, f"{r.kind} released a hold the coordinator committed", r.quantity))
+            violations.append(
+                Violation(
+                    r.trip_id, f"{r.kind} released a hold the coordinator committed", r.quantity
+                )
+            )
         if r.status == "confirmed" and trip.decision != "commit":
-            violations.append(Violation(r.trip_id, f"{r.kind} committed without a commit decision ({trip.decision})", r.quantity))
-        if r.status in ("released", "confirmed") and r.settled_by not in ("coordinator", "resolver"):
-            violations.append(Violation(r.trip_id, f"{r.kind} settled by {r.settled_by or 'nobody'}", r.quantity))
+            violations.append(
+                Violation(
+                    r.trip_id,
+                    f"{r.kind} committed without a commit decision ({trip.decision})",
+                    r.quantity,
+                )
+            )
+        if r.status in ("released", "confirmed") and r.settled_by not in (
+            "coordinator",
+            "resolver",
+        ):
+            violations.append(
+                Violation(r.trip_id, f"{r.kind} settled by {r.settled_by or 'nobody'}", r.quantity)
+            )
     return _result("2pc-no-unilateral-release", violations)
 
 
@@ -231,7 +283,7 @@ def check_all(history: list[Op], books: BooksSnapshot) -> list[CheckResult]:
     for name, check in checks:
         try:
             results.append(check())
-        except Exception:
+        except Exception:  # noqa: BLE001 - a crashing check must say unknown, not stop the audit
             results.append(CheckResult(name, "unknown", detail=traceback.format_exc(limit=3)))
     return results
 

@@ -14,7 +14,7 @@ import time
 
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
-from coordinator.clients import CatalogEntry, OutcomeUnknown, Participants, ParticipantRejected
+from coordinator.clients import CatalogEntry, OutcomeUnknown, ParticipantRejected, Participants
 from coordinator.domain import LEG_ORDER, CoordinatorError, LegKind, LegRequest, TripRequest
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ class Catalog:
             id_field, date_field = FIELDS[kind]
             entry = await self._lookup(kind, leg.resource_id)
             if entry is None:
-                missing.append(FieldViolation(id_field, f"unknown {kind.value} {leg.resource_id!r}"))
+                missing.append(
+                    FieldViolation(id_field, f"unknown {kind.value} {leg.resource_id!r}")
+                )
                 continue
             last = _add_days(leg.start_date, leg.days - 1)
             if leg.start_date < entry.first_date or last > entry.last_date:

@@ -28,9 +28,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
 from rich.table import Table
-
-from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc, coordinator_pb2 as pb
-from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+from tripmesh.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    coordinator_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
+)
+from tripmesh.v1 import coordinator_pb2 as pb
 
 console = Console()
 PROTOCOLS = {"2pc": pb.PROTOCOL_TWO_PHASE_COMMIT, "saga": pb.PROTOCOL_SAGA, "default": 0}
@@ -91,7 +96,9 @@ def cmd_book(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStu
         customer_id=args.customer,
         protocol=PROTOCOLS[args.protocol],
         flight=pb.FlightSelection(flight_id=args.flight, date=date, seats=args.seats),
-        hotel=pb.HotelSelection(hotel_id=args.hotel, check_in=date, nights=args.nights, rooms=args.rooms),
+        hotel=pb.HotelSelection(
+            hotel_id=args.hotel, check_in=date, nights=args.nights, rooms=args.rooms
+        ),
         car=pb.CarSelection(car_id=args.car, pickup_date=date, days=args.days, cars=args.cars),
     )
     reply = stub.BookTrip(request, timeout=args.timeout)
@@ -138,8 +145,14 @@ def cmd_inventory(args: argparse.Namespace, _: object) -> None:
         )
 
     def human() -> None:
-        table = Table("date", "capacity", "available", "held", "confirmed",
-                      title=f"{args.kind} {reply.resource_id} ({reply.unit}s)")
+        table = Table(
+            "date",
+            "capacity",
+            "available",
+            "held",
+            "confirmed",
+            title=f"{args.kind} {reply.resource_id} ({reply.unit}s)",
+        )
         for d in reply.days:
             table.add_row(d.date, str(d.capacity), str(d.available), str(d.held), str(d.confirmed))
         console.print(table)
@@ -153,25 +166,50 @@ def cmd_search(args: argparse.Namespace, _: object) -> None:
     with grpc.insecure_channel(_service_address(kind)) as channel:
         if kind == "flight":
             reply = catalog_pb2_grpc.FlightServiceStub(channel).SearchFlights(
-                catalog_pb2.SearchFlightsRequest(origin=args.origin, destination=args.destination, date=date),
+                catalog_pb2.SearchFlightsRequest(
+                    origin=args.origin, destination=args.destination, date=date
+                ),
                 timeout=args.timeout,
             )
-            rows = [(f.flight_id, f"{f.airline} {f.origin}-{f.destination} {f.departure_time}",
-                     _money(f.price_cents), f.seats_available) for f in reply.flights]
+            rows = [
+                (
+                    f.flight_id,
+                    f"{f.airline} {f.origin}-{f.destination} {f.departure_time}",
+                    _money(f.price_cents),
+                    f.seats_available,
+                )
+                for f in reply.flights
+            ]
         elif kind == "hotel":
             reply = catalog_pb2_grpc.HotelServiceStub(channel).SearchHotels(
                 catalog_pb2.SearchHotelsRequest(city=args.city, check_in=date, nights=args.nights),
                 timeout=args.timeout,
             )
-            rows = [(h.hotel_id, f"{h.name}, {h.city}", _money(h.price_per_night_cents),
-                     h.rooms_available) for h in reply.hotels]
+            rows = [
+                (
+                    h.hotel_id,
+                    f"{h.name}, {h.city}",
+                    _money(h.price_per_night_cents),
+                    h.rooms_available,
+                )
+                for h in reply.hotels
+            ]
         else:
             reply = catalog_pb2_grpc.CarServiceStub(channel).SearchCars(
-                catalog_pb2.SearchCarsRequest(location=args.location, pickup_date=date, days=args.days),
+                catalog_pb2.SearchCarsRequest(
+                    location=args.location, pickup_date=date, days=args.days
+                ),
                 timeout=args.timeout,
             )
-            rows = [(c.car_id, f"{c.model} ({c.car_class}) at {c.location}",
-                     _money(c.price_per_day_cents), c.cars_available) for c in reply.cars]
+            rows = [
+                (
+                    c.car_id,
+                    f"{c.model} ({c.car_class}) at {c.location}",
+                    _money(c.price_per_day_cents),
+                    c.cars_available,
+                )
+                for c in reply.cars
+            ]
 
     def human() -> None:
         table = Table("id", "what", "price", "available", title=f"{args.what} on {date}")
@@ -188,7 +226,9 @@ def _service_address(kind: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tripmesh", description="Book and audit trips.")
-    p.add_argument("--coordinator", default=os.environ.get("TRIPMESH_COORDINATOR", "127.0.0.1:60050"))
+    p.add_argument(
+        "--coordinator", default=os.environ.get("TRIPMESH_COORDINATOR", "127.0.0.1:60050")
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=30.0, help="RPC deadline, seconds")
     sub = p.add_subparsers(dest="command", required=True)

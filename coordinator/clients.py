@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-
 from tripmesh.runtime import rpc
 from tripmesh.runtime.errors import ErrorKind
 from tripmesh.v1 import participant_pb2 as pb
@@ -151,7 +150,9 @@ class ParticipantClient:
                 "ListResources", pb.ListResourcesRequest(page_size=1000, page_token=token)
             )
             assert isinstance(reply, pb.ListResourcesResponse)
-            entries += [CatalogEntry(r.resource_id, r.first_date, r.last_date) for r in reply.resources]
+            entries += [
+                CatalogEntry(r.resource_id, r.first_date, r.last_date) for r in reply.resources
+            ]
             token = reply.next_page_token
             if not token:
                 return entries

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from tripmesh.v1 import coordinator_pb2 as pb
 
 from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripStatus
 
-PROTOCOL = {Protocol.TWO_PHASE_COMMIT: pb.PROTOCOL_TWO_PHASE_COMMIT, Protocol.SAGA: pb.PROTOCOL_SAGA}
+PROTOCOL = {
+    Protocol.TWO_PHASE_COMMIT: pb.PROTOCOL_TWO_PHASE_COMMIT,
+    Protocol.SAGA: pb.PROTOCOL_SAGA,
+}
 PROTOCOL_FROM = {v: k for k, v in PROTOCOL.items()}
 STATUS = {
     TripStatus.PENDING: pb.TRIP_STATUS_PENDING,
@@ -17,8 +19,16 @@ STATUS = {
     TripStatus.NEEDS_ATTENTION: pb.TRIP_STATUS_NEEDS_ATTENTION,
 }
 STATUS_FROM = {v: k for k, v in STATUS.items()}
-DECISION = {None: pb.DECISION_PENDING, Decision.COMMIT: pb.DECISION_COMMIT, Decision.ABORT: pb.DECISION_ABORT}
-LEG_KIND = {LegKind.FLIGHT: pb.LEG_KIND_FLIGHT, LegKind.HOTEL: pb.LEG_KIND_HOTEL, LegKind.CAR: pb.LEG_KIND_CAR}
+DECISION = {
+    None: pb.DECISION_PENDING,
+    Decision.COMMIT: pb.DECISION_COMMIT,
+    Decision.ABORT: pb.DECISION_ABORT,
+}
+LEG_KIND = {
+    LegKind.FLIGHT: pb.LEG_KIND_FLIGHT,
+    LegKind.HOTEL: pb.LEG_KIND_HOTEL,
+    LegKind.CAR: pb.LEG_KIND_CAR,
+}
 LEG_STATUS = {
     LegStatus.NOT_STARTED: pb.LEG_STATUS_NOT_STARTED,
     LegStatus.IN_FLIGHT: pb.LEG_STATUS_IN_FLIGHT,

@@ -144,7 +144,9 @@ class TripLog:
         """(known, decision) for a participant's question."""
 
         def job(conn: sqlite3.Connection) -> tuple[bool, Decision | None]:
-            row = conn.execute("SELECT decision FROM trips WHERE trip_id = ?", (trip_id,)).fetchone()
+            row = conn.execute(
+                "SELECT decision FROM trips WHERE trip_id = ?", (trip_id,)
+            ).fetchone()
             if row is None:
                 return False, None
             return True, Decision(row["decision"]) if row["decision"] else None
@@ -184,7 +186,9 @@ class TripLog:
         return await self.db.run(
             lambda c: [
                 r["trip_id"]
-                for r in c.execute("SELECT trip_id FROM trips WHERE status = 'pending' ORDER BY rowid")
+                for r in c.execute(
+                    "SELECT trip_id FROM trips WHERE status = 'pending' ORDER BY rowid"
+                )
             ]
         )
 
@@ -202,9 +206,9 @@ class TripLog:
         """Forget idempotency keys older than `older_than` seconds; the trips stay."""
         cutoff = time.time() - older_than
         return await self.db.run(
-            lambda c: c.execute(
-                "DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)
-            ).rowcount
+            lambda c: (
+                c.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)).rowcount
+            )
         )
 
 

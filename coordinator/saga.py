@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from tripmesh.runtime import failpoints
 
@@ -51,7 +52,9 @@ class SagaStep:
     compensation: Callable[[ParticipantClient, str, str], Awaitable[None]]
 
 
-def reserve(client: ParticipantClient, reservation_id: str, trip_id: str, leg: LegRequest) -> Awaitable[StepReply]:
+def reserve(
+    client: ParticipantClient, reservation_id: str, trip_id: str, leg: LegRequest
+) -> Awaitable[StepReply]:
     return client.reserve(reservation_id, trip_id, leg)
 
 
@@ -81,7 +84,9 @@ class Saga(TripEngine):
             return await self._compensate(trip, trip.failure_reason)
         if trip.decision is Decision.COMMIT:
             return await self.log.record(
-                trip.trip_id, status=TripStatus.CONFIRMED, events=(Event("finished", detail="confirmed"),)
+                trip.trip_id,
+                status=TripStatus.CONFIRMED,
+                events=(Event("finished", detail="confirmed"),),
             )
         return await self._forward(trip)
 
@@ -99,8 +104,12 @@ class Saga(TripEngine):
             client = self.participants[step.leg]
             try:
                 reply = await retry(
-                    lambda: step.action(
-                        client, leg.reservation_id, trip.trip_id, trip.request.leg(step.leg)
+                    partial(
+                        step.action,
+                        client,
+                        leg.reservation_id,
+                        trip.trip_id,
+                        trip.request.leg(step.leg),
                     ),
                     self.policies.step,
                     f"{trip.trip_id} reserve {step.leg.value}",
@@ -154,7 +163,7 @@ class Saga(TripEngine):
             client = self.participants[step.leg]
             try:
                 await retry(
-                    lambda: step.compensation(client, leg.reservation_id, trip.trip_id),
+                    partial(step.compensation, client, leg.reservation_id, trip.trip_id),
                     self.policies.compensation,
                     f"{trip.trip_id} cancel {step.leg.value}",
                 )

@@ -68,8 +68,12 @@ class CoordinatorConfig:
             choices=[x.value for x in Protocol],
             default=env.get("TRIPMESH_DEFAULT_PROTOCOL", "saga"),
         )
-        p.add_argument("--rpc-timeout", type=float, default=float(env.get("TRIPMESH_RPC_TIMEOUT", 2.0)))
-        p.add_argument("--step-give-up", type=float, default=float(env.get("TRIPMESH_STEP_GIVE_UP", 5)))
+        p.add_argument(
+            "--rpc-timeout", type=float, default=float(env.get("TRIPMESH_RPC_TIMEOUT", 2.0))
+        )
+        p.add_argument(
+            "--step-give-up", type=float, default=float(env.get("TRIPMESH_STEP_GIVE_UP", 5))
+        )
         p.add_argument(
             "--compensation-give-up",
             type=float,
@@ -132,7 +136,9 @@ async def serve(config: CoordinatorConfig) -> None:
     await catalog.load()
     recovery = asyncio.create_task(service.recover_unfinished(), name="recovery")
     housekeeping = asyncio.create_task(
-        service.run_housekeeping(sweep_every=config.sweep_every, key_retention=config.key_retention),
+        service.run_housekeeping(
+            sweep_every=config.sweep_every, key_retention=config.key_retention
+        ),
         name="housekeeping",
     )
     await running.set_serving(True)

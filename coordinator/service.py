@@ -91,7 +91,9 @@ class TripService:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("trip driver failed; the sweeper will resume it", extra={"trip_id": trip.trip_id})
+            log.exception(
+                "trip driver failed; the sweeper will resume it", extra={"trip_id": trip.trip_id}
+            )
         finally:
             self._active.pop(trip.trip_id, None)
 
@@ -128,7 +130,9 @@ class TripService:
                 await self.resume_unfinished()
                 purged = await self.log.purge_keys(key_retention)
                 if purged:
-                    log.info("purged %d idempotency keys older than %.0fh", purged, key_retention / 3600)
+                    log.info(
+                        "purged %d idempotency keys older than %.0fh", purged, key_retention / 3600
+                    )
             except Exception:
                 log.exception("housekeeping round failed")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime as dt
 
 import grpc
-
-from tripmesh.runtime.errors import FieldViolation, invalid
+from tripmesh.runtime.errors import FieldViolation
+from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
 from coordinator.convert import DECISION, PROTOCOL_FROM, STATUS_FROM, trip_to_proto
-from coordinator.domain import Protocol
+from coordinator.domain import CoordinatorError, Protocol
 from coordinator.service import TripService
 from coordinator.validation import trip_request_from_proto
 
@@ -19,7 +19,9 @@ _MAX_PAGE = 500
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, service: TripService, *, default_protocol: Protocol, max_wait: float) -> None:
+    def __init__(
+        self, service: TripService, *, default_protocol: Protocol, max_wait: float
+    ) -> None:
         self.service = service
         self.default_protocol = default_protocol
         self.max_wait = max_wait
@@ -36,9 +38,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         trip, replayed = await self.service.book(trip_request, wait=max(0.0, wait))
         return pb.BookTripResponse(trip=trip_to_proto(trip), replayed=replayed)
 
-    async def GetTrip(self, request: pb.GetTripRequest, context: grpc.aio.ServicerContext) -> pb.Trip:
+    async def GetTrip(
+        self, request: pb.GetTripRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Trip:
         if not request.trip_id:
-            raise invalid(FieldViolation("trip_id", "is required"))
+            raise CoordinatorError.invalid(FieldViolation("trip_id", "is required"))
         return trip_to_proto(await self.service.get(request.trip_id))
 
     async def ListTrips(
@@ -47,18 +51,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         problems = []
         if request.page_size < 0:
             problems.append(FieldViolation("page_size", "must not be negative"))
-        if request.page_token and not request.page_token.isdigit():
-            problems.append(FieldViolation("page_token", "is not a token this server issued"))
+        before = position_from_token(request.page_token)
         if request.status and request.status not in STATUS_FROM:
             problems.append(FieldViolation("status", f"unknown status {request.status}"))
         if request.protocol and request.protocol not in PROTOCOL_FROM:
             problems.append(FieldViolation("protocol", f"unknown protocol {request.protocol}"))
         if problems:
-            raise invalid(*problems)
+            raise CoordinatorError.invalid(*problems)
         trips, last = await self.service.log.list(
             status=STATUS_FROM.get(request.status),
             protocol=PROTOCOL_FROM.get(request.protocol),
-            before=int(request.page_token or 0),
+            before=before,
             limit=min(request.page_size or 50, _MAX_PAGE),
         )
         return pb.ListTripsResponse(
@@ -75,5 +78,7 @@ class DecisionsServicer(coordinator_pb2_grpc.DecisionsServicer):
         self, request: pb.GetDecisionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDecisionResponse:
         if not request.trip_id:
-            raise invalid(FieldViolation("trip_id", "is required"))
-        return pb.GetDecisionResponse(decision=DECISION[await self.service.decision(request.trip_id)])
+            raise CoordinatorError.invalid(FieldViolation("trip_id", "is required"))
+        return pb.GetDecisionResponse(
+            decision=DECISION[await self.service.decision(request.trip_id)]
+        )

@@ -49,7 +49,10 @@ class TwoPhaseCommit(TripEngine):
             legs=legs,
             failure_reason="; ".join(reasons) if reasons else None,
             events=(
-                *(Event("vote", k.value, f"{u.status.value} {u.reason}".strip()) for k, u in legs.items()),
+                *(
+                    Event("vote", k.value, f"{u.status.value} {u.reason}".strip())
+                    for k, u in legs.items()
+                ),
                 Event("decision", detail=decision.value),
             ),
         )
@@ -66,7 +69,8 @@ class TwoPhaseCommit(TripEngine):
             )
         else:
             await self.log.record(
-                trip.trip_id, events=(Event("recovery", detail=f"resume phase 2: {trip.decision.value}"),)
+                trip.trip_id,
+                events=(Event("recovery", detail=f"resume phase 2: {trip.decision.value}"),),
             )
         return await self._phase2(trip)
 
@@ -116,7 +120,9 @@ class TwoPhaseCommit(TripEngine):
         everyone = asyncio.gather(*(settle(leg) for leg in todo))
         try:
             try:
-                await asyncio.wait_for(asyncio.shield(everyone), self.policies.phase2_attention_after)
+                await asyncio.wait_for(
+                    asyncio.shield(everyone), self.policies.phase2_attention_after
+                )
             except TimeoutError:
                 log.error(
                     "2PC phase 2 not acknowledged after %.0fs; still retrying",
@@ -140,4 +146,6 @@ class TwoPhaseCommit(TripEngine):
                 events=(Event("attention", detail=exc.message),),
             )
         final = TripStatus.CONFIRMED if decision is Decision.COMMIT else TripStatus.ABORTED
-        return await self.log.record(trip.trip_id, status=final, events=(Event("finished", detail=final.value),))
+        return await self.log.record(
+            trip.trip_id, status=final, events=(Event("finished", detail=final.value),)
+        )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from tripmesh.runtime.errors import FieldViolation, invalid
+from tripmesh.runtime.errors import FieldViolation
 from tripmesh.v1 import coordinator_pb2 as pb
 
-from coordinator.domain import LegRequest, Protocol, TripRequest
+from coordinator.domain import CoordinatorError, LegRequest, Protocol, TripRequest
 
 MAX_ID = 128
 MAX_NIGHTS = 30
@@ -33,7 +33,9 @@ def _count(value: int, field: str, most: int, problems: list[FieldViolation]) ->
         problems.append(FieldViolation(field, f"must be 1 to {most}, got {value}"))
 
 
-def _date(value: str, field: str, today: dt.date, problems: list[FieldViolation]) -> None:
+def _date(
+    value: str, field: str, today: dt.date, problems: list[FieldViolation], days: int = 1
+) -> None:
     if not value:
         problems.append(FieldViolation(field, "is required (YYYY-MM-DD)"))
         return
@@ -46,6 +48,8 @@ def _date(value: str, field: str, today: dt.date, problems: list[FieldViolation]
         problems.append(FieldViolation(field, f"{value!r} is not in the form YYYY-MM-DD"))
     elif day < today:
         problems.append(FieldViolation(field, f"{value} is in the past"))
+    elif dt.date.max - day < dt.timedelta(days=max(days, 1)):
+        problems.append(FieldViolation(field, f"{days} days from {value} run past the calendar"))
 
 
 def trip_request_from_proto(
@@ -72,16 +76,16 @@ def trip_request_from_proto(
         _count(f.seats, "flight.seats", MAX_UNITS, problems)
     if request.HasField("hotel"):
         _text(h.hotel_id, "hotel.hotel_id", problems)
-        _date(h.check_in, "hotel.check_in", today, problems)
+        _date(h.check_in, "hotel.check_in", today, problems, h.nights)
         _count(h.nights, "hotel.nights", MAX_NIGHTS, problems)
         _count(h.rooms, "hotel.rooms", MAX_UNITS, problems)
     if request.HasField("car"):
         _text(c.car_id, "car.car_id", problems)
-        _date(c.pickup_date, "car.pickup_date", today, problems)
+        _date(c.pickup_date, "car.pickup_date", today, problems, c.days)
         _count(c.days, "car.days", MAX_NIGHTS, problems)
         _count(c.cars, "car.cars", MAX_UNITS, problems)
     if problems:
-        raise invalid(*problems)
+        raise CoordinatorError.invalid(*problems)
     return TripRequest(
         idempotency_key=request.idempotency_key,
         customer_id=request.customer_id,

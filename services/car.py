@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import grpc
-
-from tripmesh.runtime.errors import FieldViolation, invalid
+from tripmesh.runtime.errors import FieldViolation
 from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc
 
 from services.catalog import CatalogKind, SeedResource, search
-from services.participant.domain import MAX_DAYS, parse_date
+from services.participant.domain import MAX_DAYS, ParticipantError, parse_date
 from services.participant.store import ParticipantStore
 
 
 def _car(cid: str, model: str, car_class: str, location: str, usd: int, cars: int) -> SeedResource:
     return SeedResource(
-        cid, f"{model} at {location}", usd * 100, cars,
+        cid,
+        f"{model} at {location}",
+        usd * 100,
+        cars,
         {"model": model, "class": car_class, "location": location},
     )
 
@@ -49,7 +51,7 @@ class CarSearch(catalog_pb2_grpc.CarServiceServicer):
         if request.cars < 0:
             problems.append(FieldViolation("cars", "must not be negative"))
         if problems or pickup is None:
-            raise invalid(*problems)
+            raise ParticipantError.invalid(*problems)
         found = await search(
             self.store, {"location": request.location}, pickup, request.days or 1, request.cars or 1
         )

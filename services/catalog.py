@@ -112,7 +112,11 @@ async def search(
         rows = conn.execute(sql, (*args, days, quantity))
         return [
             Availability(
-                r["resource_id"], r["name"], r["price_cents"], json.loads(r["attributes"]), r["free"]
+                r["resource_id"],
+                r["name"],
+                r["price_cents"],
+                json.loads(r["attributes"]),
+                r["free"],
             )
             for r in rows
         ]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import grpc
-
-from tripmesh.runtime.errors import FieldViolation, invalid
+from tripmesh.runtime.errors import FieldViolation
 from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc
 
 from services.catalog import CatalogKind, SeedResource, search
-from services.participant.domain import parse_date
+from services.participant.domain import ParticipantError, parse_date
 from services.participant.store import ParticipantStore
 
 
@@ -51,7 +50,7 @@ class FlightSearch(catalog_pb2_grpc.FlightServiceServicer):
         if request.seats < 0:
             problems.append(FieldViolation("seats", "must not be negative"))
         if problems or date is None:
-            raise invalid(*problems)
+            raise ParticipantError.invalid(*problems)
         found = await search(
             self.store,
             {"origin": request.origin, "destination": request.destination},

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import grpc
-
-from tripmesh.runtime.errors import FieldViolation, invalid
+from tripmesh.runtime.errors import FieldViolation
 from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc
 
 from services.catalog import CatalogKind, SeedResource, search
-from services.participant.domain import MAX_DAYS, parse_date
+from services.participant.domain import MAX_DAYS, ParticipantError, parse_date
 from services.participant.store import ParticipantStore
 
 
@@ -46,7 +45,7 @@ class HotelSearch(catalog_pb2_grpc.HotelServiceServicer):
         if request.rooms < 0:
             problems.append(FieldViolation("rooms", "must not be negative"))
         if problems or check_in is None:
-            raise invalid(*problems)
+            raise ParticipantError.invalid(*problems)
         found = await search(
             self.store, {"city": request.city}, check_in, request.nights or 1, request.rooms or 1
         )

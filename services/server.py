@@ -93,7 +93,9 @@ def _search_service(kind: str, store: ParticipantStore) -> rpc.Service:
     }
     add, servicer = servicers[kind]
     name = {"flight": "FlightService", "hotel": "HotelService", "car": "CarService"}[kind]
-    return rpc.Service(add, servicer(store), catalog_pb2.DESCRIPTOR.services_by_name[name].full_name)
+    return rpc.Service(
+        add, servicer(store), catalog_pb2.DESCRIPTOR.services_by_name[name].full_name
+    )
 
 
 def open_store(config: ServiceConfig) -> ParticipantStore:
@@ -117,7 +119,9 @@ async def serve(config: ServiceConfig) -> None:
         ParticipantServicer(store, KINDS[config.kind].unit),
         participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name,
     )
-    running = await rpc.start_server(config.listen, [participant, _search_service(config.kind, store)])
+    running = await rpc.start_server(
+        config.listen, [participant, _search_service(config.kind, store)]
+    )
     decisions_channel = rpc.channel(config.decisions)
     resolver = InDoubtResolver(
         store,

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-
 from tripmesh.v1 import coordinator_pb2 as cpb
-from tripmesh.v1 import coordinator_pb2_grpc
+from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
-from tripmesh.v1 import participant_pb2_grpc
 
 T = TypeVar("T")
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -35,9 +33,17 @@ def write_catalog(folder: Path, capacities: dict[str, dict[str, int]], days: int
                     "start_date": TODAY.isoformat(),
                     "days": days,
                     "resources": [
-                        {"resource_id": rid, "price_cents": 10_000, "capacity": cap,
-                         "attributes": {"origin": "JFK", "destination": "NRT", "city": "Tokyo",
-                                        "location": "NRT"}}
+                        {
+                            "resource_id": rid,
+                            "price_cents": 10_000,
+                            "capacity": cap,
+                            "attributes": {
+                                "origin": "JFK",
+                                "destination": "NRT",
+                                "city": "Tokyo",
+                                "location": "NRT",
+                            },
+                        }
                         for rid, cap in resources.items()
                     ],
                 }

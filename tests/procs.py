@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_serving(address: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_serving(
+    address: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until `address` answers SERVING on the standard health protocol."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
@@ -112,9 +114,18 @@ class Cluster:
         for kind in KINDS:
             address = f"127.0.0.1:{free_port()}"
             argv = [
-                sys.executable, "-m", "services.server", kind,
-                "--listen", address, "--data-dir", str(self.data_dir),
-                "--decisions", coordinator_address, "--resolve-after", "1",
+                sys.executable,
+                "-m",
+                "services.server",
+                kind,
+                "--listen",
+                address,
+                "--data-dir",
+                str(self.data_dir),
+                "--decisions",
+                coordinator_address,
+                "--resolve-after",
+                "1",
             ]
             if self.catalog is not None:
                 argv += ["--catalog", str(self.catalog / f"{kind}.json")]
@@ -122,15 +133,31 @@ class Cluster:
                 kind, argv, dict(self.service_env), address, self.data_dir / f"{kind}.log"
             )
         argv = [
-            sys.executable, "-m", "coordinator.server",
-            "--listen", coordinator_address, "--data-dir", str(self.data_dir),
-            "--flight", self.services["flight"].address,
-            "--hotel", self.services["hotel"].address,
-            "--car", self.services["car"].address,
-            "--rpc-timeout", "1", "--step-give-up", "2", "--compensation-give-up", "20",
+            sys.executable,
+            "-m",
+            "coordinator.server",
+            "--listen",
+            coordinator_address,
+            "--data-dir",
+            str(self.data_dir),
+            "--flight",
+            self.services["flight"].address,
+            "--hotel",
+            self.services["hotel"].address,
+            "--car",
+            self.services["car"].address,
+            "--rpc-timeout",
+            "1",
+            "--step-give-up",
+            "2",
+            "--compensation-give-up",
+            "20",
         ]
         self.coordinator = Proc(
-            "coordinator", argv, dict(self.coordinator_env), coordinator_address,
+            "coordinator",
+            argv,
+            dict(self.coordinator_env),
+            coordinator_address,
             self.data_dir / "coordinator.log",
         )
 

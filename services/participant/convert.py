@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from tripmesh.v1 import participant_pb2 as pb
 
 from services.participant.domain import (

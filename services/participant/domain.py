@@ -9,7 +9,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
-from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError, invalid
+from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError
 
 MAX_DAYS = 30
 MAX_QUANTITY = 9
@@ -59,14 +59,29 @@ class Hold:
             problems.append(FieldViolation(f"{prefix}.resource_id", "is required"))
         start = parse_date(start_date, f"{prefix}.start_date", problems)
         if not 1 <= days <= MAX_DAYS:
-            problems.append(FieldViolation(f"{prefix}.days", f"must be 1 to {MAX_DAYS}, got {days}"))
+            problems.append(
+                FieldViolation(f"{prefix}.days", f"must be 1 to {MAX_DAYS}, got {days}")
+            )
         if not 1 <= quantity <= MAX_QUANTITY:
             problems.append(
                 FieldViolation(f"{prefix}.quantity", f"must be 1 to {MAX_QUANTITY}, got {quantity}")
             )
+        if start is not None and not problems and _last_day(start, days) is None:
+            problems.append(
+                FieldViolation(
+                    f"{prefix}.start_date", f"{days} days from {start} run past the calendar"
+                )
+            )
         if problems or start is None:
-            raise invalid(*problems)
+            raise ParticipantError.invalid(*problems)
         return cls(resource_id, start, days, quantity)
+
+
+def _last_day(start: dt.date, days: int) -> dt.date | None:
+    try:
+        return start + dt.timedelta(days=days - 1)
+    except OverflowError:
+        return None
 
 
 def parse_date(text: str, field: str, problems: list[FieldViolation]) -> dt.date | None:

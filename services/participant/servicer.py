@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
-
 from tripmesh.runtime import failpoints
-from tripmesh.runtime.errors import FieldViolation, invalid
+from tripmesh.runtime.errors import FieldViolation
+from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
 
@@ -16,6 +16,7 @@ from services.participant.convert import (
     resource_to_proto,
     status_from_proto,
 )
+from services.participant.domain import ParticipantError
 from services.participant.store import ParticipantStore
 
 _MAX_PAGE = 1000
@@ -29,16 +30,14 @@ def _ids(request: pb.CommitRequest | pb.AbortRequest | pb.CancelRequest) -> tupl
         if not 0 < len(getattr(request, name)) <= _MAX_ID
     ]
     if problems:
-        raise invalid(*problems)
+        raise ParticipantError.invalid(*problems)
     return request.reservation_id, request.trip_id
 
 
 def _page(page_size: int, page_token: str) -> tuple[int, int]:
     if page_size < 0:
-        raise invalid(FieldViolation("page_size", "must not be negative"))
-    if page_token and not page_token.isdigit():
-        raise invalid(FieldViolation("page_token", "is not a token this server issued"))
-    return min(page_size or 100, _MAX_PAGE), int(page_token or 0)
+        raise ParticipantError.invalid(FieldViolation("page_size", "must not be negative"))
+    return min(page_size or 100, _MAX_PAGE), position_from_token(page_token)
 
 
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
@@ -96,7 +95,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: pb.GetInventoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetInventoryResponse:
         if not request.resource_id:
-            raise invalid(FieldViolation("resource_id", "is required"))
+            raise ParticipantError.invalid(FieldViolation("resource_id", "is required"))
         days = await self.store.inventory(request.resource_id, request.from_date, request.to_date)
         return pb.GetInventoryResponse(
             resource_id=request.resource_id,
@@ -121,7 +120,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: pb.ListResourcesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListResourcesResponse:
         if request.page_size < 0:
-            raise invalid(FieldViolation("page_size", "must not be negative"))
+            raise ParticipantError.invalid(FieldViolation("page_size", "must not be negative"))
         limit = min(request.page_size or 100, _MAX_PAGE)
         found = await self.store.resources(after=request.page_token, limit=limit)
         return pb.ListResourcesResponse(

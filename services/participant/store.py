@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tripmesh.runtime.database import Database
-from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
 from services.participant.domain import (
     Hold,
@@ -300,17 +300,22 @@ def _require_dates(conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[
         (hold.resource_id, dates[0], dates[-1]),
     ).fetchone()
     if count != len(dates):
-        raise ParticipantError(
-            f"{kind} {hold.resource_id} is not on sale for every date"
-            f" from {dates[0]} to {dates[-1]}",
-            kind=ErrorKind.INVALID,
+        raise ParticipantError.invalid(
+            FieldViolation(
+                "hold.start_date",
+                f"{kind} {hold.resource_id} is not on sale for every date"
+                f" from {dates[0]} to {dates[-1]}",
+            )
         )
 
 
 def _inventory(
     conn: sqlite3.Connection, kind: str, resource_id: str, first: str, last: str
 ) -> list[InventoryDay]:
-    if conn.execute("SELECT 1 FROM resources WHERE resource_id = ?", (resource_id,)).fetchone() is None:
+    if (
+        conn.execute("SELECT 1 FROM resources WHERE resource_id = ?", (resource_id,)).fetchone()
+        is None
+    ):
         raise not_found(f"unknown {kind} {resource_id!r}", "resource_id")
     rows = conn.execute(
         "SELECT day, capacity, available, held, confirmed FROM inventory"

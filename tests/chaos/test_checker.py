@@ -13,14 +13,20 @@ from chaos.history import Op, parse_history
 D = "2030-01-01"
 
 
-def _trip(trip_id: str, status: str = "confirmed", protocol: str = "saga", key: str = "") -> TripView:
+def _trip(
+    trip_id: str, status: str = "confirmed", protocol: str = "saga", key: str = ""
+) -> TripView:
     decision = {"confirmed": "commit", "aborted": "abort"}.get(status, "pending")
     return TripView(trip_id, key or f"key-{trip_id}", protocol, status, decision)
 
 
-def _legs(trip_id: str, status: str = "confirmed", settled_by: str = "coordinator") -> list[ReservationView]:
+def _legs(
+    trip_id: str, status: str = "confirmed", settled_by: str = "coordinator"
+) -> list[ReservationView]:
     return [
-        ReservationView(f"{trip_id}-{kind}", trip_id, kind, status, f"R-{kind}", (D,), 1, settled_by)
+        ReservationView(
+            f"{trip_id}-{kind}", trip_id, kind, status, f"R-{kind}", (D,), 1, settled_by
+        )
         for kind in checker.LEGS
     ]
 
@@ -63,7 +69,8 @@ def test_partial_trip_is_caught() -> None:
     books = _clean()
     # t1's hotel was cancelled while the trip says confirmed; inventory agrees with that.
     reservations = tuple(
-        replace(r, status="cancelled") if r.reservation_id == "t1-hotel" else r for r in books.reservations
+        replace(r, status="cancelled") if r.reservation_id == "t1-hotel" else r
+        for r in books.reservations
     )
     inventory = tuple(
         replace(row, available=row.available + 1, confirmed=0) if row.kind == "hotel" else row
@@ -80,7 +87,8 @@ def test_partial_trip_is_caught() -> None:
 def test_overbooked_date_is_caught() -> None:
     books = _clean()
     inventory = tuple(
-        replace(row, available=-1, confirmed=11) if row.kind == "flight" else row for row in books.inventory
+        replace(row, available=-1, confirmed=11) if row.kind == "flight" else row
+        for row in books.inventory
     )
     result = checker.conservation(replace(books, inventory=inventory))
     assert result.verdict == "invalid"
@@ -91,7 +99,8 @@ def test_overbooked_date_is_caught() -> None:
 def test_rows_that_disagree_with_reservations_are_caught() -> None:
     books = _clean()
     inventory = tuple(
-        replace(row, available=row.available - 1, held=1) if row.kind == "car" else row for row in books.inventory
+        replace(row, available=row.available - 1, held=1) if row.kind == "car" else row
+        for row in books.inventory
     )
     result = checker.conservation(replace(books, inventory=inventory))
     assert result.verdict == "invalid"
@@ -120,7 +129,10 @@ def test_doubled_key_is_caught() -> None:
     assert result.verdict == "invalid"
     assert "key-t1" in result.first.what and "t3" in result.first.what
     # ...and when only the answers disagree (the books hold one trip per key).
-    answers = [*HISTORY, Op(2, "ok", "book", "key-t1", "saga", 1.0, trip_id="t9", status="confirmed")]
+    answers = [
+        *HISTORY,
+        Op(2, "ok", "book", "key-t1", "saga", 1.0, trip_id="t9", status="confirmed"),
+    ]
     assert checker.one_trip_per_key(answers, books).verdict == "invalid"
 
 
@@ -163,7 +175,10 @@ def test_a_crashing_check_reports_unknown_not_valid() -> None:
     broken = BooksSnapshot(trips=(_trip("t1"),), reservations=(None,), inventory=())  # type: ignore[arg-type]
     results = _verdicts(HISTORY, broken)
     assert results["all-or-nothing"].verdict == "unknown"
-    assert "Traceback" in results["all-or-nothing"].detail or "Error" in results["all-or-nothing"].detail
+    assert (
+        "Traceback" in results["all-or-nothing"].detail
+        or "Error" in results["all-or-nothing"].detail
+    )
     assert checker.overall(results.values()) in ("unknown", "invalid")
 
 
@@ -176,9 +191,10 @@ def test_audit_of_a_real_cluster_is_valid_and_sees_a_tampered_row(make_cluster) 
     """The auditor reads real books over gRPC; tampering with one SQLite row is caught."""
     import sqlite3
 
+    from tripmesh.v1 import coordinator_pb2 as cpb
+
     from chaos.audit import read_books
     from tests.books import trip_request
-    from tripmesh.v1 import coordinator_pb2 as cpb
 
     cluster, books = make_cluster()
     history = []
@@ -186,7 +202,9 @@ def test_audit_of_a_real_cluster_is_valid_and_sees_a_tampered_row(make_cluster) 
         trip = books.coordinator.BookTrip(
             trip_request(f"a{i}", protocol, flight="FX", hotel="H", car="C"), timeout=10
         ).trip
-        history.append(Op(i, "ok", "book", f"a{i}", "x", 0.0, trip_id=trip.trip_id, status="confirmed"))
+        history.append(
+            Op(i, "ok", "book", f"a{i}", "x", 0.0, trip_id=trip.trip_id, status="confirmed")
+        )
     addresses = {kind: proc.address for kind, proc in cluster.services.items()}
     snapshot = read_books(cluster.coordinator.address, addresses)
     assert len(snapshot.trips) == 2 and len(snapshot.reservations) == 6
@@ -194,10 +212,15 @@ def test_audit_of_a_real_cluster_is_valid_and_sees_a_tampered_row(make_cluster) 
 
     # Someone "fixes" the hotel's books by hand: a confirmed room quietly given back.
     db = sqlite3.connect(cluster.data_dir / "hotel.db")
-    db.execute("UPDATE reservations SET status = 'cancelled' WHERE trip_id = ?", (history[0].trip_id,))
+    db.execute(
+        "UPDATE reservations SET status = 'cancelled' WHERE trip_id = ?", (history[0].trip_id,)
+    )
     db.commit()
     db.close()
-    results = {r.name: r for r in checker.check_all(history, read_books(cluster.coordinator.address, addresses))}
+    results = {
+        r.name: r
+        for r in checker.check_all(history, read_books(cluster.coordinator.address, addresses))
+    }
     assert results["all-or-nothing"].verdict == "invalid"
     assert results["all-or-nothing"].first.trip_id == history[0].trip_id
     assert results["conservation"].verdict == "invalid"  # the rows still count the room

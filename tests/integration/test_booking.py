@@ -6,11 +6,11 @@ import asyncio
 
 import grpc
 import pytest
-
-from tests.books import trip_request
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
+
+from tests.books import trip_request
 
 PROTOCOLS = [
     pytest.param(cpb.PROTOCOL_TWO_PHASE_COMMIT, id="2pc"),
@@ -38,8 +38,6 @@ def test_books_a_trip_and_the_books_agree(make_cluster, protocol: int) -> None:
     assert books.totals("flight", "FX") == (0, 1)
     assert books.totals("hotel", "H") == (0, 3)
     assert books.totals("car", "C") == (0, 3)
-
-
 
 
 def test_car_sold_out_2pc_aborts_with_nothing_held(make_cluster) -> None:
@@ -116,7 +114,9 @@ def test_idempotency_key_returns_the_same_trip(make_cluster, protocol: int) -> N
     assert books.totals("hotel", "H") == (0, 2)
 
 
-async def _book_all(address: str, requests: list[cpb.BookTripRequest]) -> list[cpb.BookTripResponse]:
+async def _book_all(
+    address: str, requests: list[cpb.BookTripRequest]
+) -> list[cpb.BookTripResponse]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         return await asyncio.gather(*(stub.BookTrip(r, timeout=60) for r in requests))

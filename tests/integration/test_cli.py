@@ -16,17 +16,25 @@ def _cli(cluster, *args: str) -> subprocess.CompletedProcess[str]:
         f"TRIPMESH_{kind.upper()}_SERVICE": proc.address for kind, proc in cluster.services.items()
     }
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "--coordinator", cluster.coordinator.address, *args],
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "--coordinator",
+            cluster.coordinator.address,
+            *args,
+        ],
         cwd=ROOT,
         env={**os.environ, **env_addresses, "COLUMNS": "200"},
         capture_output=True,
+        check=False,
         text=True,
         timeout=60,
     )
 
 
 def test_cli_books_shows_and_lists_a_trip(make_cluster) -> None:
-    cluster, books = make_cluster()
+    cluster, _ = make_cluster()
     common = ["--date", day(3), "--flight", "FX", "--hotel", "H", "--car", "C"]
     booked = _cli(cluster, "--json", "book", "--protocol", "2pc", "--key", "cli-1", *common)
     assert booked.returncode == 0, booked.stderr
@@ -40,15 +48,29 @@ def test_cli_books_shows_and_lists_a_trip(make_cluster) -> None:
     listed = _cli(cluster, "--json", "trips", "--status", "confirmed")
     assert [t["trip_id"] for t in json.loads(listed.stdout)["trips"]] == [trip["trip_id"]]
 
-    inventory = _cli(cluster, "--json", "inventory", "flight", "FX", "--from", day(3), "--to", day(3))
+    inventory = _cli(
+        cluster, "--json", "inventory", "flight", "FX", "--from", day(3), "--to", day(3)
+    )
     (row,) = json.loads(inventory.stdout)["days"]
     assert row["confirmed"] == 1 and row["available"] == row["capacity"] - 1
 
 
 def test_cli_names_the_bad_field(make_cluster) -> None:
     cluster, _ = make_cluster()
-    bad = _cli(cluster, "book", "--date", day(3), "--flight", "FX", "--hotel", "H", "--car", "C",
-               "--nights", "0")
+    bad = _cli(
+        cluster,
+        "book",
+        "--date",
+        day(3),
+        "--flight",
+        "FX",
+        "--hotel",
+        "H",
+        "--car",
+        "C",
+        "--nights",
+        "0",
+    )
     assert bad.returncode == 1
     assert "INVALID_ARGUMENT" in bad.stdout
     assert "hotel.nights" in bad.stdout

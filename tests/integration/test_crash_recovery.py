@@ -11,11 +11,11 @@ import signal
 
 import grpc
 import pytest
-
-from tests.books import eventually, trip_request
 from tripmesh.runtime.database import connect
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import participant_pb2 as ppb
+
+from tests.books import eventually, trip_request
 
 TWO_PC, SAGA = cpb.PROTOCOL_TWO_PHASE_COMMIT, cpb.PROTOCOL_SAGA
 CONFIRMED, ABORTED = cpb.TRIP_STATUS_CONFIRMED, cpb.TRIP_STATUS_ABORTED
@@ -36,7 +36,9 @@ def _book_into_crash(books, cluster, request: cpb.BookTripRequest) -> None:
         pytest.param("2pc.between_phase2", TWO_PC, "C", CONFIRMED, id="2pc-between-phase2"),
         pytest.param("2pc.between_phase2", TWO_PC, "C-SOLD-OUT", ABORTED, id="2pc-between-aborts"),
         pytest.param("saga.after_step_rpc", SAGA, "C", CONFIRMED, id="saga-after-step"),
-        pytest.param("saga.mid_compensation", SAGA, "C-SOLD-OUT", ABORTED, id="saga-mid-compensation"),
+        pytest.param(
+            "saga.mid_compensation", SAGA, "C-SOLD-OUT", ABORTED, id="saga-mid-compensation"
+        ),
     ],
 )
 def test_coordinator_killed_mid_protocol_recovers(
@@ -67,7 +69,9 @@ def test_coordinator_killed_mid_protocol_recovers(
     confirmed = 1 if expected == CONFIRMED else 0
     assert books.totals("flight", "FX") == (0, confirmed)
     assert books.totals("hotel", "H") == (0, 2 * confirmed)
-    assert "recovery" in cluster.coordinator.log_text() or "resuming" in cluster.coordinator.log_text()
+    assert (
+        "recovery" in cluster.coordinator.log_text() or "resuming" in cluster.coordinator.log_text()
+    )
 
 
 def _held_in_file(cluster, kind: str, trip_id: str) -> tuple[str, int]:
@@ -130,7 +134,9 @@ def test_participant_killed_before_commit_learns_commit(make_cluster) -> None:
 
 def test_prepared_participant_asks_the_coordinator(make_cluster) -> None:
     """A hold whose phase 2 never arrives is settled by the participant asking, not by a timer."""
-    cluster, books = make_cluster(coordinator_env={"TRIPMESH_FAILPOINTS": "2pc.after_decision=crash"})
+    cluster, books = make_cluster(
+        coordinator_env={"TRIPMESH_FAILPOINTS": "2pc.after_decision=crash"}
+    )
     request = trip_request("ask", TWO_PC, flight="FX", hotel="H", car="C")
     _book_into_crash(books, cluster, request)
     # Every participant holds, and nobody will push the decision to them while
@@ -142,7 +148,9 @@ def test_prepared_participant_asks_the_coordinator(make_cluster) -> None:
     trip = books.wait_trip(trip_id)
     assert trip.status == cpb.TRIP_STATUS_CONFIRMED
     books.assert_all_or_nothing(trip)
-    settled_by = {kind: books.reservations(kind, trip_id)[0].settled_by for kind in books.participants}
+    settled_by = {
+        kind: books.reservations(kind, trip_id)[0].settled_by for kind in books.participants
+    }
     assert set(settled_by.values()) <= {"coordinator", "resolver"}, settled_by
 
 

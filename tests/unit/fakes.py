@@ -11,6 +11,7 @@ from coordinator.clients import (
 )
 from coordinator.domain import LEG_ORDER, LegKind, LegRequest
 
+
 class FakeParticipant(ParticipantClient):
     """Records every call; `behaviour[method]` returns a reply or raises, per call."""
 

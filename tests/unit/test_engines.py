@@ -41,7 +41,9 @@ def _run(tmp_path: Path, protocol: Protocol, arrange, recover: bool = False):
         log = TripLog(tmp_path / "log.db")
         fakes = FakeParticipants()
         arrange(fakes.fakes)
-        engine = (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(log, fakes, FAST)
+        engine = (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(
+            log, fakes, FAST
+        )
         trip, _ = await log.create(_request(protocol))
         trip = await (engine.recover(trip) if recover else engine.book(trip))
         events = await log.events(trip.trip_id)
@@ -59,7 +61,9 @@ def test_saga_compensates_in_reverse_order_when_the_car_is_sold_out(tmp_path: Pa
     assert trip.status is TripStatus.ABORTED
     assert trip.decision is Decision.ABORT
     assert [leg.status for leg in trip.legs] == [
-        LegStatus.CANCELLED, LegStatus.CANCELLED, LegStatus.REFUSED,
+        LegStatus.CANCELLED,
+        LegStatus.CANCELLED,
+        LegStatus.REFUSED,
     ]
     cancels = [e.leg for e in events if e.kind == "compensation"]
     assert cancels == ["hotel", "flight"]
@@ -114,7 +118,7 @@ def test_2pc_aborts_everyone_when_a_vote_times_out(tmp_path: Path) -> None:
 
 
 def test_2pc_recovery_of_an_undecided_trip_presumes_abort(tmp_path: Path) -> None:
-    trip, fakes, events = _run(tmp_path, Protocol.TWO_PHASE_COMMIT, lambda f: None, recover=True)
+    trip, fakes, _ = _run(tmp_path, Protocol.TWO_PHASE_COMMIT, lambda f: None, recover=True)
     assert trip.decision is Decision.ABORT
     assert trip.status is TripStatus.ABORTED
     assert "presumed abort" in trip.failure_reason

@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database
 
@@ -36,7 +35,9 @@ def test_a_failing_job_leaves_no_trace_and_spares_its_batch(tmp_path: Path) -> N
 
     async def go():
         return await asyncio.gather(
-            db.run(insert(1)), db.run(insert_twice_then_fail), db.run(insert(2)),
+            db.run(insert(1)),
+            db.run(insert_twice_then_fail),
+            db.run(insert(2)),
             return_exceptions=True,
         )
 

@@ -111,7 +111,7 @@ class Database:
                 conn.execute("SAVEPOINT job")
                 try:
                     result = job(conn)
-                except Exception as exc:  # the job's own failure: undo only its writes
+                except Exception as exc:  # noqa: BLE001 - the job's own failure: undo only its writes
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((future, None, exc))

@@ -46,6 +46,12 @@ class TripmeshError(Exception):
             self.kind = kind
         self.violations = violations
 
+    @classmethod
+    def invalid(cls, *violations: FieldViolation) -> TripmeshError:
+        """An INVALID_ARGUMENT error of this class whose message names every bad field."""
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        return cls(message, kind=ErrorKind.INVALID, violations=violations)
+
     @property
     def retryable(self) -> bool:
         """True when the same call may succeed later unchanged."""
@@ -53,6 +59,5 @@ class TripmeshError(Exception):
 
 
 def invalid(*violations: FieldViolation) -> TripmeshError:
-    """An INVALID_ARGUMENT error whose message names every bad field."""
-    message = "; ".join(f"{v.field}: {v.description}" for v in violations)
-    return TripmeshError(message, kind=ErrorKind.INVALID, violations=violations)
+    """An INVALID_ARGUMENT error of the shared root (for code outside any one component)."""
+    return TripmeshError.invalid(*violations)
