@@ -140,7 +140,14 @@ async def start_server(
     """
     server = grpc.aio.server(
         interceptors=[ErrorMapping(), *interceptors],
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Accept the keepalive pings our own channels send (see `channel`),
+            # instead of answering them with GOAWAY "too_many_pings".
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,0 +1,105 @@
+# tripmesh: a new user needs two commands, `make up` and `make test` (see README.md).
+# Everything is built here from a clean clone: a virtualenv with the pinned
+# dependencies, the generated protobuf code, and the Toxiproxy server.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules --no-print-directory
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Touched after each install: dependencies are reinstalled only when pyproject.toml changes.
+INSTALLED := $(VENV)/.installed
+
+TOXIPROXY_VERSION := 2.12.0
+TOXIPROXY_MODULE := github.com/Shopify/toxiproxy/v2
+BIN := .bin
+
+PROTO_DIR := protos/tripmesh/v1
+PROTOS := $(wildcard $(PROTO_DIR)/*.proto)
+GENERATED := $(foreach p,$(PROTOS:.proto=),$(p)_pb2.py $(p)_pb2.pyi $(p)_pb2_grpc.py)
+
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: help up down status logs reset test lint check proto toxiproxy venv chaos load bench
+
+help: ## Show the targets
+	@echo "tripmesh: flight, hotel and car booked together, by 2PC or saga, behind Toxiproxy."
+	@echo
+	@grep -E '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
+		awk -F'\t' '{ printf "  make %-22s %s\n", $$1, $$2 }'
+
+up: venv proto toxiproxy ## Install what is missing, start the mesh, wait until all of it is SERVING
+	@$(PY) -m chaos.mesh up
+
+down: ## Stop every process gracefully (SIGTERM, in-flight RPCs finish); none is left
+	@if [ -f $(INSTALLED) ]; then $(PY) -m chaos.mesh down; else echo "tripmesh is not running (nothing installed yet)"; fi
+
+status: ## Each process (state, pid, gRPC health) and each proxy (enabled, toxics)
+	@if [ -f $(INSTALLED) ]; then $(PY) -m chaos.mesh status || [ $$? -eq 3 ]; \
+	else echo "tripmesh is not running (nothing installed yet)"; fi
+
+logs: ## Last lines of every log; ARGS="-f coordinator" follows one
+	@if [ -f $(INSTALLED) ]; then $(PY) -m chaos.mesh logs $(ARGS); else echo "no logs yet"; fi
+
+reset: venv proto toxiproxy ## Stop, wipe the databases and logs, start again (reseeds the catalog)
+	@$(PY) -m chaos.mesh reset
+
+test: venv proto toxiproxy ## The whole suite: unit, integration, end-to-end through Toxiproxy
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv ## ruff
+	$(PY) -m ruff check .
+
+check: lint test ## Lint, then the whole suite
+
+venv: $(INSTALLED) ## The virtualenv (.venv) with the pinned dependencies from pyproject.toml
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "error: tripmesh needs Python 3.11 or newer; '$(PYTHON)' is not." >&2; \
+		echo "       Install one, or point at it: make up PYTHON=/path/to/python3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+proto: $(GENERATED) ## Generate the protobuf and gRPC code beside the .proto files
+
+# One protoc run writes all three files of a .proto (a multi-target pattern rule).
+$(PROTO_DIR)/%_pb2.py $(PROTO_DIR)/%_pb2.pyi $(PROTO_DIR)/%_pb2_grpc.py: $(PROTO_DIR)/%.proto $(INSTALLED)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos $<
+
+toxiproxy: ## The Toxiproxy server: toxiproxy-server on PATH, or built into .bin/ with Go
+	@if command -v toxiproxy-server >/dev/null 2>&1; then \
+		: "on PATH: $$(command -v toxiproxy-server)"; \
+	elif $(BIN)/toxiproxy-server -version 2>/dev/null | grep -q '$(TOXIPROXY_VERSION)'; then \
+		: "already built"; \
+	elif command -v go >/dev/null 2>&1; then \
+		echo "Building Toxiproxy $(TOXIPROXY_VERSION) into $(BIN)/toxiproxy-server (go install; a minute the first time)"; \
+		mkdir -p $(BIN); \
+		GOBIN="$(CURDIR)/$(BIN)" go install \
+			-ldflags "-X $(TOXIPROXY_MODULE).Version=$(TOXIPROXY_VERSION)" \
+			$(TOXIPROXY_MODULE)/cmd/server@v$(TOXIPROXY_VERSION); \
+		mv -f $(BIN)/server $(BIN)/toxiproxy-server; \
+	else \
+		echo "error: no toxiproxy-server on PATH and no Go to build one." >&2; \
+		echo "  Either install Go (https://go.dev/dl/) and run make again," >&2; \
+		echo "  or put Toxiproxy $(TOXIPROXY_VERSION)'s server on PATH as toxiproxy-server:" >&2; \
+		echo "  https://github.com/Shopify/toxiproxy/releases/tag/v$(TOXIPROXY_VERSION)" >&2; \
+		exit 1; \
+	fi
+
+chaos: ## (not built yet: issue 4) fault scenarios with an all-or-nothing checker
+	@echo "make chaos: not built yet (issue 4)" >&2; exit 1
+
+load: ## (not built yet: issue 5) Locust load tests
+	@echo "make load: not built yet (issue 5)" >&2; exit 1
+
+bench: ## (not built yet: issue 5) 2PC against saga benchmark
+	@echo "make bench: not built yet (issue 5)" >&2; exit 1

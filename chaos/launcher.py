@@ -1,0 +1,242 @@
+"""One mesh: a data folder, its port layout, and the supervisord that runs it.
+
+`Mesh.up` starts Toxiproxy (with every proxy declared in chaos/proxies.json),
+the three services and then the coordinator under supervisord, and returns
+only when each of them reports SERVING: the services and the coordinator
+through the standard gRPC health protocol (the coordinator also through the
+client-to-coordinator proxy, the way bookings come in), Toxiproxy through its
+HTTP API with every proxy present. `Mesh.down` asks supervisord to stop them
+all (SIGTERM, in reverse start order) and checks that none outlived it.
+
+The ports a mesh was started with are kept in DATA_DIR/mesh.json, so that
+anything that knows only the data folder can find it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chaos import layout as layouts
+from chaos.layout import KINDS, TOXIPROXY, Layout
+from chaos.supervise import Program, Supervisor, SupervisorError, render_config
+from chaos.toxiproxy import Toxiproxy, ToxiproxyError
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = (TOXIPROXY, *KINDS, "coordinator")  # start order; supervisord stops in reverse
+DEAD = {"EXITED", "FATAL", "BACKOFF", "STOPPED", "UNKNOWN"}
+SERVING = "SERVING"
+
+
+class MeshError(Exception):
+    """The mesh could not be brought to the state asked for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return False
+
+
+def find_toxiproxy() -> Path:
+    """The Toxiproxy server binary: $TRIPMESH_TOXIPROXY_SERVER, .bin/, or PATH."""
+    candidates = [
+        os.environ.get("TRIPMESH_TOXIPROXY_SERVER"),
+        str(ROOT / ".bin" / "toxiproxy-server"),
+    ]
+    candidates.append(shutil.which("toxiproxy-server"))
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise MeshError(
+        "no toxiproxy-server found (.bin/toxiproxy-server or on PATH); `make toxiproxy` installs it"
+    )
+
+
+def grpc_health(address: str, timeout: float = 1.0) -> str:
+    """SERVING, NOT_SERVING, or the gRPC status code that came back instead."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            return exc.code().name if isinstance(exc, grpc.Call) else "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class Mesh:
+    """One mesh: a data folder, its port layout, and the supervisord that runs it."""
+
+    def __init__(self, data_dir: Path, layout: Layout | None = None) -> None:
+        """`layout` is used when the mesh is started; by default the declared one."""
+        self.data_dir = data_dir.resolve()
+        self.supervisor = Supervisor(self.data_dir)
+        self.layout_file = self.data_dir / "mesh.json"
+        stored = self.stored_layout()
+        # A running mesh keeps the ports it was started with, whatever is asked now.
+        if stored is not None and (layout is None or self.supervisor.running()):
+            self.layout = stored
+        else:
+            self.layout = layout or layouts.load()
+
+    def stored_layout(self) -> Layout | None:
+        """The layout the mesh in this folder was last started with, if any."""
+        if not self.layout_file.exists():
+            return None
+        return Layout.from_json(json.loads(self.layout_file.read_text()))
+
+    @property
+    def toxiproxy(self) -> Toxiproxy:
+        return Toxiproxy(self.layout.host, self.layout.ports[TOXIPROXY], timeout=2.0)
+
+    def programs(self) -> list[Program]:
+        data, py = str(self.data_dir), sys.executable
+        toxiproxy_argv = [
+            str(find_toxiproxy()),
+            "-host",
+            self.layout.host,
+            "-port",
+            str(self.layout.ports[TOXIPROXY]),
+            "-config",
+            str(self.data_dir / "toxiproxy.json"),
+        ]
+        programs = [Program(TOXIPROXY, toxiproxy_argv, 10, environment={"LOG_LEVEL": "info"})]
+        programs += [
+            Program(
+                k,
+                [py, "-m", "services.server", *self.layout.service_argv(k), "--data-dir", data],
+                20,
+            )
+            for k in KINDS
+        ]
+        coordinator_argv = [py, "-m", "coordinator.server", *self.layout.coordinator_argv()]
+        # Started once the services answer, so its catalog loads at once; stopped first.
+        programs.append(Program("coordinator", [*coordinator_argv, "--data-dir", data], 30, False))
+        return programs
+
+    def running(self) -> bool:
+        return self.supervisor.running()
+
+    def up(self, *, timeout: float = 60.0) -> bool:
+        """Start whatever is not running and wait until all of it is SERVING.
+
+        Returns False when everything was already up and serving.
+        """
+        deadline = time.monotonic() + timeout
+        if self.running():
+            stopped = [n for n, p in self.supervisor.processes().items() if p.state != "RUNNING"]
+            for name in (n for n in ORDER if n in stopped):
+                self.supervisor.start(name)
+            self._wait_serving(list(ORDER), deadline)
+            return bool(stopped)
+        self._check_ports_free()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "toxiproxy.json").write_text(
+            json.dumps(self.layout.toxiproxy_config(), indent=2) + "\n"
+        )
+        self.layout_file.write_text(json.dumps(self.layout.to_json(), indent=2) + "\n")
+        self.supervisor.launch(render_config(self.data_dir, self.programs(), workdir=ROOT))
+        try:
+            self._wait_serving([TOXIPROXY, *KINDS], deadline)
+            self.supervisor.start("coordinator")
+            self._wait_serving(["coordinator"], deadline)
+        except (MeshError, SupervisorError):
+            # A half-started mesh is worse than none: stop it, keep its logs.
+            self.supervisor.shutdown(timeout=60)
+            raise
+        return True
+
+    def down(self, *, timeout: float = 90.0) -> bool:
+        """Stop every process gracefully; False if nothing was running."""
+        if not self.running():
+            return False
+        leftovers = self.supervisor.shutdown(timeout=timeout)
+        if leftovers:
+            raise MeshError(f"still running after shutdown: {', '.join(leftovers)}")
+        return True
+
+    def health(self, name: str) -> str:
+        """SERVING when `name` answers as it should, else what is wrong."""
+        if name == TOXIPROXY:
+            try:
+                found = self.toxiproxy.proxies()
+            except ToxiproxyError:
+                return "UNREACHABLE"
+            missing = [p.name for p in self.layout.proxies if p.name not in found]
+            return f"missing proxies {missing}" if missing else SERVING
+        direct = grpc_health(self.layout.address(name))
+        if name == "coordinator" and direct == SERVING:
+            # Also the way clients come in, so `up` proves the path a booking takes.
+            via_proxy = grpc_health(self.layout.client_address)
+            return SERVING if via_proxy == SERVING else f"{via_proxy} through client-to-coordinator"
+        return direct
+
+    def _wait_serving(self, names: list[str], deadline: float) -> None:
+        pending = list(names)
+        while pending:
+            processes = self.supervisor.processes()
+            for name in list(pending):
+                state = processes[name].state
+                if state in DEAD:
+                    raise MeshError(f"{name} is {state}:\n{self.tail(name, 15)}")
+                if state == "RUNNING" and self.health(name) == SERVING:
+                    pending.remove(name)
+            if pending and time.monotonic() > deadline:
+                tails = "\n".join(f"{n}: {self.health(n)}\n{self.tail(n, 10)}" for n in pending)
+                raise MeshError(f"not SERVING in time: {', '.join(pending)}\n{tails}")
+            if pending:
+                time.sleep(0.1)
+
+    def _check_ports_free(self) -> None:
+        busy = []
+        for name, port in self.layout.ports.items():
+            with socket.socket() as probe:
+                # As the servers do: a port in TIME_WAIT is free for them.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((self.layout.host, port))
+                except OSError:
+                    busy.append(f"{port} ({name})")
+        if busy:
+            raise MeshError(
+                f"ports already in use: {', '.join(busy)}. Another mesh? `make down`"
+                " (or `python -m chaos.mesh down --data-dir DIR` for its folder), or move this one"
+                " with TRIPMESH_PORT_OFFSET."
+            )
+
+    def log_path(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    def tail(self, name: str, lines: int) -> str:
+        """The last `lines` lines of a program's log."""
+        path = self.log_path(name)
+        if not path.exists():
+            return f"  (no log at {path})"
+        return "\n".join(
+            "  " + line for line in path.read_text(errors="replace").splitlines()[-lines:]
+        )
+
+    def wipe(self) -> None:
+        """Delete the databases and logs (only when stopped); the next `up` reseeds."""
+        if self.running():
+            raise MeshError("stop the mesh before wiping its data")
+        for pattern in ("*.db", "*.db-wal", "*.db-shm", "*.db-journal"):
+            for path in self.data_dir.glob(pattern):
+                path.unlink()
+        shutil.rmtree(self.data_dir / "logs", ignore_errors=True)
+
+    def pids(self) -> dict[str, int]:
+        """The pid of supervisord and of every program it runs."""
+        found = {name: p.pid for name, p in self.supervisor.processes().items()}
+        return {"supervisord": self.supervisor.pid(), **found}

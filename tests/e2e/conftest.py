@@ -1,0 +1,101 @@
+"""The mesh exactly as `make up` runs it, on free ports and in a temporary folder.
+
+`make up` runs `python -m chaos.mesh up`; so do these fixtures, with every
+port moved through TRIPMESH_PORT_<NAME> so that a mesh started by `make up`
+on this machine is never touched. Teardown is `python -m chaos.mesh down`,
+and it fails if any process it started is still alive afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from chaos import layout as layouts
+from chaos.launcher import Mesh, MeshError, find_toxiproxy
+from chaos.supervise import pid_alive
+from chaos.toxiproxy import Toxiproxy
+from tests.books import Books
+from tests.procs import ROOT, free_port
+
+
+@dataclass
+class RunningMesh:
+    """A mesh started by the launcher, with a client for its Toxiproxy and its books."""
+
+    data_dir: Path
+    env: dict[str, str]
+    mesh: Mesh
+    toxiproxy: Toxiproxy
+    books: Books
+
+    @property
+    def client_address(self) -> str:
+        return self.mesh.layout.client_address
+
+
+def run_launcher(
+    command: str, data_dir: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`python -m chaos.mesh COMMAND --data-dir DATA_DIR`, as the Makefile runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "chaos.mesh", command, "--data-dir", str(data_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def isolated_env() -> dict[str, str]:
+    """This environment with every mesh port moved to a free one."""
+    try:
+        find_toxiproxy()
+    except MeshError as exc:
+        pytest.fail(f"{exc.message} (the e2e tests run a real Toxiproxy)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPMESH_")}
+    for name in layouts.load(environ={}).ports:
+        env[layouts.env_name(name)] = str(free_port())
+    if "TRIPMESH_TOXIPROXY_SERVER" in os.environ:
+        env["TRIPMESH_TOXIPROXY_SERVER"] = os.environ["TRIPMESH_TOXIPROXY_SERVER"]
+    return env
+
+
+def start(data_dir: Path, env: dict[str, str]) -> Mesh:
+    """`up`, as `make up` does; the launcher stops what it started if this fails."""
+    started = run_launcher("up", data_dir, env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    return Mesh(data_dir)
+
+
+def stop_and_check(mesh: Mesh, env: dict[str, str]) -> None:
+    """Stop the mesh through the launcher; fail if any of its processes outlived it."""
+    pids = mesh.pids() if mesh.running() else {}
+    stopped = run_launcher("down", mesh.data_dir, env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    left = {name: pid for name, pid in pids.items() if pid_alive(pid)}
+    assert not left, f"still running after down: {left}"
+    assert not mesh.running()
+
+
+@pytest.fixture(scope="session")
+def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
+    data_dir = tmp_path_factory.mktemp("mesh")
+    env = isolated_env()
+    mesh = start(data_dir, env)
+    lay = mesh.layout
+    books = Books.open(lay.client_address, {k: lay.address(k) for k in layouts.KINDS})
+    toxiproxy = Toxiproxy(lay.host, lay.ports[layouts.TOXIPROXY])
+    try:
+        yield RunningMesh(data_dir, env, mesh, toxiproxy, books)
+    finally:
+        books.close()
+        stop_and_check(mesh, env)
