@@ -24,7 +24,7 @@ GENERATED := $(foreach p,$(PROTOS:.proto=),$(p)_pb2.py $(p)_pb2.pyi $(p)_pb2_grp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help up down status logs reset test lint check proto toxiproxy venv chaos load bench
+.PHONY: help up down status logs reset test lint check proto toxiproxy venv chaos chaos-report load bench
 
 help: ## Show the targets
 	@echo "tripmesh: flight, hotel and car booked together, by 2PC or saga, behind Toxiproxy."
@@ -95,11 +95,34 @@ toxiproxy: ## The Toxiproxy server: toxiproxy-server on PATH, or built into .bin
 		exit 1; \
 	fi
 
-chaos: ## (not built yet: issue 4) fault scenarios with an all-or-nothing checker
-	@echo "make chaos: not built yet (issue 4)" >&2; exit 1
+SCENARIO ?= baseline
+PROTOCOL ?= saga
+SEED ?= 1
+DURATION ?= 60
 
-load: ## (not built yet: issue 5) Locust load tests
-	@echo "make load: not built yet (issue 5)" >&2; exit 1
+chaos: venv proto toxiproxy ## One scenario: SCENARIO=<name> PROTOCOL=2pc|saga [SEED= DURATION=]; audits, exits 1 on a violation
+	$(PY) -m chaos.run $(SCENARIO) --protocol $(PROTOCOL) --seed $(SEED) --duration $(DURATION)
 
-bench: ## (not built yet: issue 5) 2PC against saga benchmark
-	@echo "make bench: not built yet (issue 5)" >&2; exit 1
+chaos-report: venv proto toxiproxy ## Every scenario in both protocols, and the 2PC-against-saga table [DURATION=30]
+	$(PY) -m chaos.compare --seed $(SEED) --duration $(or $(filter-out 60,$(DURATION)),30)
+
+# make load PROTOCOL=2pc|saga|mixed USERS=50 DURATION=60s|5m SHAPE=steady|black-friday
+# [MESH=auto|running|isolated TARGET=host:port LOAD_ARGS="-- --think-time 0.5"]
+LOAD_FLAGS = --protocol $(or $(PROTOCOL),saga) --users $(or $(USERS),50) \
+	--duration $(or $(DURATION),60) --shape $(or $(SHAPE),steady) --mesh $(or $(MESH),auto) \
+	$(if $(TARGET),--target $(TARGET)) $(LOAD_ARGS)
+
+.PHONY: load-ui load-chaos
+
+load: venv proto toxiproxy ## Locust, headless: PROTOCOL= USERS= DURATION= SHAPE=steady|black-friday; reports in runs/load-*/
+	$(PY) -m loadtest.run $(LOAD_FLAGS)
+
+load-ui: venv proto toxiproxy ## Locust's web UI on http://127.0.0.1:8089 against the mesh (same options as load)
+	$(PY) -m loadtest.run --ui $(LOAD_FLAGS)
+
+load-chaos: venv proto toxiproxy ## Locust during a chaos scenario: SCENARIO= PROTOCOL= USERS= DURATION= (seconds)
+	$(PY) -m loadtest.chaosload $(or $(SCENARIO),baseline) --protocol $(or $(PROTOCOL),saga) \
+		--users $(or $(USERS),20) --duration $(or $(DURATION),60) --shape $(or $(SHAPE),steady)
+
+bench: venv proto toxiproxy ## Echo ceiling, 2PC and saga trips/s and p50/p99, memory, contention; runs/bench-*/ [BENCH_ARGS=]
+	$(PY) -m loadtest.bench $(BENCH_ARGS)

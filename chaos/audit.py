@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime as dt
 
 import grpc
+
+from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
-
-from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
 
 _TIMEOUT = 10.0
 
@@ -72,6 +72,11 @@ def read_participant(
                 dates=_dates(r.hold),
                 quantity=r.hold.quantity,
                 settled_by=r.settled_by,
+                protocol="2pc"
+                if r.protocol == ppb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT
+                else "saga",
+                created_at=r.created_at.ToNanoseconds() / 1e9,
+                updated_at=r.updated_at.ToNanoseconds() / 1e9,
             )
             for r in page.reservations
         ]

@@ -41,6 +41,9 @@ class ReservationView:
     dates: tuple[str, ...]
     quantity: int
     settled_by: str = ""
+    protocol: str = ""  # "2pc" / "saga"
+    created_at: float = 0.0  # epoch seconds
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -78,8 +79,21 @@ def grpc_health(address: str, timeout: float = 1.0) -> str:
 class Mesh:
     """One mesh: a data folder, its port layout, and the supervisord that runs it."""
 
-    def __init__(self, data_dir: Path, layout: Layout | None = None) -> None:
-        """`layout` is used when the mesh is started; by default the declared one."""
+    def __init__(
+        self,
+        data_dir: Path,
+        layout: Layout | None = None,
+        *,
+        environment: Mapping[str, Mapping[str, str]] | None = None,
+        extra_args: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """`layout` is used when the mesh is started; by default the declared one.
+
+        `environment` and `extra_args` add variables and flags per process name
+        (a chaos scenario arms failpoints or shortens timeouts this way).
+        """
+        self.environment = environment or {}
+        self.extra_args = extra_args or {}
         self.data_dir = data_dir.resolve()
         self.supervisor = Supervisor(self.data_dir)
         self.layout_file = self.data_dir / "mesh.json"
@@ -115,14 +129,33 @@ class Mesh:
         programs += [
             Program(
                 k,
-                [py, "-m", "services.server", *self.layout.service_argv(k), "--data-dir", data],
+                [
+                    py,
+                    "-m",
+                    "services.server",
+                    *self.layout.service_argv(k),
+                    "--data-dir",
+                    data,
+                    *self.extra_args.get(k, ()),
+                ],
                 20,
+                environment=self.environment.get(k),
             )
             for k in KINDS
         ]
-        coordinator_argv = [py, "-m", "coordinator.server", *self.layout.coordinator_argv()]
+        coordinator_argv = [
+            py,
+            "-m",
+            "coordinator.server",
+            *self.layout.coordinator_argv(),
+            "--data-dir",
+            data,
+            *self.extra_args.get("coordinator", ()),
+        ]
         # Started once the services answer, so its catalog loads at once; stopped first.
-        programs.append(Program("coordinator", [*coordinator_argv, "--data-dir", data], 30, False))
+        programs.append(
+            Program("coordinator", coordinator_argv, 30, False, self.environment.get("coordinator"))
+        )
         return programs
 
     def running(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,19 @@ class Layout:
             ports=MappingProxyType({k: int(v) for k, v in data["ports"].items()}),
             proxies=tuple(ProxySpec(p["name"], p["upstream"]) for p in data["proxies"]),
         )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def free_layout() -> Layout:
+    """The declared layout with every port moved to a free one: a mesh beside any other."""
+    declared = load(environ={})
+    return load(environ={}, overrides={name: free_port() for name in declared.ports})
 
 
 def env_name(name: str) -> str:

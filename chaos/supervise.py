@@ -11,11 +11,13 @@ decides itself when they come back.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import xmlrpc.client
 from collections.abc import Mapping, Sequence
@@ -116,7 +118,13 @@ def render_config(data_dir: Path, programs: Sequence[Program], *, workdir: Path)
 
 
 def socket_path(data_dir: Path) -> Path:
-    return data_dir / "supervisord.sock"
+    """supervisord's control socket: in the data folder, or, when that path would be
+    longer than a unix socket may be, a short one in the temp folder named after it."""
+    inside = data_dir / "supervisord.sock"
+    if len(str(inside)) <= MAX_SOCKET_PATH:
+        return inside
+    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tripmesh-{digest}.sock"
 
 
 def pid_alive(pid: int) -> bool:
@@ -143,10 +151,6 @@ class Supervisor:
         self.data_dir = data_dir
         self.config = data_dir / "supervisord.conf"
         self.socket = socket_path(data_dir)
-        if len(str(self.socket)) > MAX_SOCKET_PATH:
-            raise SupervisorError(
-                f"{self.socket} is longer than a unix socket path may be; use a shorter --data-dir"
-            )
 
     def _rpc(self) -> Any:
         transport = SupervisorTransport(None, None, f"unix://{self.socket}")

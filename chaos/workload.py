@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from tripmesh.v1 import coordinator_pb2 as pb
-from tripmesh.v1 import coordinator_pb2_grpc
 
 from chaos.history import HistoryWriter, Op
+from tripmesh.v1 import coordinator_pb2 as pb
+from tripmesh.v1 import coordinator_pb2_grpc
 
 PROTOCOLS = {"2pc": pb.PROTOCOL_TWO_PHASE_COMMIT, "saga": pb.PROTOCOL_SAGA}
 # Definitely not done: refused before anything was written.
@@ -65,10 +65,14 @@ def generate(
     window = max(1, catalog.days_on_sale - 8)
     for i in range(count):
         chosen = protocol if protocol != "mixed" else rng.choice(("2pc", "saga"))
-        if rng.random() < hot_share:  # the Black-Friday deal: one route, two dates
-            flight, offset = catalog.flights[0], 1 + rng.randrange(2)
+        if rng.random() < hot_share:  # the Black-Friday deal: the story's trip, two dates
+            flight, hotel, car = catalog.flights[0], catalog.hotels[0], catalog.cars[0]
+            offset = 1 + rng.randrange(2)
         else:
-            flight, offset = rng.choice(catalog.flights), 1 + rng.randrange(window)
+            flight, hotel, car = (
+                rng.choice(x) for x in (catalog.flights, catalog.hotels, catalog.cars)
+            )
+            offset = 1 + rng.randrange(window)
         date = (catalog.first_date + dt.timedelta(days=offset)).isoformat()
         nights = rng.randint(1, 4)
         key = f"s{seed}-{i}"
@@ -81,12 +85,8 @@ def generate(
                     customer_id=f"customer-{rng.randrange(10_000)}",
                     protocol=PROTOCOLS[chosen],
                     flight=pb.FlightSelection(flight_id=flight, date=date, seats=rng.randint(1, 2)),
-                    hotel=pb.HotelSelection(
-                        hotel_id=rng.choice(catalog.hotels), check_in=date, nights=nights, rooms=1
-                    ),
-                    car=pb.CarSelection(
-                        car_id=rng.choice(catalog.cars), pickup_date=date, days=nights, cars=1
-                    ),
+                    hotel=pb.HotelSelection(hotel_id=hotel, check_in=date, nights=nights, rooms=1),
+                    car=pb.CarSelection(car_id=car, pickup_date=date, days=nights, cars=1),
                 ),
             )
         )

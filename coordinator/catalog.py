@@ -12,10 +12,9 @@ import datetime as dt
 import logging
 import time
 
-from tripmesh.runtime.errors import ErrorKind, FieldViolation
-
 from coordinator.clients import CatalogEntry, OutcomeUnknown, ParticipantRejected, Participants
 from coordinator.domain import LEG_ORDER, CoordinatorError, LegKind, LegRequest, TripRequest
+from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,12 @@ class Catalog:
 
     async def _refresh(self, kind: LegKind) -> None:
         async with self._locks[kind]:
+            # Someone else refreshed while we waited: their answer is ours.
             if time.monotonic() - self._loaded_at.get(kind, -1e9) < self.refresh_every:
                 return
-            self._loaded_at[kind] = time.monotonic()
             entries = await self.participants[kind].catalog()
             self._entries[kind] = {e.resource_id: e for e in entries}
+            self._loaded_at[kind] = time.monotonic()
             log.info("catalog of %s: %d resources", kind.value, len(entries))
 
     async def _lookup(self, kind: LegKind, resource_id: str) -> CatalogEntry | None:
@@ -55,12 +55,14 @@ class Catalog:
         try:
             await self._refresh(kind)
         except (OutcomeUnknown, ParticipantRejected) as exc:
-            if kind not in self._entries:
-                raise CoordinatorError(
-                    f"cannot check {FIELDS[kind][0]}: the {kind.value} service is unreachable",
-                    kind=ErrorKind.UNAVAILABLE,
-                ) from exc
-        return self._entries.get(kind, {}).get(resource_id)
+            log.warning("catalog of %s not refreshed: %s", kind.value, exc.message)
+        if kind not in self._entries:
+            # Never loaded: we cannot tell unknown from unreachable, so we may not say NOT_FOUND.
+            raise CoordinatorError(
+                f"cannot check {FIELDS[kind][0]}: the {kind.value} service is unreachable",
+                kind=ErrorKind.UNAVAILABLE,
+            )
+        return self._entries[kind].get(resource_id)
 
     async def check(self, request: TripRequest) -> None:
         """NOT_FOUND for an unknown resource, INVALID_ARGUMENT for dates not on sale."""

@@ -28,6 +28,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
 from rich.table import Table
+
 from tripmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,

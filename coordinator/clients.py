@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+
+from coordinator.domain import CoordinatorError, LegKind, LegRequest
 from tripmesh.runtime import rpc
 from tripmesh.runtime.errors import ErrorKind
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
-
-from coordinator.domain import CoordinatorError, LegKind, LegRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

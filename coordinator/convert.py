@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from tripmesh.v1 import coordinator_pb2 as pb
 
 from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripStatus
+from tripmesh.v1 import coordinator_pb2 as pb
 
 PROTOCOL = {
     Protocol.TWO_PHASE_COMMIT: pb.PROTOCOL_TWO_PHASE_COMMIT,

@@ -14,9 +14,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tripmesh.runtime.database import Database
-from tripmesh.runtime.errors import ErrorKind
-
 from coordinator.domain import (
     LEG_ORDER,
     CoordinatorError,
@@ -31,6 +28,8 @@ from coordinator.domain import (
     TripStatus,
     reservation_id,
 )
+from tripmesh.runtime.database import Database
+from tripmesh.runtime.errors import ErrorKind
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS trips (

@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from tripmesh.runtime import failpoints
-
 from coordinator.clients import (
     OutcomeUnknown,
     ParticipantClient,
@@ -41,6 +39,7 @@ from coordinator.domain import (
 )
 from coordinator.engine import TripEngine
 from coordinator.log import Event, LegUpdate
+from tripmesh.runtime import failpoints
 
 log = logging.getLogger(__name__)
 

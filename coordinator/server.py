@@ -25,9 +25,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tripmesh.runtime import failpoints, logs, rpc
-from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
-
 from coordinator.catalog import Catalog
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import LegKind, Protocol
@@ -37,6 +34,8 @@ from coordinator.saga import Saga
 from coordinator.service import TripService
 from coordinator.servicer import CoordinatorServicer, DecisionsServicer
 from coordinator.twopc import TwoPhaseCommit
+from tripmesh.runtime import failpoints, logs, rpc
+from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,11 @@ import contextlib
 import logging
 import time
 
-from tripmesh.runtime.errors import ErrorKind
-
 from coordinator.catalog import Catalog
 from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest
 from coordinator.engine import TripEngine
 from coordinator.log import TripLog
+from tripmesh.runtime.errors import ErrorKind
 
 log = logging.getLogger(__name__)
 

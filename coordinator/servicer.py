@@ -5,15 +5,15 @@ from __future__ import annotations
 import datetime as dt
 
 import grpc
-from tripmesh.runtime.errors import FieldViolation
-from tripmesh.runtime.paging import position_from_token
-from tripmesh.v1 import coordinator_pb2 as pb
-from tripmesh.v1 import coordinator_pb2_grpc
 
 from coordinator.convert import DECISION, PROTOCOL_FROM, STATUS_FROM, trip_to_proto
 from coordinator.domain import CoordinatorError, Protocol
 from coordinator.service import TripService
 from coordinator.validation import trip_request_from_proto
+from tripmesh.runtime.errors import FieldViolation
+from tripmesh.runtime.paging import position_from_token
+from tripmesh.v1 import coordinator_pb2 as pb
+from tripmesh.v1 import coordinator_pb2_grpc
 
 _MAX_PAGE = 500
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tripmesh.runtime import failpoints
-
 from coordinator.clients import OutcomeUnknown, ParticipantRejected, StepReply, retry
 from coordinator.domain import (
     LEG_ORDER,
@@ -28,6 +26,7 @@ from coordinator.domain import (
 )
 from coordinator.engine import TripEngine
 from coordinator.log import Event, LegUpdate
+from tripmesh.runtime import failpoints
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+from coordinator.domain import CoordinatorError, LegRequest, Protocol, TripRequest
 from tripmesh.runtime.errors import FieldViolation
 from tripmesh.v1 import coordinator_pb2 as pb
-
-from coordinator.domain import CoordinatorError, LegRequest, Protocol, TripRequest
 
 MAX_ID = 128
 MAX_NIGHTS = 30

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import grpc
-from tripmesh.runtime.errors import FieldViolation
-from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc
 
 from services.catalog import CatalogKind, SeedResource, search
 from services.participant.domain import MAX_DAYS, ParticipantError, parse_date
 from services.participant.store import ParticipantStore
+from tripmesh.runtime.errors import FieldViolation
+from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc
 
 
 def _hotel(hid: str, name: str, city: str, usd: int, rooms: int) -> SeedResource:

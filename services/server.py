@@ -24,6 +24,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from services import car, flight, hotel
+from services.catalog import CatalogKind, load_catalog_file, seed
+from services.participant.resolver import InDoubtResolver
+from services.participant.servicer import ParticipantServicer
+from services.participant.store import ParticipantStore
 from tripmesh.runtime import failpoints, logs, rpc
 from tripmesh.v1 import (
     catalog_pb2,
@@ -32,12 +37,6 @@ from tripmesh.v1 import (
     participant_pb2,
     participant_pb2_grpc,
 )
-
-from services import car, flight, hotel
-from services.catalog import CatalogKind, load_catalog_file, seed
-from services.participant.resolver import InDoubtResolver
-from services.participant.servicer import ParticipantServicer
-from services.participant.store import ParticipantStore
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb

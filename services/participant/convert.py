@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from tripmesh.v1 import participant_pb2 as pb
 
 from services.participant.domain import (
     Hold,
@@ -13,6 +12,7 @@ from services.participant.domain import (
     ReservationStatus,
     Resource,
 )
+from tripmesh.v1 import participant_pb2 as pb
 
 _STATUS_TO_PROTO = {
     ReservationStatus.HELD: pb.RESERVATION_STATUS_HELD,

@@ -14,9 +14,9 @@ import asyncio
 import logging
 
 import grpc
-from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from services.participant.store import ParticipantStore
+from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import grpc
-from tripmesh.runtime import failpoints
-from tripmesh.runtime.errors import FieldViolation
-from tripmesh.runtime.paging import position_from_token
-from tripmesh.v1 import participant_pb2 as pb
-from tripmesh.v1 import participant_pb2_grpc
 
 from services.participant.convert import (
     hold_from_proto,
@@ -18,6 +13,11 @@ from services.participant.convert import (
 )
 from services.participant.domain import ParticipantError
 from services.participant.store import ParticipantStore
+from tripmesh.runtime import failpoints
+from tripmesh.runtime.errors import FieldViolation
+from tripmesh.runtime.paging import position_from_token
+from tripmesh.v1 import participant_pb2 as pb
+from tripmesh.v1 import participant_pb2_grpc
 
 _MAX_PAGE = 1000
 _MAX_ID = 200

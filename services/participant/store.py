@@ -16,9 +16,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tripmesh.runtime.database import Database
-from tripmesh.runtime.errors import ErrorKind, FieldViolation
-
 from services.participant.domain import (
     Hold,
     InventoryDay,
@@ -31,6 +28,8 @@ from services.participant.domain import (
     not_found,
     wrong_state,
 )
+from tripmesh.runtime.database import Database
+from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (

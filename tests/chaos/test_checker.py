@@ -191,10 +191,9 @@ def test_audit_of_a_real_cluster_is_valid_and_sees_a_tampered_row(make_cluster) 
     """The auditor reads real books over gRPC; tampering with one SQLite row is caught."""
     import sqlite3
 
-    from tripmesh.v1 import coordinator_pb2 as cpb
-
     from chaos.audit import read_books
     from tests.books import trip_request
+    from tripmesh.v1 import coordinator_pb2 as cpb
 
     cluster, books = make_cluster()
     history = []

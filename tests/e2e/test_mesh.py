@@ -18,13 +18,13 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from tripmesh.v1 import coordinator_pb2 as cpb
-from tripmesh.v1 import participant_pb2 as ppb
 
 from chaos.layout import TOXIPROXY
 from chaos.toxiproxy import Toxiproxy
 from tests.books import Books, day, eventually, trip_request
 from tests.e2e.conftest import RunningMesh, isolated_env, run_launcher, start, stop_and_check
+from tripmesh.v1 import coordinator_pb2 as cpb
+from tripmesh.v1 import participant_pb2 as ppb
 
 pytestmark = pytest.mark.e2e
 

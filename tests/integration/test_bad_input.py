@@ -18,12 +18,12 @@ import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from tripmesh.runtime.database import connect
-from tripmesh.v1 import coordinator_pb2 as cpb
-from tripmesh.v1 import participant_pb2 as ppb
 
 from tests.books import Books, day, write_catalog
 from tests.procs import KINDS, Cluster
+from tripmesh.runtime.database import connect
+from tripmesh.v1 import coordinator_pb2 as cpb
+from tripmesh.v1 import participant_pb2 as ppb
 
 C = grpc.StatusCode
 INVALID, NOT_FOUND = C.INVALID_ARGUMENT, C.NOT_FOUND

@@ -6,11 +6,11 @@ import asyncio
 
 import grpc
 import pytest
+
+from tests.books import trip_request
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
-
-from tests.books import trip_request
 
 PROTOCOLS = [
     pytest.param(cpb.PROTOCOL_TWO_PHASE_COMMIT, id="2pc"),

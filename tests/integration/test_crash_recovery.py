@@ -11,11 +11,11 @@ import signal
 
 import grpc
 import pytest
+
+from tests.books import eventually, trip_request
 from tripmesh.runtime.database import connect
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import participant_pb2 as ppb
-
-from tests.books import eventually, trip_request
 
 TWO_PC, SAGA = cpb.PROTOCOL_TWO_PHASE_COMMIT, cpb.PROTOCOL_SAGA
 CONFIRMED, ABORTED = cpb.TRIP_STATUS_CONFIRMED, cpb.TRIP_STATUS_ABORTED

@@ -29,8 +29,6 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from tripmesh.runtime.database import connect
-from tripmesh.runtime.errors import ErrorKind
 
 from services.catalog import SeedResource, seed
 from services.participant.domain import (
@@ -42,6 +40,8 @@ from services.participant.domain import (
     StepResult,
 )
 from services.participant.store import ParticipantStore
+from tripmesh.runtime.database import connect
+from tripmesh.runtime.errors import ErrorKind
 
 RESOURCE = "R1"
 CAPACITY = 3

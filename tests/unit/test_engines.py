@@ -160,3 +160,40 @@ def test_log_replays_a_key_and_refuses_other_parameters(tmp_path: Path, protocol
     assert (replayed_first, replayed) == (False, True)
     assert again.trip_id == first.trip_id
     assert error.kind.name == "CONFLICT"
+
+
+def test_catalog_never_says_not_found_when_it_could_not_ask() -> None:
+    """Concurrent lookups while the flight service is down: UNAVAILABLE for all, then found."""
+    from coordinator.catalog import Catalog
+    from coordinator.clients import CatalogEntry, OutcomeUnknown
+    from coordinator.domain import CoordinatorError
+
+    fakes = FakeParticipants()
+    flight_down = {"now": True}
+
+    def catalog_of(kind: LegKind):
+        async def catalog() -> list[CatalogEntry]:
+            await asyncio.sleep(0.01)
+            if kind is LegKind.FLIGHT and flight_down["now"]:
+                raise OutcomeUnknown("flight.ListResources: UNAVAILABLE")
+            return [CatalogEntry("X", "2030-01-01", "2030-12-31")]
+
+        return catalog
+
+    for kind, fake in fakes.fakes.items():
+        fake.catalog = catalog_of(kind)  # type: ignore[method-assign]
+
+    async def go() -> list[object]:
+        cat = Catalog(fakes, refresh_every=5.0)
+        request = _request(Protocol.SAGA)
+        first = await asyncio.gather(
+            *(cat.check(request) for _ in range(5)), return_exceptions=True
+        )
+        flight_down["now"] = False
+        return [*first, await cat.check(request)]
+
+    outcomes = asyncio.run(go())
+    for outcome in outcomes[:5]:
+        assert isinstance(outcome, CoordinatorError), outcome
+        assert outcome.kind.name == "UNAVAILABLE", outcome.message
+    assert outcomes[5] is None  # once reachable, the same request passes

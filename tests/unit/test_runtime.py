@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database
 
@@ -51,3 +52,14 @@ def test_a_failing_job_leaves_no_trace_and_spares_its_batch(tmp_path: Path) -> N
     again = Database(tmp_path / "t.db")
     assert again.run_sync(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 2
     again.close()
+
+
+def test_a_fired_failpoint_is_not_armed_again_after_restart(tmp_path: Path) -> None:
+    env = {
+        "TRIPMESH_FAILPOINTS": "2pc.after_decision=crash,saga.after_step_rpc=crash",
+        "TRIPMESH_FAILPOINT_DIR": str(tmp_path),
+    }
+    assert set(failpoints.arm_from_env(env)) == {"2pc.after_decision", "saga.after_step_rpc"}
+    (tmp_path / "2pc.after_decision.fired").touch()  # as `hit` leaves it before the kill
+    assert set(failpoints.arm_from_env(env)) == {"saga.after_step_rpc"}
+    failpoints.arm_from_env({})

@@ -8,6 +8,10 @@ Off unless the environment variable TRIPMESH_FAILPOINTS names some, e.g.::
 flush), `@N` makes it fire on the N-th hit instead of the first. The names a
 process knows are listed in FAILPOINTS; an unknown name in the variable is an
 error at start-up, so a typo cannot silently disable a test.
+
+With TRIPMESH_FAILPOINT_DIR set, a failpoint that fires leaves a marker file
+there first, and is not armed again when the process restarts with the same
+environment: each fires once per run (what a chaos scenario wants).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,14 @@ FAILPOINTS = {
 
 _lock = threading.Lock()
 _armed: dict[str, int] = {}
+_marker_dir: Path | None = None
 
 
 def arm_from_env(environ: dict[str, str] | None = None) -> dict[str, int]:
     """Read TRIPMESH_FAILPOINTS; return what is armed (name -> hits left)."""
-    spec = (environ if environ is not None else os.environ).get("TRIPMESH_FAILPOINTS", "")
+    env = environ if environ is not None else os.environ
+    spec = env.get("TRIPMESH_FAILPOINTS", "")
+    marker_dir = Path(env["TRIPMESH_FAILPOINT_DIR"]) if env.get("TRIPMESH_FAILPOINT_DIR") else None
     armed: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, action = item.partition("=")
@@ -44,7 +52,10 @@ def arm_from_env(environ: dict[str, str] | None = None) -> dict[str, int]:
             raise ValueError(f"TRIPMESH_FAILPOINTS: unknown failpoint {name!r}")
         if action != "crash":
             raise ValueError(f"TRIPMESH_FAILPOINTS: {name}: only 'crash' is supported")
-        armed[name] = int(count or 1)
+        if marker_dir is None or not (marker_dir / f"{name}.fired").exists():
+            armed[name] = int(count or 1)
+    global _marker_dir
+    _marker_dir = marker_dir
     with _lock:
         _armed.clear()
         _armed.update(armed)
@@ -64,5 +75,9 @@ def hit(name: str) -> None:
         if left > 1:
             _armed[name] = left - 1
             return
+        del _armed[name]
     log.critical("failpoint %s: SIGKILL", name)
+    if _marker_dir is not None:
+        _marker_dir.mkdir(parents=True, exist_ok=True)
+        (_marker_dir / f"{name}.fired").touch()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,289 @@
+"""Run a chaos scenario: traffic and faults, heal, settle, audit, report.
+
+    python -m chaos.run SCENARIO --protocol 2pc|saga|mixed [--seed N] [--duration S] [--ops N]
+
+Each run starts its own mesh (on free ports, in its run folder under
+runs/chaos/), so it never touches a mesh started by `make up`. The exit status
+is 0 when every check is valid, 1 when any invariant is violated, 2 when a
+check could not decide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from chaos import checker
+from chaos.audit import read_books
+from chaos.checker import BooksSnapshot, CheckResult
+from chaos.history import HistoryWriter, read_history
+from chaos.launcher import ROOT, Mesh
+from chaos.layout import KINDS, free_layout
+from chaos.nemesis import Fault, Nemesis, Window
+from chaos.scenarios import Scenario, registry
+from chaos.workload import Catalog, ClientSettings, generate, run_clients
+from services import car, flight, hotel
+from tripmesh.v1 import coordinator_pb2 as cpb
+from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
+from tripmesh.v1 import participant_pb2 as ppb
+
+log = logging.getLogger("chaos")
+
+# The story's trip is the Black-Friday deal: its seats and cars are scarce, so
+# trips contend for them, some sell out, and sagas compensate.
+SCARCE = {"JL5": 40, "CAMRY-NRT": 12}
+DAYS_ON_SALE = 30
+# Shorter than the defaults so that a run's faults resolve within its length.
+COORDINATOR_ARGS = ("--rpc-timeout", "1", "--step-give-up", "3", "--compensation-give-up", "60")
+SERVICE_ARGS = ("--resolve-after", "2")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: int  # 0 valid, 1 invalid, 2 unknown
+    verdict: str
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scenario: Scenario
+    protocol: str
+    seed: int
+    duration: float
+    ops: int
+    concurrency: int
+    settle_timeout: float
+    runs_dir: Path
+
+
+def write_catalogs(folder: Path) -> tuple[dict[str, Path], Catalog]:
+    """The built-in catalog with the story's trip made scarce, as catalog files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    today = dt.datetime.now(dt.UTC).date()
+    files = {}
+    for kind in (flight.KIND, hotel.KIND, car.KIND):
+        resources = [
+            {
+                "resource_id": r.resource_id,
+                "name": r.name,
+                "price_cents": r.price_cents,
+                "capacity": SCARCE.get(r.resource_id, r.capacity),
+                "attributes": r.attributes,
+            }
+            for r in kind.seed
+        ]
+        files[kind.name] = folder / f"{kind.name}.json"
+        files[kind.name].write_text(
+            json.dumps(
+                {"start_date": today.isoformat(), "days": DAYS_ON_SALE, "resources": resources}
+            )
+        )
+    catalog = Catalog(
+        flights=tuple(r.resource_id for r in flight.KIND.seed),
+        hotels=tuple(r.resource_id for r in hotel.KIND.seed),
+        cars=tuple(r.resource_id for r in car.KIND.seed),
+        first_date=today,
+        days_on_sale=DAYS_ON_SALE,
+    )
+    return files, catalog
+
+
+def _unsettled(mesh: Mesh) -> int:
+    """Trips still pending plus holds still held (0: settled). Read directly, not via proxies."""
+    layout = mesh.layout
+    with grpc.insecure_channel(layout.address("coordinator")) as channel:
+        pending = coordinator_pb2_grpc.CoordinatorStub(channel).ListTrips(
+            cpb.ListTripsRequest(status=cpb.TRIP_STATUS_PENDING, page_size=500), timeout=5
+        )
+    count = len(pending.trips)
+    for kind in KINDS:
+        with grpc.insecure_channel(layout.address(kind)) as channel:
+            held = participant_pb2_grpc.ParticipantStub(channel).ListReservations(
+                ppb.ListReservationsRequest(status=ppb.RESERVATION_STATUS_HELD, page_size=500),
+                timeout=5,
+            )
+        count += len(held.reservations)
+    return count
+
+
+def settle(mesh: Mesh, timeout: float) -> float | None:
+    """Seconds until nothing is pending or held; None if the deadline passed first."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if _unsettled(mesh) == 0:
+                return time.monotonic() - started
+        except grpc.RpcError as exc:
+            log.info("settling: %s", exc.code().name)
+        time.sleep(0.2)
+    return None
+
+
+async def _traffic(
+    config: RunConfig,
+    mesh: Mesh,
+    nemesis: Nemesis,
+    plans: list,
+    schedule: list[Fault],
+    history: HistoryWriter,
+) -> list[Window]:
+    origin = time.monotonic()
+    guard = None
+    if config.scenario.restart_after is not None:
+        guard = asyncio.create_task(nemesis.keep_alive(restart_after=config.scenario.restart_after))
+    settings = ClientSettings(concurrency=config.concurrency)
+    clients = run_clients(
+        mesh.layout.client_address,
+        plans,
+        history,
+        settings,
+        started=origin,
+        stop_at=origin + config.duration,
+    )
+    try:
+        _, windows = await asyncio.gather(clients, nemesis.run(schedule, origin))
+    finally:
+        if guard is not None:
+            guard.cancel()
+    return windows
+
+
+def run(config: RunConfig) -> RunOutcome:
+    """One scenario run: its verdict, exit status and folder."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    run_dir = (
+        config.runs_dir / f"{config.scenario.name}-{config.protocol}-seed{config.seed}-{stamp}"
+    )
+    run_dir.mkdir(parents=True)
+    catalogs, catalog = write_catalogs(run_dir / "catalog")
+    plans = generate(config.seed, config.ops, config.protocol, catalog)
+    schedule = config.scenario.schedule(random.Random(config.seed), config.duration)
+    (run_dir / "schedule.json").write_text(json.dumps([f.to_dict() for f in schedule], indent=1))
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "scenario": config.scenario.name,
+                "protocol": config.protocol,
+                "seed": config.seed,
+                "duration": config.duration,
+                "ops": config.ops,
+                "concurrency": config.concurrency,
+            },
+            indent=1,
+        )
+    )
+    mesh = Mesh(
+        run_dir / "mesh",
+        free_layout(),
+        environment=config.scenario.environment(config.protocol, run_dir / "failpoints"),
+        extra_args={
+            "coordinator": COORDINATOR_ARGS,
+            **{k: (*SERVICE_ARGS, "--catalog", str(catalogs[k])) for k in KINDS},
+        },
+    )
+    mesh.up()
+    nemesis = Nemesis(mesh)
+    history = HistoryWriter(run_dir / "history.jsonl")
+    try:
+        windows = asyncio.run(_traffic(config, mesh, nemesis, plans, schedule, history))
+        history.close()
+        nemesis.heal_all()
+        settled = settle(mesh, config.settle_timeout)
+        books = read_books(
+            mesh.layout.address("coordinator"), {k: mesh.layout.address(k) for k in KINDS}
+        )
+    finally:
+        history.close()
+        mesh.down()
+    results = checker.check_all(read_history(run_dir / "history.jsonl"), books)
+    _report(run_dir, config, schedule, windows, results, books, settled)
+    verdict = checker.overall(results)
+    print(
+        f"{config.scenario.name} {config.protocol} seed {config.seed}: {verdict.upper()}  ({run_dir})"
+    )
+    return RunOutcome({"valid": 0, "invalid": 1}.get(verdict, 2), verdict, run_dir)
+
+
+def _report(
+    run_dir: Path,
+    config: RunConfig,
+    schedule: list[Fault],
+    windows: list[Window],
+    results: list[CheckResult],
+    books: BooksSnapshot,
+    settled: float | None,
+) -> None:
+    from chaos.measures import measure
+    from chaos.report import write_run_report
+
+    history = read_history(run_dir / "history.jsonl")
+    measures = measure(history, books, settle_seconds=settled, duration=config.duration)
+    notes = list(config.scenario.notes)
+    notes += recovery_notes(run_dir / "mesh" / "logs" / "coordinator.log")
+    if settled is None:
+        notes.append(f"The mesh did not settle within {config.settle_timeout:.0f} s of healing.")
+    write_run_report(
+        run_dir,
+        scenario=config.scenario.name,
+        protocol=config.protocol,
+        seed=config.seed,
+        schedule=[f.to_dict() for f in schedule],
+        fault_windows=[w.to_dict() for w in windows],
+        results=results,
+        measures=measures,
+        loss_model=config.scenario.loss_model,
+        notes=notes,
+    )
+
+
+def recovery_notes(coordinator_log: Path) -> list[str]:
+    """What the coordinator logged about its recoveries (how many trips, how long)."""
+    notes = []
+    if coordinator_log.exists():
+        for line in coordinator_log.read_text(errors="replace").splitlines():
+            if '"recovered ' in line:
+                notes.append("Coordinator: " + json.loads(line)["msg"] + ".")
+    return notes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("scenario", choices=sorted(registry()))
+    p.add_argument("--protocol", choices=["2pc", "saga", "mixed"], default="saga")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic and faults")
+    p.add_argument("--ops", type=int, default=100_000, help="booking requests at most")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--settle-timeout", type=float, default=120.0)
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "chaos")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    config = RunConfig(
+        scenario=registry()[args.scenario],
+        protocol=args.protocol,
+        seed=args.seed,
+        duration=args.duration,
+        ops=args.ops,
+        concurrency=args.concurrency,
+        settle_timeout=args.settle_timeout,
+        runs_dir=args.runs_dir,
+    )
+    return run(config).status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

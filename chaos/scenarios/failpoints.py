@@ -1,0 +1,54 @@
+"""failpoints: every named crash point, once each, in the protocol under test.
+
+Each process is started with its failpoints armed to fire on the N-th time
+they are passed (staggered, so the crashes are spread over the run); a
+failpoint that has fired leaves a marker and is not armed again after the
+restart, so each fires once. The nemesis restarts a crashed process after a
+second.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from chaos.nemesis import Fault
+from chaos.scenarios import Scenario
+
+# Hit counts are per process lifetime (a restart starts again from 0), staggered
+# so that the crashes spread over the run and each is reached within seconds.
+COORDINATOR = {
+    "2pc": ("2pc.before_decision@4", "2pc.after_decision@6", "2pc.between_phase2@8"),
+    "saga": ("saga.after_step_rpc@6", "saga.mid_compensation@2"),
+}
+PARTICIPANTS = {"flight": "participant.after_vote_yes@5", "hotel": "participant.before_commit@7"}
+
+
+def schedule(rng: random.Random, duration: float) -> list[Fault]:
+    return []
+
+
+def environment(protocol: str, marker_dir: Path) -> dict[str, dict[str, str]]:
+    protocols = ("2pc", "saga") if protocol == "mixed" else (protocol,)
+    coordinator = [f"{fp.replace('@', '=crash@', 1)}" for p in protocols for fp in COORDINATOR[p]]
+    env = {"coordinator": {"TRIPMESH_FAILPOINTS": ",".join(coordinator)}}
+    if "2pc" in protocols:  # the participants' failpoints are on the 2PC path
+        for kind, fp in PARTICIPANTS.items():
+            env[kind] = {"TRIPMESH_FAILPOINTS": fp.replace("@", "=crash@", 1)}
+    for process_env in env.values():
+        process_env["TRIPMESH_FAILPOINT_DIR"] = str(marker_dir)
+    return env
+
+
+SCENARIO = Scenario(
+    "failpoints",
+    "each named failpoint of the protocol fires once (SIGKILL at an exact step), then restart",
+    schedule,
+    environment=environment,
+    restart_after=0.5,
+)
+
+if __name__ == "__main__":
+    from chaos.run import main
+
+    raise SystemExit(main([SCENARIO.name]))

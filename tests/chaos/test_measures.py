@@ -1,0 +1,205 @@
+"""Measures on a small hand-made history and crafted books, every figure checkable by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chaos.checker import BooksSnapshot, ReservationView, TripView
+from chaos.history import Op
+from chaos.measures import blocked_inventory_seconds, measure, percentile
+
+D1, D2 = "2030-01-01", "2030-01-02"
+
+
+def _op(process: int, type_: str, key: str, time: float, attempt: int = 1, **kw: str) -> Op:
+    return Op(process, type_, "book", key, "saga", time, attempt=attempt, **kw)  # type: ignore[arg-type]
+
+
+# Five keys. a: 100 ms confirmed. b: times out, then its second attempt is confirmed in 300 ms.
+# c: refused. d: aborted in 400 ms. e: confirmed in 200 ms.
+HISTORY = [
+    _op(0, "invoke", "a", 0.0),
+    _op(1, "invoke", "b", 0.2),
+    _op(2, "invoke", "c", 0.3),
+    _op(0, "ok", "a", 0.1, trip_id="ta", status="confirmed"),
+    _op(2, "fail", "c", 0.35, error="RESOURCE_EXHAUSTED"),
+    _op(0, "invoke", "d", 0.5),
+    _op(0, "ok", "d", 0.9, trip_id="td", status="aborted"),
+    _op(1, "info", "b", 1.2, error="DEADLINE_EXCEEDED"),
+    _op(1, "invoke", "b", 1.5, attempt=2),
+    _op(1, "ok", "b", 1.8, attempt=2, trip_id="tb", status="confirmed"),
+    _op(3, "invoke", "e", 2.0),
+    _op(3, "ok", "e", 2.2, trip_id="te", status="confirmed"),
+]
+EMPTY = BooksSnapshot(trips=(), reservations=(), inventory=())
+
+
+def reservation(
+    trip_id: str,
+    kind: str,
+    status: str,
+    dates: tuple[str, ...],
+    quantity: int = 1,
+    *,
+    protocol: str = "",
+    created_at: float = 0.0,
+    updated_at: float = 0.0,
+) -> ReservationView:
+    return ReservationView(
+        f"{trip_id}-{kind}",
+        trip_id,
+        kind,
+        status,
+        f"R-{kind}",
+        dates,
+        quantity,
+        protocol=protocol,
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
+
+def test_nearest_rank_percentiles() -> None:
+    values = [50, 15, 40, 35, 20]
+    assert [percentile(values, p) for p in (5, 30, 40, 50, 100)] == [15, 20, 20, 35, 50]
+    assert percentile([], 50) is None
+
+
+def test_outcomes_keys_success_rate_and_retries() -> None:
+    m = measure(HISTORY, EMPTY, settle_seconds=1.5, duration=3.0)
+    assert m.ops == {"ok": 4, "fail": 1, "info": 1}
+    assert m.ok_by_status == {"aborted": 1, "confirmed": 3}
+    assert m.invocations == 6
+    assert (m.attempted_keys, m.confirmed_keys) == (5, 3)
+    assert m.success_rate == pytest.approx(0.6)
+    assert m.retries == 1
+    assert m.settle_seconds == 1.5
+
+
+def test_latency_matches_each_ok_to_its_own_attempt() -> None:
+    # b's ok is 300 ms after its second invoke, not 1600 ms after its first.
+    m = measure(HISTORY, EMPTY, settle_seconds=None, duration=3.0)
+    assert m.latency_p50_ms == pytest.approx(200)  # of 100, 200, 300, 400
+    assert m.latency_p95_ms == pytest.approx(400)
+    assert m.latency_p99_ms == pytest.approx(400)
+
+
+def test_latency_pairs_by_process_key_and_attempt_not_by_order() -> None:
+    # Attempt 1 answers after attempt 2 was invoked: its latency runs from its own invoke.
+    overlapping = [
+        _op(0, "invoke", "x", 0.0),
+        _op(0, "invoke", "x", 1.0, attempt=2),
+        _op(0, "ok", "x", 1.1, trip_id="tx", status="confirmed"),
+        _op(1, "ok", "y", 1.2, trip_id="ty", status="confirmed"),  # no invoke: not timed
+    ]
+    m = measure(overlapping, EMPTY, settle_seconds=None, duration=2.0)
+    assert m.latency_p50_ms == pytest.approx(1100)
+    assert m.latency_p99_ms == pytest.approx(1100)
+
+
+def test_throughput_and_latency_per_second() -> None:
+    m = measure(HISTORY, EMPTY, settle_seconds=None, duration=3.0)
+    assert m.throughput_all == (3, 2, 1)
+    assert m.throughput_ok == (2, 1, 1)
+    assert m.latency_p50_ms_series == pytest.approx((100, 300, 200))
+    # A longer run has empty buckets; a completion past the end still gets its bucket.
+    longer = measure(HISTORY, EMPTY, settle_seconds=None, duration=5.0)
+    assert longer.throughput_all == (3, 2, 1, 0, 0)
+    assert longer.latency_p50_ms_series[3:] == (None, None)
+    late = measure([*HISTORY, _op(4, "info", "f", 6.5)], EMPTY, settle_seconds=None, duration=3.0)
+    assert late.throughput_all == (3, 2, 1, 0, 0, 0, 1)
+
+
+def test_an_empty_history_measures_nothing() -> None:
+    m = measure([], EMPTY, settle_seconds=None, duration=2.0)
+    assert m.success_rate is None
+    assert m.latency_p99_ms is None
+    assert m.throughput_all == (0, 0)
+    assert m.blocked_inventory_seconds == 0.0
+
+
+def test_compensations_count_cancelled_holds_not_tombstones() -> None:
+    books = BooksSnapshot(
+        trips=(
+            TripView("s1", "k1", "saga", "aborted", "abort"),
+            TripView("s2", "k2", "saga", "aborted", "abort"),
+            TripView("p1", "k3", "2pc", "aborted", "abort"),
+        ),
+        reservations=(
+            # s1: flight held then compensated; hotel cancelled before it held (tombstone).
+            reservation("s1", "flight", "cancelled", (D1,)),
+            reservation("s1", "hotel", "cancelled", ()),
+            reservation("s1", "car", "refused", ()),
+            # s2: only tombstones. p1 is 2PC: its cancelled row is no saga compensation.
+            reservation("s2", "flight", "cancelled", ()),
+            reservation("p1", "flight", "cancelled", (D1,)),
+        ),
+        inventory=(),
+    )
+    m = measure(HISTORY, books, settle_seconds=None, duration=3.0)
+    assert (m.compensations, m.compensated_legs) == (1, 1)
+    # The participant's own record of the protocol counts even when the trip is unknown.
+    orphan = reservation("s9", "car", "cancelled", (D1, D2), protocol="saga")
+    more = measure(
+        HISTORY,
+        BooksSnapshot(books.trips, (*books.reservations, orphan), ()),
+        settle_seconds=None,
+        duration=3.0,
+    )
+    assert (more.compensations, more.compensated_legs) == (2, 2)
+
+
+def _two_pc_books(*extra: ReservationView) -> BooksSnapshot:
+    return BooksSnapshot(
+        trips=(
+            TripView("p1", "k1", "2pc", "confirmed", "commit"),
+            TripView("p2", "k2", "2pc", "aborted", "abort"),
+            TripView("s1", "k3", "saga", "confirmed", "commit"),
+        ),
+        reservations=(
+            # 2 seats x 1 date x 3 s + 1 room x 2 nights x 10 s = 26 unit-seconds.
+            reservation("p1", "flight", "confirmed", (D1,), 2, created_at=100.0, updated_at=103.0),
+            reservation("p2", "hotel", "released", (D1, D2), 1, created_at=100.0, updated_at=110.0),
+            # Never held: refused, or a release tombstone without dates.
+            reservation("p2", "car", "refused", (D1,), 1, created_at=100.0, updated_at=200.0),
+            reservation("p2", "flight", "released", (), 1, created_at=100.0, updated_at=200.0),
+            # A saga hold is not 2PC blocking.
+            reservation("s1", "car", "confirmed", (D1,), 1, created_at=100.0, updated_at=200.0),
+            *extra,
+        ),
+        inventory=(),
+    )
+
+
+def test_blocked_inventory_seconds_of_2pc_holds() -> None:
+    assert blocked_inventory_seconds(_two_pc_books()) == pytest.approx(26.0)
+    m = measure(HISTORY, _two_pc_books(), settle_seconds=None, duration=3.0)
+    assert m.blocked_inventory_seconds == pytest.approx(26.0)
+    # A hold still open at the audit counts up to its last update.
+    still = reservation("p1", "car", "held", (D1,), 1, created_at=100.0, updated_at=104.0)
+    assert blocked_inventory_seconds(_two_pc_books(still)) == pytest.approx(30.0)
+    # Labelled 2PC by the participant, for a trip the coordinator never logged: 3 x 2 x 5 s.
+    orphan = reservation(
+        "p9", "hotel", "held", (D1, D2), 3, protocol="2pc", created_at=50.0, updated_at=55.0
+    )
+    assert blocked_inventory_seconds(_two_pc_books(orphan)) == pytest.approx(56.0)
+
+
+def test_blocked_inventory_is_unknown_without_timestamps_and_can_be_given() -> None:
+    unstamped = reservation("p1", "hotel", "confirmed", (D1,))
+    assert blocked_inventory_seconds(_two_pc_books(unstamped)) is None
+    m = measure(
+        HISTORY, _two_pc_books(unstamped), settle_seconds=None, duration=3.0, blocked_seconds=7.5
+    )
+    assert m.blocked_inventory_seconds == 7.5
+
+
+def test_to_dict_is_plain_json() -> None:
+    m = measure(HISTORY, _two_pc_books(), settle_seconds=2.0, duration=3.0)
+    data = json.loads(json.dumps(m.to_dict()))
+    assert data["throughput_ok"] == [2, 1, 1]
+    assert data["ops"] == {"ok": 4, "fail": 1, "info": 1}
+    assert data["success_rate"] == pytest.approx(0.6)
+    assert data["settle_seconds"] == 2.0

@@ -1,0 +1,162 @@
+"""A run folder's report and the side-by-side comparison, written from crafted results."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from matplotlib.figure import Figure
+
+from chaos.checker import BooksSnapshot, CheckResult, Violation
+from chaos.history import Op
+from chaos.measures import Measures, measure
+from chaos.report import _shade, write_comparison, write_run_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SCHEDULE = [
+    {"start": 10.0, "duration": 8.0, "action": "latency", "target": "hotel",
+     "attributes": {"latency": 180, "jitter": 40}},
+    {"start": 25.0, "duration": 1.5, "action": "reset_peer", "target": "flight", "attributes": {}},
+    {"start": 30.0, "duration": 1.5, "action": "reset_peer", "target": "car", "attributes": {}},
+    {"start": 40.0, "duration": 6.0, "action": "kill", "target": "coordinator",
+     "attributes": {"restart_after": 6.0}},
+]  # fmt: skip
+WINDOWS = [
+    {"start": f["start"] + 0.1, "end": f["start"] + f["duration"] + 0.1, "action": f["action"],
+     "target": f["target"]}
+    for f in SCHEDULE
+]  # fmt: skip
+
+
+def _history(seconds: int = 60, seed: int = 3) -> list[Op]:
+    """About 20 bookings a second; slow under latency, none while the coordinator is down."""
+    rng = random.Random(seed)
+    ops, t, i = [], 0.0, 0
+    while t < seconds - 0.5:
+        t += rng.expovariate(20)
+        if 40.1 <= t < 46.1:
+            continue
+        slow = 0.18 if 10.1 <= t < 18.1 else 0.0
+        done = t + slow + rng.uniform(0.02, 0.08)
+        outcome = "info" if 25.1 <= t < 26.6 else rng.choice(["ok"] * 9 + ["fail"])
+        status = "confirmed" if outcome == "ok" else ""
+        ops += [
+            Op(i % 16, "invoke", "book", f"k{i}", "2pc", t),
+            Op(i % 16, outcome, "book", f"k{i}", "2pc", done, trip_id=f"t{i}", status=status),
+        ]  # type: ignore[arg-type]
+        i += 1
+    return ops
+
+
+RESULTS = [
+    CheckResult("all-or-nothing", "valid"),
+    CheckResult(
+        "no-leaks",
+        "invalid",
+        count=2,
+        first=Violation("trip-first", "trip still pending"),
+        worst=Violation("trip-worst", "hotel r9 still held", 4),
+        examples=(Violation("trip-first", "trip still pending"),),
+    ),
+    CheckResult("conservation", "unknown", detail="Traceback ...\nKeyError: 'x'"),
+]
+
+
+@pytest.fixture(scope="module")
+def measures() -> Measures:
+    books = BooksSnapshot(trips=(), reservations=(), inventory=())
+    return measure(_history(), books, settle_seconds=4.2, duration=60.0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, measures: Measures) -> Path:
+    folder = tmp_path_factory.mktemp("run") / "black-friday-2pc"
+    write_run_report(
+        folder,
+        scenario="black-friday",
+        protocol="2pc",
+        seed=42,
+        schedule=SCHEDULE,
+        fault_windows=WINDOWS,
+        results=RESULTS,
+        measures=measures,
+        loss_model="Loss is modelled as short reset_peer windows on each edge.",
+        notes=["a crafted run"],
+    )
+    return folder
+
+
+def test_verdicts_json(run_dir: Path) -> None:
+    data = json.loads((run_dir / "verdicts.json").read_text())
+    assert data["verdict"] == "invalid"
+    assert (data["seed"], data["protocol"], data["scenario"]) == (42, "2pc", "black-friday")
+    checks = {c["name"]: c for c in data["checks"]}
+    assert [c["verdict"] for c in checks.values()] == ["valid", "invalid", "unknown"]
+    assert checks["no-leaks"]["worst"]["id"] == "trip-worst"
+    assert checks["no-leaks"]["examples"] == [{"id": "trip-first", "what": "trip still pending"}]
+
+
+def test_measures_json(run_dir: Path, measures: Measures) -> None:
+    data = json.loads((run_dir / "measures.json").read_text())
+    assert data == json.loads(json.dumps(measures.to_dict()))
+    assert data["settle_seconds"] == 4.2
+    assert len(data["throughput_all"]) == 60
+
+
+def test_summary_names_every_check_its_examples_and_the_faults(run_dir: Path) -> None:
+    summary = (run_dir / "summary.md").read_text()
+    assert summary.startswith("# Chaos run: black-friday (2pc)")
+    assert "Verdict: **INVALID** (no-leaks, conservation)" in summary
+    for name in ("all-or-nothing", "no-leaks", "conservation"):
+        assert f"| {name} |" in summary
+    assert "`trip-first`: trip still pending" in summary
+    assert "`trip-worst`: hotel r9 still held" in summary
+    assert "KeyError: 'x'" in summary  # an unknown check shows why
+    assert "| reset_peer | car | 1 | 1.5 |" in summary
+    assert '| 10.00 | 8.00 | latency | hotel | {"jitter": 40, "latency": 180} |' in summary
+    assert "Packet loss: Loss is modelled as short reset_peer windows" in summary
+    assert "| settle after heal | 4.2 s |" in summary
+    assert "- a crafted run" in summary
+
+
+def test_chart_is_a_png_of_plausible_size(run_dir: Path) -> None:
+    data = (run_dir / "chart.png").read_bytes()
+    assert data[:8] == PNG_MAGIC
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1210, 715)
+    assert 30_000 < len(data) < 1_000_000
+
+
+def test_every_window_is_shaded_and_the_legend_has_one_entry_per_action() -> None:
+    ax = Figure().subplots()
+    legend = _shade(ax, WINDOWS, end=60.0)
+    assert len(ax.patches) == len(WINDOWS)
+    assert list(legend) == ["latency: hotel", "reset_peer: flight, car", "kill: coordinator"]
+    # A window still open at the end of the run is shaded to the end.
+    ax = Figure().subplots()
+    _shade(ax, [{"start": 50.0, "end": None, "action": "pause", "target": "hotel"}], end=60.0)
+    assert ax.patches[0].get_x() + ax.patches[0].get_width() == pytest.approx(60.0)
+
+
+def test_comparison_puts_2pc_and_saga_side_by_side(tmp_path: Path) -> None:
+    def run(scenario: str, protocol: str, **figures: float) -> dict:
+        return {"scenario": scenario, "protocol": protocol, "verdict": "valid", "measures": figures}
+
+    runs = [
+        run("baseline", "2pc", success_rate=0.95, latency_p99_ms=812.0, compensations=0),
+        run("baseline", "saga", success_rate=0.9, latency_p99_ms=640.5, compensations=12),
+        run("coordinator-crash", "2pc", success_rate=0.5, blocked_inventory_seconds=3600.0),
+    ]
+    out = tmp_path / "reports" / "comparison.md"
+    text = write_comparison(runs, out)
+    assert out.read_text() == text
+    for heading in ("Success rate", "p99 latency", "Settle time", "Blocked inventory",
+                    "Compensations", "Verdict"):  # fmt: skip
+        assert f"## {heading}" in text
+    assert "| baseline | 95.0 % | 90.0 % |" in text
+    assert "| baseline | 812.0 ms | 640.5 ms |" in text
+    assert "| coordinator-crash | 3,600.0 unit·s | — |" in text
+    assert "| baseline | 0 | 12 |" in text
+    assert text.index("| baseline |") < text.index("| coordinator-crash |")
