@@ -15,6 +15,8 @@ def schedule(rng: random.Random, duration: float) -> list[Fault]:
 SCENARIO = Scenario("baseline", "no faults", schedule)
 
 if __name__ == "__main__":
+    import sys
+
     from chaos.run import main
 
-    raise SystemExit(main([SCENARIO.name]))
+    raise SystemExit(main([SCENARIO.name, *sys.argv[1:]]))

@@ -65,6 +65,8 @@ SCENARIO = Scenario(
 )
 
 if __name__ == "__main__":
+    import sys
+
     from chaos.run import main
 
-    raise SystemExit(main([SCENARIO.name]))
+    raise SystemExit(main([SCENARIO.name, *sys.argv[1:]]))
