@@ -74,11 +74,18 @@ class Layout:
             self.address(kind),
             "--decisions",
             self.address(f"{kind}-to-coordinator"),
+            "--metrics-listen",
+            self.address(f"{kind}-metrics"),
         ]
 
     def coordinator_argv(self) -> list[str]:
         """Flags of `python -m coordinator.server`: it dials services only through proxies."""
-        argv = ["--listen", self.address("coordinator")]
+        argv = [
+            "--listen",
+            self.address("coordinator"),
+            "--admin-listen",
+            self.address("coordinator-admin"),
+        ]
         for kind in KINDS:
             argv += [f"--{kind}", self.address(f"coordinator-to-{kind}")]
         return argv
@@ -147,6 +154,7 @@ def load(
         **data["processes"],
         **{p["name"]: p["listen"] for p in data["proxies"]},
         TOXIPROXY: data["toxiproxy_api"],
+        **data.get("admin", {}),
     }
     unknown = {p.upstream for p in proxies} - set(data["processes"])
     if unknown:

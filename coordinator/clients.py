@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from prometheus_client.metrics import Counter as CounterChild
 
 from coordinator.domain import CoordinatorError, LegKind, LegRequest
-from tripmesh.runtime import rpc
+from coordinator.metrics import CoordinatorMetrics
+from tripmesh.runtime import logs, rpc
 from tripmesh.runtime.errors import ErrorKind
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
@@ -73,8 +76,17 @@ class RetryPolicy:
         return lambda attempt: random.uniform(0, min(self.cap, self.initial * 2**attempt))
 
 
-async def retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
-    """Retry `call` while its outcome is unknown, within `policy`; re-raise the last unknown."""
+async def retry(
+    call: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    what: str,
+    *,
+    retries: CounterChild | None = None,
+) -> T:
+    """Retry `call` while its outcome is unknown, within `policy`; re-raise the last unknown.
+
+    `retries` (a metrics counter) counts each retry.
+    """
     loop = asyncio.get_running_loop()
     started = loop.time()
     delay = policy.delays()
@@ -87,6 +99,8 @@ async def retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str
             if policy.give_up_after is not None and elapsed >= policy.give_up_after:
                 raise
             attempt += 1
+            if retries is not None:
+                retries.inc()
             if attempt in (1, 10) or attempt % 50 == 0:
                 log.warning("%s: outcome unknown (%s), retry %d", what, exc.message, attempt)
             await asyncio.sleep(delay(min(attempt, 16)))
@@ -101,20 +115,38 @@ def _hold(leg: LegRequest) -> pb.Hold:
 class ParticipantClient:
     """One participant (flight, hotel or car) over one long-lived channel."""
 
-    def __init__(self, kind: LegKind, channel: grpc.aio.Channel, *, timeout: float) -> None:
+    def __init__(
+        self,
+        kind: LegKind,
+        channel: grpc.aio.Channel,
+        *,
+        timeout: float,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self.kind = kind
         self.channel = channel
         self.timeout = timeout
+        self.metrics = metrics or CoordinatorMetrics()
         self._stub = participant_pb2_grpc.ParticipantStub(channel)
 
     async def _call(self, method: str, request: object) -> object:
+        step = method.lower()
+        started = time.perf_counter()
         try:
-            return await getattr(self._stub, method)(request, timeout=self.timeout)
+            return await getattr(self._stub, method)(
+                request, timeout=self.timeout, metadata=logs.outgoing_metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             message = f"{self.kind.value}.{method}: {exc.code().name}: {exc.details()}"
             if exc.code() in _DEFINITE:
+                self.metrics.step_failures.labels(self.kind.value, step, "rejected").inc()
                 raise ParticipantRejected(message, kind=ErrorKind.PRECONDITION) from exc
+            self.metrics.step_failures.labels(self.kind.value, step, "unknown").inc()
             raise OutcomeUnknown(message) from exc
+        finally:
+            self.metrics.step_duration.labels(self.kind.value, step).observe(
+                time.perf_counter() - started
+            )
 
     async def prepare(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
         reply = await self._call(
@@ -161,11 +193,20 @@ class ParticipantClient:
 class Participants:
     """The three participant clients, one channel each, created once."""
 
-    def __init__(self, addresses: dict[LegKind, str], *, timeout: float) -> None:
+    def __init__(
+        self,
+        addresses: dict[LegKind, str],
+        *,
+        timeout: float,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         service = pb.DESCRIPTOR.services_by_name["Participant"].full_name
         self._clients = {
             kind: ParticipantClient(
-                kind, rpc.channel(address, retry_services=[service]), timeout=timeout
+                kind,
+                rpc.channel(address, retry_services=[service]),
+                timeout=timeout,
+                metrics=metrics,
             )
             for kind, address in addresses.items()
         }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripStatus
+from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripEvent, TripStatus
 from tripmesh.v1 import coordinator_pb2 as pb
 
 PROTOCOL = {
@@ -17,6 +19,7 @@ STATUS = {
     TripStatus.CONFIRMED: pb.TRIP_STATUS_CONFIRMED,
     TripStatus.ABORTED: pb.TRIP_STATUS_ABORTED,
     TripStatus.NEEDS_ATTENTION: pb.TRIP_STATUS_NEEDS_ATTENTION,
+    TripStatus.RESOLVED: pb.TRIP_STATUS_RESOLVED,
 }
 STATUS_FROM = {v: k for k, v in STATUS.items()}
 DECISION = {
@@ -46,7 +49,17 @@ def _timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-def trip_to_proto(trip: Trip) -> pb.Trip:
+def event_to_proto(event: TripEvent) -> pb.TripEvent:
+    return pb.TripEvent(
+        at=_timestamp(event.at),
+        kind=event.kind,
+        leg=event.leg,
+        detail=event.detail,
+        actor=event.actor,
+    )
+
+
+def trip_to_proto(trip: Trip, events: Sequence[TripEvent] = ()) -> pb.Trip:
     r = trip.request
     confirmed = all(leg.status is LegStatus.CONFIRMED for leg in trip.legs)
     return pb.Trip(
@@ -91,4 +104,5 @@ def trip_to_proto(trip: Trip) -> pb.Trip:
                 cars=r.car.quantity,
             ),
         ),
+        events=[event_to_proto(e) for e in events],
     )

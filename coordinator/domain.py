@@ -27,10 +27,11 @@ class TripStatus(enum.Enum):
     CONFIRMED = "confirmed"
     ABORTED = "aborted"
     NEEDS_ATTENTION = "needs_attention"
+    RESOLVED = "resolved"  # repaired by hand; an operator said so
 
     @property
     def terminal(self) -> bool:
-        return self in (TripStatus.CONFIRMED, TripStatus.ABORTED)
+        return self in (TripStatus.CONFIRMED, TripStatus.ABORTED, TripStatus.RESOLVED)
 
 
 class Decision(enum.Enum):
@@ -146,6 +147,7 @@ class TripEvent:
     kind: str  # created, step, outcome, decision, compensation, recovery, finished ...
     leg: str
     detail: str
+    actor: str = "coordinator"  # or the operator who acted
 
 
 def reservation_id(trip_id: str, kind: LegKind) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import Protocol, Trip
 from coordinator.log import TripLog
+from coordinator.metrics import CoordinatorMetrics
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,17 @@ class TripEngine(abc.ABC):
 
     protocol: Protocol
 
-    def __init__(self, log: TripLog, participants: Participants, policies: Policies) -> None:
+    def __init__(
+        self,
+        log: TripLog,
+        participants: Participants,
+        policies: Policies,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self.log = log
         self.participants = participants
         self.policies = policies
+        self.metrics = metrics or CoordinatorMetrics()
 
     @abc.abstractmethod
     async def book(self, trip: Trip) -> Trip:

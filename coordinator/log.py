@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS trips (
   trip_id TEXT PRIMARY KEY,
   protocol TEXT NOT NULL CHECK (protocol IN ('2pc', 'saga')),
   status TEXT NOT NULL
-    CHECK (status IN ('pending', 'confirmed', 'aborted', 'needs_attention')),
+    CHECK (status IN ('pending', 'confirmed', 'aborted', 'needs_attention', 'resolved')),
   decision TEXT CHECK (decision IN ('commit', 'abort')),
   request TEXT NOT NULL,
   failure_reason TEXT NOT NULL DEFAULT '',
@@ -66,10 +66,14 @@ CREATE TABLE IF NOT EXISTS events (
   at REAL NOT NULL,
   kind TEXT NOT NULL,
   leg TEXT NOT NULL DEFAULT '',
-  detail TEXT NOT NULL DEFAULT ''
+  detail TEXT NOT NULL DEFAULT '',
+  actor TEXT NOT NULL DEFAULT 'coordinator'
 );
 CREATE INDEX IF NOT EXISTS events_by_trip ON events(trip_id, seq);
 """
+# Bumped whenever SCHEMA changes; a log written by another version is refused
+# at start-up rather than misread.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,13 @@ class Event:
     kind: str
     leg: str = ""
     detail: str = ""
+    actor: str = "coordinator"
 
 
 class TripLog:
     def __init__(self, path: Path | str) -> None:
-        self.db = Database(path, SCHEMA)
+        self.db = Database(path)
+        self.db.run_sync(_migrate)
 
     def close(self) -> None:
         self.db.close()
@@ -132,12 +138,12 @@ class TripLog:
                     (update.status.value, update.reason, update.price_cents, trip_id, kind.value),
                 )
             _add_events(conn, trip_id, now, events)
-            return _load(conn, trip_id)
+            return load_trip(conn, trip_id)
 
         return await self.db.run(job)
 
     async def get(self, trip_id: str) -> Trip | None:
-        return await self.db.run(lambda c: _load(c, trip_id) if _exists(c, trip_id) else None)
+        return await self.db.run(lambda c: load_trip(c, trip_id) if _exists(c, trip_id) else None)
 
     async def decision(self, trip_id: str) -> tuple[bool, Decision | None]:
         """(known, decision) for a participant's question."""
@@ -162,23 +168,7 @@ class TripLog:
     ) -> tuple[list[Trip], int | None]:
         """Newest first; `before` is the page token (a rowid), 0 for the first page."""
 
-        def job(conn: sqlite3.Connection) -> tuple[list[Trip], int | None]:
-            sql, args = "SELECT rowid AS seq, trip_id FROM trips WHERE 1 = 1", []
-            if before:
-                sql += " AND rowid < ?"
-                args.append(before)
-            if status is not None:
-                sql += " AND status = ?"
-                args.append(status.value)
-            if protocol is not None:
-                sql += " AND protocol = ?"
-                args.append(protocol.value)
-            rows = conn.execute(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
-            more = len(rows) > limit
-            rows = rows[:limit]
-            return [_load(conn, r["trip_id"]) for r in rows], (rows[-1]["seq"] if more else None)
-
-        return await self.db.run(job)
+        return await self.db.run(lambda c: query_trips(c, status, protocol, before, limit))
 
     async def unfinished(self) -> list[str]:
         """Every trip not yet CONFIRMED or ABORTED (NEEDS_ATTENTION waits for an operator)."""
@@ -192,14 +182,7 @@ class TripLog:
         )
 
     async def events(self, trip_id: str) -> list[TripEvent]:
-        return await self.db.run(
-            lambda c: [
-                TripEvent(trip_id, r["at"], r["kind"], r["leg"], r["detail"])
-                for r in c.execute(
-                    "SELECT * FROM events WHERE trip_id = ? ORDER BY seq", (trip_id,)
-                )
-            ]
-        )
+        return await self.db.run(lambda c: load_events(c, trip_id))
 
     async def purge_keys(self, older_than: float) -> int:
         """Forget idempotency keys older than `older_than` seconds; the trips stay."""
@@ -209,6 +192,65 @@ class TripLog:
                 c.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)).rowcount
             )
         )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    empty = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'trips'").fetchone() is None
+    if not empty and version != SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the trip log was written by another version of tripmesh (schema {version},"
+            f" this one reads {SCHEMA_VERSION}); `make reset` starts a fresh one"
+        )
+    for statement in filter(str.strip, SCHEMA.split(";")):
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def query_trips(
+    conn: sqlite3.Connection,
+    status: TripStatus | None,
+    protocol: Protocol | None,
+    before: int,
+    limit: int,
+) -> tuple[list[Trip], int | None]:
+    """A page of trips, newest first, and the token of the next page (None at the end)."""
+    sql, args = "SELECT rowid AS seq, trip_id FROM trips WHERE 1 = 1", []
+    if before:
+        sql += " AND rowid < ?"
+        args.append(before)
+    if status is not None:
+        sql += " AND status = ?"
+        args.append(status.value)
+    if protocol is not None:
+        sql += " AND protocol = ?"
+        args.append(protocol.value)
+    rows = conn.execute(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [load_trip(conn, r["trip_id"]) for r in rows], (rows[-1]["seq"] if more else None)
+
+
+def load_events(conn: sqlite3.Connection, trip_id: str) -> list[TripEvent]:
+    """A trip's timeline, oldest first."""
+    return [
+        TripEvent(trip_id, r["at"], r["kind"], r["leg"], r["detail"], r["actor"])
+        for r in conn.execute("SELECT * FROM events WHERE trip_id = ? ORDER BY seq", (trip_id,))
+    ]
+
+
+def read_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Trips by status (for the metrics and the operator page; any connection will do)."""
+    return {r[0]: r[1] for r in conn.execute("SELECT status, count(*) FROM trips GROUP BY status")}
+
+
+def read_in_doubt(conn: sqlite3.Connection) -> int:
+    """2PC trips whose decision is logged but not yet acknowledged by everyone."""
+    (count,) = conn.execute(
+        "SELECT count(*) FROM trips WHERE protocol = '2pc' AND decision IS NOT NULL"
+        " AND status IN ('pending', 'needs_attention')"
+    ).fetchone()
+    return int(count)
 
 
 def _create(conn: sqlite3.Connection, request: TripRequest) -> tuple[Trip, bool]:
@@ -224,7 +266,7 @@ def _create(conn: sqlite3.Connection, request: TripRequest) -> tuple[Trip, bool]
                 f" {row['trip_id']} with different parameters",
                 kind=ErrorKind.CONFLICT,
             )
-        return _load(conn, row["trip_id"]), True
+        return load_trip(conn, row["trip_id"]), True
     trip_id = "trip-" + uuid.uuid4().hex[:20]
     now = time.time()
     conn.execute(
@@ -241,15 +283,15 @@ def _create(conn: sqlite3.Connection, request: TripRequest) -> tuple[Trip, bool]
         (request.idempotency_key, trip_id, fingerprint, now),
     )
     _add_events(conn, trip_id, now, (Event("created", detail=request.protocol.value),))
-    return _load(conn, trip_id), False
+    return load_trip(conn, trip_id), False
 
 
 def _add_events(
     conn: sqlite3.Connection, trip_id: str, now: float, events: tuple[Event, ...]
 ) -> None:
     conn.executemany(
-        "INSERT INTO events (trip_id, at, kind, leg, detail) VALUES (?, ?, ?, ?, ?)",
-        [(trip_id, now, e.kind, e.leg, e.detail) for e in events],
+        "INSERT INTO events (trip_id, at, kind, leg, detail, actor) VALUES (?, ?, ?, ?, ?, ?)",
+        [(trip_id, now, e.kind, e.leg, e.detail, e.actor) for e in events],
     )
 
 
@@ -257,7 +299,7 @@ def _exists(conn: sqlite3.Connection, trip_id: str) -> bool:
     return conn.execute("SELECT 1 FROM trips WHERE trip_id = ?", (trip_id,)).fetchone() is not None
 
 
-def _load(conn: sqlite3.Connection, trip_id: str) -> Trip:
+def load_trip(conn: sqlite3.Connection, trip_id: str) -> Trip:
     row = conn.execute("SELECT * FROM trips WHERE trip_id = ?", (trip_id,)).fetchone()
     legs = {
         LegKind(r["kind"]): Leg(

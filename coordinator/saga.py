@@ -112,6 +112,7 @@ class Saga(TripEngine):
                     ),
                     self.policies.step,
                     f"{trip.trip_id} reserve {step.leg.value}",
+                    retries=self.metrics.retries.labels(step.leg.value, "reserve"),
                 )
             except OutcomeUnknown as exc:
                 reason = f"{step.leg.value}: outcome unknown: {exc.message}"
@@ -165,8 +166,10 @@ class Saga(TripEngine):
                     partial(step.compensation, client, leg.reservation_id, trip.trip_id),
                     self.policies.compensation,
                     f"{trip.trip_id} cancel {step.leg.value}",
+                    retries=self.metrics.retries.labels(step.leg.value, "cancel"),
                 )
             except (OutcomeUnknown, ParticipantRejected) as exc:
+                self.metrics.compensation_failures.labels(step.leg.value).inc()
                 log.error(
                     "compensation of %s failed past policy: %s; trip needs attention",
                     step.leg.value,
@@ -184,6 +187,7 @@ class Saga(TripEngine):
                 legs={step.leg: LegUpdate(LegStatus.CANCELLED, leg.reason)},
                 events=(Event("compensation", step.leg.value, "cancelled"),),
             )
+            self.metrics.compensations.labels(step.leg.value).inc()
             acknowledged += 1
             if acknowledged == 1:
                 failpoints.hit("saga.mid_compensation")

@@ -4,7 +4,8 @@ Configuration (flags override the environment):
 
 | variable | default | meaning |
 |---|---|---|
-| TRIPMESH_LISTEN | 127.0.0.1:50050 | where to listen (Coordinator and Decisions) |
+| TRIPMESH_LISTEN | 127.0.0.1:50050 | where to listen (Coordinator, Operator, Decisions) |
+| TRIPMESH_ADMIN_LISTEN | 127.0.0.1:9100 | the admin HTTP port: /metrics, the operator page, /api (empty: off) |
 | TRIPMESH_DATA_DIR | .data | the log is DATA_DIR/coordinator.db |
 | TRIPMESH_FLIGHT / _HOTEL / _CAR | 127.0.0.1:60051 / 60052 / 60053 | participants (their Toxiproxy proxies) |
 | TRIPMESH_DEFAULT_PROTOCOL | saga | 2pc or saga, for requests that do not say |
@@ -25,14 +26,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.admin import AdminServer
 from coordinator.catalog import Catalog
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import LegKind, Protocol
 from coordinator.engine import Policies
 from coordinator.log import TripLog
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.operations import OperatorActions
 from coordinator.saga import Saga
 from coordinator.service import TripService
-from coordinator.servicer import CoordinatorServicer, DecisionsServicer
+from coordinator.servicer import CoordinatorServicer, DecisionsServicer, OperatorServicer
 from coordinator.twopc import TwoPhaseCommit
 from tripmesh.runtime import failpoints, logs, rpc
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CoordinatorConfig:
     listen: str
+    admin_listen: str
     data_dir: Path
     participants: dict[LegKind, str]
     default_protocol: Protocol
@@ -58,6 +63,7 @@ class CoordinatorConfig:
         env = os.environ
         p = argparse.ArgumentParser(prog="python -m coordinator.server")
         p.add_argument("--listen", default=env.get("TRIPMESH_LISTEN", "127.0.0.1:50050"))
+        p.add_argument("--admin-listen", default=env.get("TRIPMESH_ADMIN_LISTEN", "127.0.0.1:9100"))
         p.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
         p.add_argument("--flight", default=env.get("TRIPMESH_FLIGHT", "127.0.0.1:60051"))
         p.add_argument("--hotel", default=env.get("TRIPMESH_HOTEL", "127.0.0.1:60052"))
@@ -86,6 +92,7 @@ class CoordinatorConfig:
         a = p.parse_args(argv)
         return cls(
             listen=a.listen,
+            admin_listen=a.admin_listen,
             data_dir=Path(a.data_dir),
             participants={LegKind.FLIGHT: a.flight, LegKind.HOTEL: a.hotel, LegKind.CAR: a.car},
             default_protocol=Protocol(a.default_protocol),
@@ -103,16 +110,21 @@ class CoordinatorConfig:
 async def serve(config: CoordinatorConfig) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     trip_log = TripLog(config.data_dir / "coordinator.db")
-    participants = Participants(config.participants, timeout=config.rpc_timeout)
+    metrics = CoordinatorMetrics()
+    participants = Participants(config.participants, timeout=config.rpc_timeout, metrics=metrics)
     catalog = Catalog(participants)
     engines = {
         engine.protocol: engine
         for engine in (
-            TwoPhaseCommit(trip_log, participants, config.policies),
-            Saga(trip_log, participants, config.policies),
+            TwoPhaseCommit(trip_log, participants, config.policies, metrics),
+            Saga(trip_log, participants, config.policies, metrics),
         )
     }
-    service = TripService(trip_log, engines, catalog)
+    service = TripService(trip_log, engines, catalog, metrics=metrics)
+    admin = None
+    if config.admin_listen:
+        admin = AdminServer(config.admin_listen, trip_log.db.path, metrics, config.participants)
+        log.info("admin (metrics, operator page) on http://%s/", config.admin_listen)
     names = coordinator_pb2.DESCRIPTOR.services_by_name
     running = await rpc.start_server(
         config.listen,
@@ -123,6 +135,11 @@ async def serve(config: CoordinatorConfig) -> None:
                     service, default_protocol=config.default_protocol, max_wait=config.max_wait
                 ),
                 names["Coordinator"].full_name,
+            ),
+            rpc.Service(
+                coordinator_pb2_grpc.add_OperatorServicer_to_server,
+                OperatorServicer(OperatorActions(service), max_wait=config.max_wait),
+                names["Operator"].full_name,
             ),
             rpc.Service(
                 coordinator_pb2_grpc.add_DecisionsServicer_to_server,
@@ -151,6 +168,8 @@ async def serve(config: CoordinatorConfig) -> None:
                 await task
         await service.stop()
         await participants.close()
+        if admin is not None:
+            admin.close()
         trip_log.close()
 
 

@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 from coordinator.catalog import Catalog
 from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest
 from coordinator.engine import TripEngine
 from coordinator.log import TripLog
+from coordinator.metrics import CoordinatorMetrics
+from tripmesh.runtime import logs
 from tripmesh.runtime.errors import ErrorKind
 
 log = logging.getLogger(__name__)
@@ -30,12 +33,16 @@ class TripService:
         *,
         max_in_flight: int = 5000,
         recovery_concurrency: int = 64,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.log = log_
         self.engines = engines
         self.catalog = catalog
+        self.metrics = metrics or CoordinatorMetrics()
         self.max_in_flight = max_in_flight
         self._active: dict[str, asyncio.Task[None]] = {}
+        # Trips an operator action is changing: nobody else may start driving them.
+        self._claimed: set[str] = set()
         self._recovery_slots = asyncio.Semaphore(recovery_concurrency)
         self.last_recovery_seconds: float | None = None
 
@@ -43,15 +50,23 @@ class TripService:
     def in_flight(self) -> int:
         return len(self._active)
 
-    async def book(self, request: TripRequest, *, wait: float) -> tuple[Trip, bool]:
-        """Start (or find) the key's trip and wait up to `wait` seconds for its outcome."""
+    async def book(
+        self, request: TripRequest, *, wait: float, correlation_id: str = ""
+    ) -> tuple[Trip, bool]:
+        """Start (or find) the key's trip and wait up to `wait` seconds for its outcome.
+
+        `correlation_id` (the caller's, if it sent one) follows the trip into every log line.
+        """
         await self.catalog.check(request)
         if len(self._active) >= self.max_in_flight:
             raise CoordinatorError(
                 f"{len(self._active)} trips in flight; try again shortly", kind=ErrorKind.EXHAUSTED
             )
         trip, replayed = await self.log.create(request)
+        logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
         if not replayed:
+            self.metrics.trips_started.labels(trip.protocol.value).inc()
+            log.info("trip created: %s", trip.protocol.value)
             self._start(trip, recovering=False)
         task = self._active.get(trip.trip_id)
         if task is not None and wait > 0:
@@ -74,19 +89,22 @@ class TripService:
             return Decision.ABORT  # presumed abort
         return decision
 
-    def _start(self, trip: Trip, *, recovering: bool) -> None:
+    def _start(self, trip: Trip, *, recovering: bool) -> asyncio.Task[None]:
         engine = self.engines[trip.protocol]
-        self._active[trip.trip_id] = asyncio.create_task(
-            self._drive(engine, trip, recovering), name=trip.trip_id
-        )
+        task = asyncio.create_task(self._drive(engine, trip, recovering), name=trip.trip_id)
+        self._active[trip.trip_id] = task
+        return task
 
     async def _drive(self, engine: TripEngine, trip: Trip, recovering: bool) -> None:
+        if not logs.TRIP_ID.get():  # recovery: no caller, the trip id correlates
+            logs.bind(trip_id=trip.trip_id)
         try:
             if recovering:
                 async with self._recovery_slots:
-                    await engine.recover(trip)
+                    final = await engine.recover(trip)
             else:
-                await engine.book(trip)
+                final = await engine.book(trip)
+            self._finished(final)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -96,14 +114,43 @@ class TripService:
         finally:
             self._active.pop(trip.trip_id, None)
 
+    def _finished(self, trip: Trip) -> None:
+        if trip.status.terminal or trip.status.value == "needs_attention":
+            protocol = trip.protocol.value
+            self.metrics.trips_finished.labels(protocol, trip.status.value).inc()
+            self.metrics.trip_duration.labels(protocol).observe(trip.updated_at - trip.created_at)
+            log.info("trip %s: %s", trip.status.value, trip.failure_reason or "all legs confirmed")
+
+    def is_driven(self, trip_id: str) -> bool:
+        """True while a task drives this trip in this process, or an operator holds it."""
+        return trip_id in self._active or trip_id in self._claimed
+
+    @contextlib.contextmanager
+    def claim(self, trip_id: str) -> Iterator[None]:
+        """Hold a trip while an operator action changes it (the sweeper keeps off)."""
+        if self.is_driven(trip_id):
+            raise CoordinatorError(
+                f"trip {trip_id} is being driven right now; try again when it stops",
+                kind=ErrorKind.PRECONDITION,
+            )
+        self._claimed.add(trip_id)
+        try:
+            yield
+        finally:
+            self._claimed.discard(trip_id)
+
+    def drive(self, trip: Trip) -> asyncio.Task[None]:
+        """Drive a logged trip from where it stands (an operator asked for it)."""
+        return self._start(trip, recovering=True)
+
     async def resume_unfinished(self) -> list[asyncio.Task[None]]:
         """Start a recovery task for every unfinished trip that no task is driving."""
         resumed = []
         for trip_id in await self.log.unfinished():
-            if trip_id in self._active:
+            if self.is_driven(trip_id):
                 continue
             trip = await self.log.get(trip_id)
-            if trip is None or trip_id in self._active:
+            if trip is None or self.is_driven(trip_id):
                 continue
             self._start(trip, recovering=True)
             resumed.append(self._active[trip_id])
@@ -118,6 +165,8 @@ class TripService:
         if resumed:
             await asyncio.gather(*resumed, return_exceptions=True)
             self.last_recovery_seconds = time.monotonic() - started
+            self.metrics.recoveries.inc()
+            self.metrics.recovery_duration.observe(self.last_recovery_seconds)
             log.warning("recovered %d trips in %.2fs", len(resumed), self.last_recovery_seconds)
         return len(resumed)
 

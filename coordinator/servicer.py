@@ -8,8 +8,10 @@ import grpc
 
 from coordinator.convert import DECISION, PROTOCOL_FROM, STATUS_FROM, trip_to_proto
 from coordinator.domain import CoordinatorError, Protocol
+from coordinator.operations import OperatorActions
 from coordinator.service import TripService
 from coordinator.validation import trip_request_from_proto
+from tripmesh.runtime import logs
 from tripmesh.runtime.errors import FieldViolation
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import coordinator_pb2 as pb
@@ -35,7 +37,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         remaining = context.time_remaining()
         # Answer a little before the client's deadline, so it gets the trip, not a timeout.
         wait = self.max_wait if remaining is None else min(self.max_wait, remaining * 0.9 - 0.05)
-        trip, replayed = await self.service.book(trip_request, wait=max(0.0, wait))
+        metadata = dict(context.invocation_metadata() or ())
+        trip, replayed = await self.service.book(
+            trip_request,
+            wait=max(0.0, wait),
+            correlation_id=str(metadata.get(logs.CORRELATION_ID_KEY, "")),
+        )
         return pb.BookTripResponse(trip=trip_to_proto(trip), replayed=replayed)
 
     async def GetTrip(
@@ -43,7 +50,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> pb.Trip:
         if not request.trip_id:
             raise CoordinatorError.invalid(FieldViolation("trip_id", "is required"))
-        return trip_to_proto(await self.service.get(request.trip_id))
+        trip = await self.service.get(request.trip_id)
+        return trip_to_proto(trip, await self.service.log.events(trip.trip_id))
 
     async def ListTrips(
         self, request: pb.ListTripsRequest, context: grpc.aio.ServicerContext
@@ -68,6 +76,46 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             trips=[trip_to_proto(t) for t in trips],
             next_page_token=str(last) if last is not None else "",
         )
+
+
+class OperatorServicer(coordinator_pb2_grpc.OperatorServicer):
+    def __init__(self, actions: OperatorActions, *, max_wait: float) -> None:
+        self.actions = actions
+        self.max_wait = max_wait
+
+    def _wait(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return (
+            self.max_wait
+            if remaining is None
+            else max(0.0, min(self.max_wait, remaining * 0.9 - 0.05))
+        )
+
+    async def _answer(self, trip_id: str) -> pb.Trip:
+        trip = await self.actions.service.get(trip_id)
+        return trip_to_proto(trip, await self.actions.log.events(trip_id))
+
+    async def RetryTrip(
+        self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Trip:
+        await self.actions.retry(
+            request.trip_id, request.operator, request.reason, wait=self._wait(context)
+        )
+        return await self._answer(request.trip_id)
+
+    async def ForceCompensation(
+        self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Trip:
+        await self.actions.force_compensation(
+            request.trip_id, request.operator, request.reason, wait=self._wait(context)
+        )
+        return await self._answer(request.trip_id)
+
+    async def MarkResolved(
+        self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Trip:
+        await self.actions.mark_resolved(request.trip_id, request.operator, request.reason)
+        return await self._answer(request.trip_id)
 
 
 class DecisionsServicer(coordinator_pb2_grpc.DecisionsServicer):

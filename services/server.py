@@ -5,6 +5,7 @@ Configuration (flags override the environment):
 | variable | default | meaning |
 |---|---|---|
 | TRIPMESH_LISTEN | 127.0.0.1:50051 (flight), :50052 (hotel), :50053 (car) | where to listen |
+| TRIPMESH_METRICS_LISTEN | 127.0.0.1:9101 (flight), :9102 (hotel), :9103 (car) | Prometheus /metrics (empty: off) |
 | TRIPMESH_DATA_DIR | .data | the database is DATA_DIR/<kind>.db |
 | TRIPMESH_DECISIONS | 127.0.0.1:60055 (flight), :60056 (hotel), :60057 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
 | TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
@@ -24,8 +25,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 from services import car, flight, hotel
 from services.catalog import CatalogKind, load_catalog_file, seed
+from services.participant.metrics import ParticipantMetrics
 from services.participant.resolver import InDoubtResolver
 from services.participant.servicer import ParticipantServicer
 from services.participant.store import ParticipantStore
@@ -43,12 +47,14 @@ log = logging.getLogger(__name__)
 KINDS: dict[str, CatalogKind] = {"flight": flight.KIND, "hotel": hotel.KIND, "car": car.KIND}
 DEFAULT_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
 DEFAULT_DECISION_PORTS = {"flight": 60055, "hotel": 60056, "car": 60057}
+DEFAULT_METRICS_PORTS = {"flight": 9101, "hotel": 9102, "car": 9103}
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     kind: str
     listen: str
+    metrics_listen: str
     data_dir: Path
     decisions: str
     catalog: Path | None
@@ -63,6 +69,7 @@ class ServiceConfig:
         parser = argparse.ArgumentParser(prog="python -m services.server")
         parser.add_argument("kind", choices=sorted(KINDS))
         parser.add_argument("--listen", default=env.get("TRIPMESH_LISTEN"))
+        parser.add_argument("--metrics-listen", default=env.get("TRIPMESH_METRICS_LISTEN"))
         parser.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
         parser.add_argument("--decisions", default=env.get("TRIPMESH_DECISIONS"))
         parser.add_argument("--catalog", default=env.get("TRIPMESH_CATALOG"))
@@ -74,6 +81,11 @@ class ServiceConfig:
         return cls(
             kind=args.kind,
             listen=args.listen or f"127.0.0.1:{DEFAULT_PORTS[args.kind]}",
+            metrics_listen=(
+                f"127.0.0.1:{DEFAULT_METRICS_PORTS[args.kind]}"
+                if args.metrics_listen is None
+                else args.metrics_listen
+            ),
             data_dir=Path(args.data_dir),
             decisions=args.decisions or f"127.0.0.1:{DEFAULT_DECISION_PORTS[args.kind]}",
             catalog=Path(args.catalog) if args.catalog else None,
@@ -113,9 +125,13 @@ def open_store(config: ServiceConfig) -> ParticipantStore:
 
 async def serve(config: ServiceConfig) -> None:
     store = open_store(config)
+    metrics = ParticipantMetrics(config.kind, store.db.path)
+    if config.metrics_listen:
+        host, _, port = config.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host, registry=metrics.registry)
     participant = rpc.Service(
         participant_pb2_grpc.add_ParticipantServicer_to_server,
-        ParticipantServicer(store, KINDS[config.kind].unit),
+        ParticipantServicer(store, KINDS[config.kind].unit, metrics),
         participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name,
     )
     running = await rpc.start_server(
@@ -127,6 +143,7 @@ async def serve(config: ServiceConfig) -> None:
         coordinator_pb2_grpc.DecisionsStub(decisions_channel),
         after=config.resolve_after,
         interval=config.resolve_interval,
+        metrics=metrics,
     )
     resolving = asyncio.create_task(resolver.run_forever(), name="in-doubt resolver")
     await running.set_serving(True)

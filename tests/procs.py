@@ -105,6 +105,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_address = f"127.0.0.1:{free_port()}"
         coordinator_address = f"127.0.0.1:{free_port()}"
         for kind in KINDS:
             address = f"127.0.0.1:{free_port()}"
@@ -121,6 +122,8 @@ class Cluster:
                 coordinator_address,
                 "--resolve-after",
                 "1",
+                "--metrics-listen",
+                f"127.0.0.1:{free_port()}",
             ]
             if self.catalog is not None:
                 argv += ["--catalog", str(self.catalog / f"{kind}.json")]
@@ -147,6 +150,8 @@ class Cluster:
             "2",
             "--compensation-give-up",
             "20",
+            "--admin-listen",
+            self.admin_address,
         ]
         self.coordinator = Proc(
             "coordinator",

@@ -15,6 +15,7 @@ import logging
 
 import grpc
 
+from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -30,7 +31,9 @@ class InDoubtResolver:
         after: float,
         interval: float,
         deadline: float = 2.0,
+        metrics: ParticipantMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.decisions = decisions
         self.after = after
@@ -72,6 +75,11 @@ class InDoubtResolver:
             else:
                 continue
             settled += 1
+            if self.metrics is not None:
+                decision = (
+                    "commit" if answer.decision == coordinator_pb2.DECISION_COMMIT else "abort"
+                )
+                self.metrics.in_doubt_settled.labels(self.store.kind, decision).inc()
             log.info(
                 "in-doubt hold %s settled by asking: %s",
                 held.reservation_id,

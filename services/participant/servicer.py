@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from services.participant.convert import (
@@ -12,6 +14,7 @@ from services.participant.convert import (
     status_from_proto,
 )
 from services.participant.domain import ParticipantError
+from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.errors import FieldViolation
@@ -19,6 +22,7 @@ from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
 
+log = logging.getLogger(__name__)
 _MAX_PAGE = 1000
 _MAX_ID = 200
 
@@ -41,15 +45,34 @@ def _page(page_size: int, page_token: str) -> tuple[int, int]:
 
 
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
-    def __init__(self, store: ParticipantStore, unit: str) -> None:
+    def __init__(
+        self, store: ParticipantStore, unit: str, metrics: ParticipantMetrics | None = None
+    ) -> None:
         self.store = store
         self.unit = unit
+        self.metrics = metrics or ParticipantMetrics(store.kind, store.db.path)
+
+    def _done(self, step: str, reservation_id: str, outcome: str, detail: str = "") -> None:
+        """Count the step and log one line of it (the trip id is in scope from metadata)."""
+        self.metrics.steps.labels(self.store.kind, step, outcome).inc()
+        log.info(
+            "%s %s: %s%s",
+            step,
+            reservation_id,
+            outcome,
+            f" ({detail})" if detail else "",
+            extra={"reservation_id": reservation_id},
+        )
 
     async def Prepare(
         self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrepareResponse:
         reservation_id, trip_id = _ids(request)  # type: ignore[arg-type]
         result = await self.store.prepare(reservation_id, trip_id, hold_from_proto(request.hold))
+        self.metrics.votes.labels(self.store.kind, "yes" if result.accepted else "no").inc()
+        self._done(
+            "prepare", reservation_id, "voted yes" if result.accepted else "voted no", result.reason
+        )
         if result.accepted:
             failpoints.hit("participant.after_vote_yes")
         return pb.PrepareResponse(
@@ -64,6 +87,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         reservation_id, trip_id = _ids(request)
         failpoints.hit("participant.before_commit")
         done = await self.store.commit(reservation_id, trip_id, settled_by="coordinator")
+        self._done("commit", reservation_id, done.status.value)
         return pb.CommitResponse(reservation=reservation_to_proto(done))
 
     async def Abort(
@@ -71,6 +95,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> pb.AbortResponse:
         reservation_id, trip_id = _ids(request)
         done = await self.store.abort(reservation_id, trip_id, settled_by="coordinator")
+        self._done("abort", reservation_id, done.status.value)
         return pb.AbortResponse(reservation=reservation_to_proto(done))
 
     async def Reserve(
@@ -78,6 +103,9 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> pb.ReserveResponse:
         reservation_id, trip_id = _ids(request)  # type: ignore[arg-type]
         result = await self.store.reserve(reservation_id, trip_id, hold_from_proto(request.hold))
+        self._done(
+            "reserve", reservation_id, "reserved" if result.accepted else "refused", result.reason
+        )
         return pb.ReserveResponse(
             reserved=result.accepted,
             reason=result.reason,
@@ -88,7 +116,9 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelResponse:
         reservation_id, trip_id = _ids(request)
+        failpoints.hit("participant.before_cancel")
         done = await self.store.cancel(reservation_id, trip_id)
+        self._done("cancel", reservation_id, done.status.value)
         return pb.CancelResponse(reservation=reservation_to_proto(done))
 
     async def GetInventory(
@@ -114,6 +144,23 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         return pb.ListReservationsResponse(
             reservations=[reservation_to_proto(r) for r in rows],
             next_page_token=str(last) if last is not None else "",
+        )
+
+    async def SummarizeInventory(
+        self, request: pb.SummarizeInventoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SummarizeInventoryResponse:
+        return pb.SummarizeInventoryResponse(
+            resources=[
+                pb.ResourceTotals(
+                    resource_id=resource,
+                    unit=self.unit,
+                    capacity=capacity,
+                    available=available,
+                    held=held,
+                    confirmed=confirmed,
+                )
+                for resource, capacity, available, held, confirmed in await self.store.totals()
+            ]
         )
 
     async def ListResources(

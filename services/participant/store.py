@@ -115,6 +115,18 @@ class ParticipantStore:
     ) -> tuple[list[Reservation], int | None]:
         return await self.db.run(lambda c: _reservations(c, after, limit, status, trip_id))
 
+    async def totals(self) -> list[tuple[str, int, int, int, int]]:
+        """(resource, capacity, available, held, confirmed) summed over every date."""
+        return await self.db.run(
+            lambda c: [
+                tuple(r)
+                for r in c.execute(
+                    "SELECT resource_id, sum(capacity), sum(available), sum(held), sum(confirmed)"
+                    " FROM inventory GROUP BY resource_id ORDER BY resource_id"
+                )
+            ]
+        )
+
     async def in_doubt(self, older_than: float) -> list[Reservation]:
         """Prepared holds untouched for `older_than` seconds: ask the coordinator about them."""
         cutoff = time.time() - older_than

@@ -32,6 +32,7 @@ FAILPOINTS = {
     "saga.mid_compensation": "coordinator: one compensation acknowledged, others not yet",
     "participant.after_vote_yes": "participant: a yes vote is durable, the reply not sent",
     "participant.before_commit": "participant: a Commit arrived, nothing applied yet",
+    "participant.before_cancel": "participant: a Cancel (compensation) arrived, nothing applied yet",
 }
 
 _lock = threading.Lock()

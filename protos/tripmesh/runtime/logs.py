@@ -1,11 +1,39 @@
-"""Logging set-up: one JSON object a line, so logs can be grepped and parsed."""
+"""Logging: one JSON object a line, each carrying the trip and correlation id in scope.
+
+`bind(trip_id=..., correlation_id=...)` sets them for the current asyncio task
+(context variables); every log line written in that task carries them, and
+the coordinator's participant calls send them as gRPC metadata, so one trip's
+lines can be pulled from all four processes' logs with one grep.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+
+TRIP_ID: contextvars.ContextVar[str] = contextvars.ContextVar("trip_id", default="")
+CORRELATION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
+
+# gRPC metadata keys (lower case, as HTTP/2 requires).
+TRIP_ID_KEY = "x-trip-id"
+CORRELATION_ID_KEY = "x-correlation-id"
+
+
+def bind(*, trip_id: str = "", correlation_id: str = "") -> None:
+    """Put a trip (and its correlation id, by default the trip id) in scope for this task."""
+    TRIP_ID.set(trip_id)
+    CORRELATION_ID.set(correlation_id or trip_id)
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """The metadata that carries the current trip to the next hop."""
+    trip_id = TRIP_ID.get()
+    if not trip_id:
+        return ()
+    return ((TRIP_ID_KEY, trip_id), (CORRELATION_ID_KEY, CORRELATION_ID.get() or trip_id))
 
 
 class JsonFormatter(logging.Formatter):
@@ -14,7 +42,7 @@ class JsonFormatter(logging.Formatter):
         self.process_name = process_name
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
@@ -22,7 +50,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("trip_id", "leg", "reservation_id", "event"):
+        trip_id = getattr(record, "trip_id", None) or TRIP_ID.get()
+        if trip_id:
+            entry["trip_id"] = trip_id
+            entry["correlation_id"] = CORRELATION_ID.get() or trip_id
+        for key in ("leg", "reservation_id", "event"):
             value = getattr(record, key, None)
             if value is not None:
                 entry[key] = value

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from tripmesh.runtime import logs
 from tripmesh.runtime.errors import ErrorKind, TripmeshError
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,33 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
+class BindTrip(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Puts the caller's trip and correlation id (gRPC metadata) in scope for the handler."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        trip_id = metadata.get(logs.TRIP_ID_KEY)
+        if handler is None or handler.unary_unary is None or not trip_id:
+            return handler
+        inner = handler.unary_unary
+        correlation_id = metadata.get(logs.CORRELATION_ID_KEY, trip_id)
+
+        async def bound(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            logs.bind(trip_id=trip_id, correlation_id=correlation_id)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            bound,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
 @dataclass(frozen=True)
 class Service:
     """A servicer to register: the generated `add_*_to_server` and its full name."""
@@ -139,7 +167,7 @@ async def start_server(
     process can finish its start-up work (recovery) before it takes traffic.
     """
     server = grpc.aio.server(
-        interceptors=[ErrorMapping(), *interceptors],
+        interceptors=[BindTrip(), ErrorMapping(), *interceptors],
         options=[
             ("grpc.so_reuseport", 0),
             # Accept the keepalive pings our own channels send (see `channel`),
