@@ -100,6 +100,8 @@ class Cluster:
     catalog: Path | None = None
     coordinator_env: dict[str, str] = field(default_factory=dict)
     service_env: dict[str, str] = field(default_factory=dict)
+    #: Extra coordinator flags; later flags win (e.g. ["--compensation-give-up", "2"]).
+    coordinator_args: list[str] = field(default_factory=list)
     services: dict[str, Proc] = field(default_factory=dict)
     coordinator: Proc | None = None
 
@@ -152,6 +154,7 @@ class Cluster:
             "20",
             "--admin-listen",
             self.admin_address,
+            *self.coordinator_args,
         ]
         self.coordinator = Proc(
             "coordinator",
