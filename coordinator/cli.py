@@ -81,6 +81,16 @@ def show_trip(trip: pb.Trip) -> None:
     )
     if trip.failure_reason:
         console.print(f"reason: {trip.failure_reason}")
+    if trip.events:
+        show_timeline(trip)
+
+
+def show_timeline(trip: pb.Trip) -> None:
+    table = Table("time (UTC)", "event", "leg", "detail", "by", title="timeline")
+    for event in trip.events:
+        stamp = event.at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+        table.add_row(stamp, event.kind, event.leg, event.detail, event.actor)
+    console.print(table)
 
 
 def _emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
@@ -90,7 +100,8 @@ def _emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
         human()
 
 
-def cmd_book(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
+def cmd_book(args: argparse.Namespace, channel: grpc.Channel) -> None:
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     date = args.date or (dt.date.today() + dt.timedelta(days=7)).isoformat()
     request = pb.BookTripRequest(
         idempotency_key=args.key or f"cli-{uuid.uuid4().hex[:12]}",
@@ -106,12 +117,14 @@ def cmd_book(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStu
     _emit(reply, args.json, lambda: show_trip(reply.trip))
 
 
-def cmd_trip(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
+def cmd_trip(args: argparse.Namespace, channel: grpc.Channel) -> None:
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     trip = stub.GetTrip(pb.GetTripRequest(trip_id=args.trip_id), timeout=args.timeout)
     _emit(trip, args.json, lambda: show_trip(trip))
 
 
-def cmd_trips(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorStub) -> None:
+def cmd_trips(args: argparse.Namespace, channel: grpc.Channel) -> None:
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     reply = stub.ListTrips(
         pb.ListTripsRequest(
             status=STATUSES.get(args.status or "", 0),
@@ -136,7 +149,7 @@ def cmd_trips(args: argparse.Namespace, stub: coordinator_pb2_grpc.CoordinatorSt
     _emit(reply, args.json, human)
 
 
-def cmd_inventory(args: argparse.Namespace, _: object) -> None:
+def cmd_inventory(args: argparse.Namespace, _: grpc.Channel) -> None:
     with grpc.insecure_channel(_service_address(args.kind)) as channel:
         reply = participant_pb2_grpc.ParticipantStub(channel).GetInventory(
             participant_pb2.GetInventoryRequest(
@@ -161,7 +174,7 @@ def cmd_inventory(args: argparse.Namespace, _: object) -> None:
     _emit(reply, args.json, human)
 
 
-def cmd_search(args: argparse.Namespace, _: object) -> None:
+def cmd_search(args: argparse.Namespace, _: grpc.Channel) -> None:
     kind = {"flights": "flight", "hotels": "hotel", "cars": "car"}[args.what]
     date = args.date or (dt.date.today() + dt.timedelta(days=7)).isoformat()
     with grpc.insecure_channel(_service_address(kind)) as channel:
@@ -221,6 +234,20 @@ def cmd_search(args: argparse.Namespace, _: object) -> None:
     _emit(reply, args.json, human)
 
 
+def cmd_operator(args: argparse.Namespace, channel: grpc.Channel) -> None:
+    operator = coordinator_pb2_grpc.OperatorStub(channel)
+    action = {
+        "retry": operator.RetryTrip,
+        "compensate": operator.ForceCompensation,
+        "resolve": operator.MarkResolved,
+    }[args.command]
+    trip = action(
+        pb.OperatorActionRequest(trip_id=args.trip_id, operator=args.operator, reason=args.reason),
+        timeout=args.timeout,
+    )
+    _emit(trip, args.json, lambda: show_trip(trip))
+
+
 def _service_address(kind: str) -> str:
     return os.environ.get(f"TRIPMESH_{kind.upper()}_SERVICE", f"127.0.0.1:{SERVICE_PORTS[kind]}")
 
@@ -259,6 +286,22 @@ def parser() -> argparse.ArgumentParser:
     ts.add_argument("--limit", type=int, default=20)
     ts.set_defaults(run=cmd_trips)
 
+    helps = {
+        "retry": "drive a trip that needs attention again, now",
+        "compensate": "give a stuck trip up: compensate (saga) or abort (undecided 2PC)",
+        "resolve": "mark a trip that needs attention resolved, after a repair by hand",
+    }
+    for name, text in helps.items():
+        o = sub.add_parser(name, help=text)
+        o.add_argument("trip_id")
+        o.add_argument("--reason", required=True, help="why (goes into the timeline)")
+        o.add_argument(
+            "--operator",
+            default=os.environ.get("USER", "operator"),
+            help="who acts (default: $USER)",
+        )
+        o.set_defaults(run=cmd_operator)
+
     i = sub.add_parser("inventory", help="capacity, available, held, confirmed per date")
     i.add_argument("kind", choices=sorted(SERVICE_PORTS))
     i.add_argument("resource_id")
@@ -294,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         with grpc.insecure_channel(args.coordinator) as channel:
-            args.run(args, coordinator_pb2_grpc.CoordinatorStub(channel))
+            args.run(args, channel)
     except grpc.RpcError as error:
         _report(error)
         return 1
