@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chaos import layout as layouts
+from chaos.errors import ChaosError
 from chaos.layout import KINDS, TOXIPROXY, Layout
 from chaos.supervise import Program, Supervisor, SupervisorError, render_config
 from chaos.toxiproxy import Toxiproxy, ToxiproxyError
@@ -37,16 +38,8 @@ DEAD = {"EXITED", "FATAL", "BACKOFF", "STOPPED", "UNKNOWN"}
 SERVING = "SERVING"
 
 
-class MeshError(Exception):
+class MeshError(ChaosError):
     """The mesh could not be brought to the state asked for."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    @property
-    def retryable(self) -> bool:
-        return False
 
 
 def find_toxiproxy() -> Path:

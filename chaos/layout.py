@@ -19,21 +19,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from chaos.errors import ChaosError
+
 DECLARATION = Path(__file__).with_name("proxies.json")
 KINDS = ("flight", "hotel", "car")
 TOXIPROXY = "toxiproxy"
 
 
-class LayoutError(Exception):
+class LayoutError(ChaosError):
     """The declaration or a port override does not make sense."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    @property
-    def retryable(self) -> bool:
-        return False
 
 
 @dataclass(frozen=True)

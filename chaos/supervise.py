@@ -27,22 +27,15 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from chaos.errors import ChaosError
+
 # AF_UNIX paths are limited to 108 bytes including the terminator.
 MAX_SOCKET_PATH = 107
 STOP_WAIT_SECONDS = 15  # servers drain for 5 s after SIGTERM; this is the SIGKILL backstop
 
 
-class SupervisorError(Exception):
+class SupervisorError(ChaosError):
     """supervisord could not be started, reached or obeyed."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self._retryable = retryable
-
-    @property
-    def retryable(self) -> bool:
-        return self._retryable
 
 
 @dataclass(frozen=True)

@@ -29,21 +29,13 @@ import requests
 from toxiproxy.api import APIConsumer, validate_response
 from toxiproxy.exceptions import InvalidToxic, NotFound, ProxyExists
 
+from chaos.errors import ChaosError
+
 DEFAULT_TIMEOUT = 5.0
 
 
-class ToxiproxyError(Exception):
+class ToxiproxyError(ChaosError):
     """Anything that went wrong talking to Toxiproxy."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self._retryable = retryable
-
-    @property
-    def retryable(self) -> bool:
-        """True when the same call may succeed later (the server was unreachable)."""
-        return self._retryable
 
 
 class ToxiproxyUnreachable(ToxiproxyError):

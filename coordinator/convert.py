@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripEvent, TripStatus
+from tripmesh.runtime.rpc import timestamp
 from tripmesh.v1 import coordinator_pb2 as pb
 
 PROTOCOL = {
@@ -43,15 +42,9 @@ LEG_STATUS = {
 }
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def event_to_proto(event: TripEvent) -> pb.TripEvent:
     return pb.TripEvent(
-        at=_timestamp(event.at),
+        at=timestamp(event.at),
         kind=event.kind,
         leg=event.leg,
         detail=event.detail,
@@ -82,8 +75,8 @@ def trip_to_proto(trip: Trip, events: Sequence[TripEvent] = ()) -> pb.Trip:
         failure_reason=trip.failure_reason,
         decision=DECISION[trip.decision],
         total_price_cents=sum(leg.price_cents for leg in trip.legs) if confirmed else 0,
-        created_at=_timestamp(trip.created_at),
-        updated_at=_timestamp(trip.updated_at),
+        created_at=timestamp(trip.created_at),
+        updated_at=timestamp(trip.updated_at),
         request=pb.BookTripRequest(
             idempotency_key=r.idempotency_key,
             customer_id=r.customer_id,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from services.participant.domain import (
     Hold,
     InventoryDay,
@@ -12,6 +10,7 @@ from services.participant.domain import (
     ReservationStatus,
     Resource,
 )
+from tripmesh.runtime.rpc import timestamp
 from tripmesh.v1 import participant_pb2 as pb
 
 _STATUS_TO_PROTO = {
@@ -45,12 +44,6 @@ def status_from_proto(value: int) -> ReservationStatus | None:
     return _STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def reservation_to_proto(r: Reservation) -> pb.Reservation:
     return pb.Reservation(
         reservation_id=r.reservation_id,
@@ -61,8 +54,8 @@ def reservation_to_proto(r: Reservation) -> pb.Reservation:
         price_cents=r.price_cents,
         reason=r.reason,
         settled_by=r.settled_by,
-        created_at=_timestamp(r.created_at),
-        updated_at=_timestamp(r.updated_at),
+        created_at=timestamp(r.created_at),
+        updated_at=timestamp(r.updated_at),
     )
 
 

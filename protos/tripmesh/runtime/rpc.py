@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -66,6 +67,24 @@ async def abort_with(context: grpc.aio.ServicerContext, error: TripmeshError) ->
     await context.abort_with_status(rpc_status.to_status(status))
 
 
+def _rewrap(
+    handler: grpc.RpcMethodHandler, behaviour: Callable[[Any, grpc.aio.ServicerContext], Any]
+) -> grpc.RpcMethodHandler:
+    """The same unary method, with `behaviour` (which calls the original) in its place."""
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A protobuf Timestamp from seconds since the epoch."""
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
 class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns TripmeshError into its status code; anything else into a plain INTERNAL."""
 
@@ -91,11 +110,7 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 log.exception("unexpected error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _rewrap(handler, guarded)
 
 
 class BindTrip(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -118,11 +133,7 @@ class BindTrip(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             logs.bind(trip_id=trip_id, correlation_id=correlation_id)
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            bound,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _rewrap(handler, bound)
 
 
 @dataclass(frozen=True)
