@@ -24,7 +24,7 @@ GENERATED := $(foreach p,$(PROTOS:.proto=),$(p)_pb2.py $(p)_pb2.pyi $(p)_pb2_grp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help up down status logs reset test lint check proto toxiproxy venv chaos chaos-report load bench
+.PHONY: help up down status logs reset test lint types check proto toxiproxy venv chaos chaos-report load bench
 
 help: ## Show the targets
 	@echo "tripmesh: flight, hotel and car booked together, by 2PC or saga, behind Toxiproxy."
@@ -48,13 +48,16 @@ logs: ## Last lines of every log; ARGS="-f coordinator" follows one
 reset: venv proto toxiproxy ## Stop, wipe the databases and logs, start again (reseeds the catalog)
 	@$(PY) -m chaos.mesh reset
 
-test: venv proto toxiproxy ## The whole suite: unit, integration, end-to-end through Toxiproxy
+test: venv proto toxiproxy browser ## The whole suite: unit, integration, end-to-end through Toxiproxy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv ## ruff
 	$(PY) -m ruff check .
 
-check: lint test ## Lint, then the whole suite
+types: venv proto ## mypy --strict over the source (generated code excluded)
+	$(PY) -m mypy services coordinator chaos loadtest protos/tripmesh/runtime
+
+check: lint types test ## Lint, types, then the whole suite
 
 venv: $(INSTALLED) ## The virtualenv (.venv) with the pinned dependencies from pyproject.toml
 
@@ -92,6 +95,19 @@ toxiproxy: ## The Toxiproxy server: toxiproxy-server on PATH, or built into .bin
 		echo "  Either install Go (https://go.dev/dl/) and run make again," >&2; \
 		echo "  or put Toxiproxy $(TOXIPROXY_VERSION)'s server on PATH as toxiproxy-server:" >&2; \
 		echo "  https://github.com/Shopify/toxiproxy/releases/tag/v$(TOXIPROXY_VERSION)" >&2; \
+		exit 1; \
+	fi
+
+.PHONY: browser
+browser: ## Chromium for the operator page's browser test: chromium on PATH, else apt-get (as root)
+	@if command -v chromium >/dev/null 2>&1; then \
+		: "on PATH: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's chromium for the browser test (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "error: no chromium on PATH; the operator page's browser test drives it." >&2; \
+		echo "  Install it (Debian/Ubuntu): sudo apt-get install chromium" >&2; \
 		exit 1; \
 	fi
 

@@ -19,7 +19,7 @@ _TIMEOUT = 10.0
 
 
 def _enum(enum: object, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined]
+    return str(enum.Name(value)).removeprefix(prefix).lower()  # type: ignore[attr-defined]
 
 
 def _dates(hold: ppb.Hold) -> tuple[str, ...]:

@@ -66,7 +66,7 @@ def grpc_health(address: str, timeout: float = 1.0) -> str:
             )
         except grpc.RpcError as exc:
             return exc.code().name if isinstance(exc, grpc.Call) else "UNREACHABLE"
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 class Mesh:

@@ -13,6 +13,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
@@ -65,8 +66,8 @@ def write_run_report(
     scenario: str,
     protocol: str,
     seed: int,
-    schedule: list[dict],
-    fault_windows: list[dict],
+    schedule: list[dict[str, Any]],
+    fault_windows: list[dict[str, Any]],
     results: list[CheckResult],
     measures: Measures,
     loss_model: str,
@@ -90,9 +91,9 @@ def write_run_report(
 
 
 def _summary(
-    head: dict,
-    schedule: list[dict],
-    windows: list[dict],
+    head: dict[str, Any],
+    schedule: list[dict[str, Any]],
+    windows: list[dict[str, Any]],
     results: list[CheckResult],
     m: Measures,
     loss_model: str,
@@ -163,7 +164,7 @@ def _summary(
     return "\n".join(lines)
 
 
-def _fault_totals(windows: list[dict]) -> str:
+def _fault_totals(windows: list[dict[str, Any]]) -> str:
     """Applied windows counted and summed per action and target."""
     if not windows:
         return "No fault was applied."
@@ -181,7 +182,9 @@ def _fault_totals(windows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_chart(path: Path, measures: Measures, fault_windows: list[dict], *, title: str) -> None:
+def write_chart(
+    path: Path, measures: Measures, fault_windows: list[dict[str, Any]], *, title: str
+) -> None:
     """Throughput (top) and p50 latency (bottom) over time, every fault window shaded."""
     width = measures.bucket_seconds
     count = len(measures.throughput_all)
@@ -221,7 +224,7 @@ def write_chart(path: Path, measures: Measures, fault_windows: list[dict], *, ti
     fig.savefig(path, dpi=110)
 
 
-def _shade(ax: Axes, windows: list[dict], end: float) -> dict[str, Artist]:
+def _shade(ax: Axes, windows: list[dict[str, Any]], end: float) -> dict[str, Artist]:
     """One axvspan per window; returns one patch per action, labelled with its targets."""
     targets: dict[str, list[str]] = defaultdict(list)
     for w in windows:
@@ -243,7 +246,7 @@ def _shade(ax: Axes, windows: list[dict], end: float) -> dict[str, Artist]:
     return legend
 
 
-Column = Callable[[dict], str]
+Column = Callable[[dict[str, Any]], str]
 COMPARED: tuple[tuple[str, str, Column], ...] = (
     (
         "Success rate",
@@ -270,7 +273,7 @@ COMPARED: tuple[tuple[str, str, Column], ...] = (
 )
 
 
-def write_comparison(runs: Sequence[dict], out: Path) -> str:
+def write_comparison(runs: Sequence[dict[str, Any]], out: Path) -> str:
     """One Markdown table per measure: a row per scenario, 2PC against saga; written to `out`."""
     scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
     by_cell = {(r["scenario"], r["protocol"]): r for r in runs}  # the last run of a cell wins

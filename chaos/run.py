@@ -30,7 +30,7 @@ from chaos.launcher import ROOT, Mesh
 from chaos.layout import KINDS, free_layout
 from chaos.nemesis import Fault, Nemesis, Window
 from chaos.scenarios import Scenario, registry
-from chaos.workload import Catalog, ClientSettings, generate, run_clients
+from chaos.workload import Catalog, ClientSettings, Planned, generate, run_clients
 from services import car, flight, hotel
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
@@ -133,7 +133,7 @@ async def _traffic(
     config: RunConfig,
     mesh: Mesh,
     nemesis: Nemesis,
-    plans: list,
+    plans: list[Planned],
     schedule: list[Fault],
     history: HistoryWriter,
 ) -> list[Window]:

@@ -154,7 +154,7 @@ class Supervisor:
         if not self.socket.exists():
             return False
         try:
-            return self._rpc().supervisor.getState()["statename"] == "RUNNING"
+            return bool(self._rpc().supervisor.getState()["statename"] == "RUNNING")
         except (OSError, http.client.HTTPException, xmlrpc.client.Error):
             return False
 

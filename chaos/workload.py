@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from chaos.history import HistoryWriter, Op
+from chaos.history import HistoryWriter, Op, OpType
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
@@ -134,7 +134,7 @@ async def _book(
     settings: ClientSettings,
     origin: float,
 ) -> None:
-    def op(type_: str, attempt: int, **kw: str) -> Op:
+    def op(type_: OpType, attempt: int, **kw: str) -> Op:
         return Op(
             process,
             type_,
@@ -144,7 +144,7 @@ async def _book(
             time.monotonic() - origin,
             attempt=attempt,
             **kw,
-        )  # type: ignore[arg-type]
+        )
 
     for attempt in range(1, settings.max_attempts + 1):
         history.write(op("invoke", attempt))

@@ -41,7 +41,8 @@ _MAX_LIMIT = 500
 
 
 def _json(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
+    found: dict[str, Any] = MessageToDict(message, preserving_proto_field_name=True)
+    return found
 
 
 class AdminServer:
@@ -118,7 +119,8 @@ class AdminServer:
                 return None
             return _json(trip_to_proto(load_trip(conn, trip_id), load_events(conn, trip_id)))
 
-        return self._read(job)
+        found: dict[str, Any] | None = self._read(job)
+        return found
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         admin = self

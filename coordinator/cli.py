@@ -39,8 +39,12 @@ from tripmesh.v1 import (
 from tripmesh.v1 import coordinator_pb2 as pb
 
 console = Console()
-PROTOCOLS = {"2pc": pb.PROTOCOL_TWO_PHASE_COMMIT, "saga": pb.PROTOCOL_SAGA, "default": 0}
-STATUSES = {
+PROTOCOLS: dict[str, pb.Protocol] = {
+    "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
+    "saga": pb.PROTOCOL_SAGA,
+    "default": pb.PROTOCOL_UNSPECIFIED,
+}
+STATUSES: dict[str, pb.TripStatus] = {
     "pending": pb.TRIP_STATUS_PENDING,
     "confirmed": pb.TRIP_STATUS_CONFIRMED,
     "aborted": pb.TRIP_STATUS_ABORTED,
@@ -50,7 +54,7 @@ SERVICE_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
 
 
 def _name(enum: Any, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()
+    return str(enum.Name(value)).removeprefix(prefix).lower()
 
 
 def _money(cents: int) -> str:
@@ -127,8 +131,8 @@ def cmd_trips(args: argparse.Namespace, channel: grpc.Channel) -> None:
     stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     reply = stub.ListTrips(
         pb.ListTripsRequest(
-            status=STATUSES.get(args.status or "", 0),
-            protocol=PROTOCOLS.get(args.protocol or "default", 0),
+            status=STATUSES.get(args.status or "", pb.TRIP_STATUS_UNSPECIFIED),
+            protocol=PROTOCOLS[args.protocol or "default"],
             page_size=args.limit,
         ),
         timeout=args.timeout,

@@ -120,7 +120,8 @@ class TripLog:
 
         def job(conn: sqlite3.Connection) -> Trip:
             now = time.time()
-            sets, args = ["updated_at = ?"], [now]
+            sets: list[str] = ["updated_at = ?"]
+            args: list[object] = [now]
             if status is not None:
                 sets.append("status = ?")
                 args.append(status.value)
@@ -158,7 +159,7 @@ class TripLog:
 
         return await self.db.run(job)
 
-    async def list(
+    async def list_trips(
         self,
         *,
         status: TripStatus | None,
@@ -215,7 +216,8 @@ def query_trips(
     limit: int,
 ) -> tuple[list[Trip], int | None]:
     """A page of trips, newest first, and the token of the next page (None at the end)."""
-    sql, args = "SELECT rowid AS seq, trip_id FROM trips WHERE 1 = 1", []
+    sql = "SELECT rowid AS seq, trip_id FROM trips WHERE 1 = 1"
+    args: list[object] = []
     if before:
         sql += " AND rowid < ?"
         args.append(before)

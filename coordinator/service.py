@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from coordinator.catalog import Catalog
 from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest
@@ -28,7 +28,7 @@ class TripService:
     def __init__(
         self,
         log_: TripLog,
-        engines: dict[Protocol, TripEngine],
+        engines: Mapping[Protocol, TripEngine],
         catalog: Catalog,
         *,
         max_in_flight: int = 5000,

@@ -66,7 +66,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             problems.append(FieldViolation("protocol", f"unknown protocol {request.protocol}"))
         if problems:
             raise CoordinatorError.invalid(*problems)
-        trips, last = await self.service.log.list(
+        trips, last = await self.service.log.list_trips(
             status=STATUS_FROM.get(request.status),
             protocol=PROTOCOL_FROM.get(request.protocol),
             before=before,

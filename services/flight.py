@@ -11,7 +11,9 @@ from tripmesh.runtime.errors import FieldViolation
 from tripmesh.v1 import catalog_pb2, catalog_pb2_grpc
 
 
-def _flight(fid: str, airline: str, origin: str, dest: str, dep: str, usd: int, seats: int):
+def _flight(
+    fid: str, airline: str, origin: str, dest: str, dep: str, usd: int, seats: int
+) -> SeedResource:
     return SeedResource(
         fid,
         f"{airline} {fid} {origin}-{dest}",

@@ -41,7 +41,7 @@ def hold_to_proto(hold: Hold) -> pb.Hold:
 
 
 def status_from_proto(value: int) -> ReservationStatus | None:
-    return _STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    return _STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload,no-any-return]
 
 
 def reservation_to_proto(r: Reservation) -> pb.Reservation:

@@ -67,7 +67,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     async def Prepare(
         self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrepareResponse:
-        reservation_id, trip_id = _ids(request)  # type: ignore[arg-type]
+        reservation_id, trip_id = _ids(request)
         result = await self.store.prepare(reservation_id, trip_id, hold_from_proto(request.hold))
         self.metrics.votes.labels(self.store.kind, "yes" if result.accepted else "no").inc()
         self._done(
@@ -101,7 +101,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     async def Reserve(
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveResponse:
-        reservation_id, trip_id = _ids(request)  # type: ignore[arg-type]
+        reservation_id, trip_id = _ids(request)
         result = await self.store.reserve(reservation_id, trip_id, hold_from_proto(request.hold))
         self._done(
             "reserve", reservation_id, "reserved" if result.accepted else "refused", result.reason

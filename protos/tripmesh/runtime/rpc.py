@@ -85,7 +85,7 @@ def timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorMapping(grpc.aio.ServerInterceptor):
     """Turns TripmeshError into its status code; anything else into a plain INTERNAL."""
 
     async def intercept_service(
@@ -113,7 +113,7 @@ class ErrorMapping(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _rewrap(handler, guarded)
 
 
-class BindTrip(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class BindTrip(grpc.aio.ServerInterceptor):
     """Puts the caller's trip and correlation id (gRPC metadata) in scope for the handler."""
 
     async def intercept_service(
@@ -127,7 +127,7 @@ class BindTrip(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.unary_unary is None or not trip_id:
             return handler
         inner = handler.unary_unary
-        correlation_id = metadata.get(logs.CORRELATION_ID_KEY, trip_id)
+        correlation_id = str(metadata.get(logs.CORRELATION_ID_KEY, trip_id))
 
         async def bound(request: Any, context: grpc.aio.ServicerContext) -> Any:
             logs.bind(trip_id=trip_id, correlation_id=correlation_id)
