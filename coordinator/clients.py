@@ -82,10 +82,12 @@ async def retry(
     what: str,
     *,
     retries: CounterChild | None = None,
+    note: Callable[[str], Awaitable[object]] | None = None,
 ) -> T:
     """Retry `call` while its outcome is unknown, within `policy`; re-raise the last unknown.
 
-    `retries` (a metrics counter) counts each retry.
+    `retries` (a metrics counter) counts each retry; `note` is told of the first,
+    the tenth and every fiftieth (for the trip's timeline: bounded, not one per try).
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -103,6 +105,8 @@ async def retry(
                 retries.inc()
             if attempt in (1, 10) or attempt % 50 == 0:
                 log.warning("%s: outcome unknown (%s), retry %d", what, exc.message, attempt)
+                if note is not None:
+                    await note(f"retry {attempt}: {exc.message}")
             await asyncio.sleep(delay(min(attempt, 16)))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Any
 
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import Protocol, Trip
-from coordinator.log import TripLog
+from coordinator.log import Event, TripLog
 from coordinator.metrics import CoordinatorMetrics
 
 
@@ -41,6 +42,16 @@ class TripEngine(abc.ABC):
         self.participants = participants
         self.policies = policies
         self.metrics = metrics or CoordinatorMetrics()
+
+    def watch(self, trip_id: str, leg: str, step: str) -> dict[str, Any]:
+        """`retry` keywords: count the step's retries, and note them in the trip's timeline."""
+
+        async def note(message: str) -> object:
+            return await self.log.record(
+                trip_id, events=(Event("retry", leg, f"{step} {message}"),)
+            )
+
+        return {"retries": self.metrics.retries.labels(leg, step), "note": note}
 
     @abc.abstractmethod
     async def book(self, trip: Trip) -> Trip:

@@ -65,6 +65,8 @@ TRIP_SAGA: tuple[SagaStep, ...] = tuple(
     SagaStep(kind, reserve, cancel) for kind in (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
 )
 
+# What a NEEDS_ATTENTION reason adds to the trip's cause; recovery strips it again.
+_ATTENTION = "; compensation of "
 # Legs that may hold units and so need compensating.
 _MAY_HOLD = (LegStatus.CONFIRMED, LegStatus.IN_FLIGHT)
 
@@ -80,7 +82,7 @@ class Saga(TripEngine):
         direction = "compensate" if trip.decision is Decision.ABORT else "resume"
         trip = await self.log.record(trip.trip_id, events=(Event("recovery", detail=direction),))
         if trip.decision is Decision.ABORT:
-            return await self._compensate(trip, trip.failure_reason)
+            return await self._compensate(trip, trip.failure_reason.split(_ATTENTION)[0])
         if trip.decision is Decision.COMMIT:
             return await self.log.record(
                 trip.trip_id,
@@ -112,7 +114,7 @@ class Saga(TripEngine):
                     ),
                     self.policies.step,
                     f"{trip.trip_id} reserve {step.leg.value}",
-                    retries=self.metrics.retries.labels(step.leg.value, "reserve"),
+                    **self.watch(trip.trip_id, step.leg.value, "reserve"),
                 )
             except OutcomeUnknown as exc:
                 reason = f"{step.leg.value}: outcome unknown: {exc.message}"
@@ -150,7 +152,10 @@ class Saga(TripEngine):
             decision=Decision.ABORT,
             legs={failed: LegUpdate(status, reason)},
             failure_reason=reason,
-            events=(Event("outcome", failed.value, f"{status.value}: {reason}"),),
+            events=(
+                Event("outcome", failed.value, f"{status.value}: {reason}"),
+                Event("decision", detail="abort: compensate in reverse order"),
+            ),
         )
         return await self._compensate(trip, reason)
 
@@ -166,7 +171,7 @@ class Saga(TripEngine):
                     partial(step.compensation, client, leg.reservation_id, trip.trip_id),
                     self.policies.compensation,
                     f"{trip.trip_id} cancel {step.leg.value}",
-                    retries=self.metrics.retries.labels(step.leg.value, "cancel"),
+                    **self.watch(trip.trip_id, step.leg.value, "cancel"),
                 )
             except (OutcomeUnknown, ParticipantRejected) as exc:
                 self.metrics.compensation_failures.labels(step.leg.value).inc()
@@ -179,7 +184,7 @@ class Saga(TripEngine):
                 return await self.log.record(
                     trip.trip_id,
                     status=TripStatus.NEEDS_ATTENTION,
-                    failure_reason=f"{reason}; compensation of {step.leg.value} failed: {exc.message}",
+                    failure_reason=f"{reason}{_ATTENTION}{step.leg.value} failed: {exc.message}",
                     events=(Event("attention", step.leg.value, exc.message),),
                 )
             trip = await self.log.record(
@@ -192,5 +197,8 @@ class Saga(TripEngine):
             if acknowledged == 1:
                 failpoints.hit("saga.mid_compensation")
         return await self.log.record(
-            trip.trip_id, status=TripStatus.ABORTED, events=(Event("finished", detail="aborted"),)
+            trip.trip_id,
+            status=TripStatus.ABORTED,
+            failure_reason=reason,  # the cause, without a compensation failure since mended
+            events=(Event("finished", detail="aborted"),),
         )

@@ -82,7 +82,7 @@ class TwoPhaseCommit(TripEngine):
                 lambda: client.prepare(leg.reservation_id, trip.trip_id, request),
                 self.policies.step,
                 f"{trip.trip_id} prepare {kind.value}",
-                retries=self.metrics.retries.labels(kind.value, "prepare"),
+                **self.watch(trip.trip_id, kind.value, "prepare"),
             )
         except (OutcomeUnknown, ParticipantRejected) as exc:
             # No vote is a no vote. The hold may exist: the ABORT in phase 2 releases it.
@@ -107,7 +107,7 @@ class TwoPhaseCommit(TripEngine):
                 lambda: call(leg.reservation_id, trip.trip_id),
                 self.policies.phase2,
                 f"{trip.trip_id} {decision.value} {leg.kind.value}",
-                retries=self.metrics.retries.labels(leg.kind.value, decision.value),
+                **self.watch(trip.trip_id, leg.kind.value, decision.value),
             )
             await self.log.record(
                 trip.trip_id,

@@ -230,7 +230,10 @@ def test_a_stuck_saga_needs_attention_and_an_operator_retry_finishes_it(make_clu
     assert done.status == cpb.TRIP_STATUS_ABORTED
     books.assert_all_or_nothing(done)
     assert books.totals("flight", "FX") == (0, 0)
-    timeline = [(e.kind, e.leg) for e in done.events]
+    # Retries are noted too (how many depends on backoff timing): all of the hotel's cancel.
+    retried = [e for e in done.events if e.kind == "retry"]
+    assert retried and {(e.leg, e.detail.split()[0]) for e in retried} == {("hotel", "cancel")}
+    timeline = [(e.kind, e.leg) for e in done.events if e.kind != "retry"]
     assert timeline == [
         ("created", ""),
         ("step", "flight"),
@@ -239,6 +242,7 @@ def test_a_stuck_saga_needs_attention_and_an_operator_retry_finishes_it(make_clu
         ("outcome", "hotel"),
         ("step", "car"),
         ("outcome", "car"),
+        ("decision", ""),
         ("attention", "hotel"),
         ("operator-retry", ""),
         ("recovery", ""),
@@ -248,6 +252,9 @@ def test_a_stuck_saga_needs_attention_and_an_operator_retry_finishes_it(make_clu
     ], timeline
     retry = next(e for e in done.events if e.kind == "operator-retry")
     assert (retry.actor, retry.detail) == ("alice", "hotel is back")
+    # The cause stays; the compensation failure that was mended does not.
+    assert done.failure_reason.startswith("car: sold out")
+    assert "compensation" not in done.failure_reason
     stamps = [e.at.ToNanoseconds() for e in done.events]
     assert stamps == sorted(stamps)
 

@@ -1,0 +1,273 @@
+"""The operator page in a real headless Chromium, checked against the coordinator's gRPC API.
+
+Three trips: one confirmed, one aborted, and a saga whose car is sold out and
+whose hotel dies (SIGKILL, failpoint) when its compensation arrives, so that
+it becomes NEEDS_ATTENTION. The page must show the same counts as ListTrips,
+filter down to exactly that trip, and show GetTrip's timeline in order; after
+the hotel is back and an operator retries the trip over gRPC, a reload must
+show it ABORTED with the operator's retry in the timeline.
+
+The browser is Debian's chromium (`make browser` installs it), driven by
+Playwright; `playwright install` is never needed. Screenshots go to tmp_path
+and their paths are printed (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from playwright.sync_api import Page, sync_playwright
+
+from tests.books import Books, trip_request
+from tests.conftest import CAPACITIES
+from tests.procs import Cluster
+from tripmesh.v1 import coordinator_pb2 as cpb
+from tripmesh.v1 import coordinator_pb2_grpc
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+STATUSES = ("pending", "confirmed", "aborted", "needs_attention", "resolved")
+OPERATOR = "ada.lovelace"
+CRASH_ON_CANCEL = {"TRIPMESH_FAILPOINTS": "participant.before_cancel=crash"}
+TIMELINE_JS = """rows => rows.map(r => [r.dataset.at, ...['kind', 'leg', 'detail', 'actor']
+    .map(f => r.querySelector(`[data-field="${f}"]`).textContent)])"""
+
+MakeCluster = Callable[..., tuple[Cluster, Books]]
+
+
+def chromium_path() -> str:
+    found = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
+    if found is None:
+        pytest.fail("no chromium: run `make browser`, or `apt-get install chromium`")
+    return found
+
+
+@dataclass
+class Tab:
+    """A browser tab, and what went wrong in it: script errors, requests off the admin port."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def tab() -> Iterator[Tab]:
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            found = Tab(browser.new_page(viewport={"width": 1440, "height": 1000}))
+            found.page.on("pageerror", lambda exc: found.errors.append(str(exc)))
+            found.page.on(
+                "console",
+                lambda msg: found.errors.append(msg.text) if msg.type == "error" else None,
+            )
+            found.page.on("request", lambda request: found.requests.append(request.url))
+            yield found
+        finally:
+            browser.close()
+
+
+# -- what the API says ----------------------------------------------------------
+def api_counts(books: Books) -> dict[str, int]:
+    """Trips per status, counted over gRPC ListTrips (every page)."""
+    counts = {}
+    for name in STATUSES:
+        status = cpb.TripStatus.Value(f"TRIP_STATUS_{name.upper()}")
+        found, token = 0, ""
+        while True:
+            reply = books.coordinator.ListTrips(
+                cpb.ListTripsRequest(status=status, page_size=500, page_token=token), timeout=5
+            )
+            found += len(reply.trips)
+            token = reply.next_page_token
+            if not token:
+                break
+        counts[name] = found
+    return counts
+
+
+def api_timeline(trip: cpb.Trip) -> list[list[str]]:
+    return [[e.at.ToJsonString(), e.kind, e.leg, e.detail, e.actor] for e in trip.events]
+
+
+def api_units(books: Books, kind: str) -> tuple[int, int]:
+    """(held, confirmed) over every resource of `kind`, summed from gRPC GetInventory."""
+    totals = [books.totals(kind, resource_id) for resource_id in CAPACITIES[kind]]
+    return sum(h for h, _ in totals), sum(c for _, c in totals)
+
+
+def get_trip(books: Books, trip_id: str) -> cpb.Trip:
+    return books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=trip_id), timeout=5)
+
+
+# -- what the page shows --------------------------------------------------------
+def shown_counts(page: Page) -> dict[str, int]:
+    page.wait_for_selector('[data-testid="summary"][data-state="ready"]')
+    return {s: int(page.get_by_test_id(f"count-{s}").inner_text()) for s in STATUSES}
+
+
+def shown_trips(page: Page, status: str = "", protocol: str = "") -> list[str]:
+    """The trip ids listed, once the list has loaded for these filters."""
+    page.wait_for_selector(
+        f'[data-testid="trips-table"][data-state="ready"]'
+        f'[data-filter-status="{status}"][data-filter-protocol="{protocol}"]'
+    )
+    rows = page.get_by_test_id("trip-row")
+    ids: list[str] = rows.evaluate_all("rows => rows.map(r => r.dataset.tripId)")
+    return ids
+
+
+def shown_detail(page: Page, trip_id: str, status: str) -> dict[str, Any]:
+    """The detail panel, once it shows `trip_id` in `status`."""
+    page.wait_for_selector(
+        f'[data-testid="trip-detail"][data-trip-id="{trip_id}"][data-status="{status}"]'
+    )
+    legs = page.get_by_test_id("leg-row").evaluate_all(
+        "rows => rows.map(r => [r.dataset.leg, r.dataset.status])"
+    )
+    return {
+        "timeline": page.get_by_test_id("timeline-row").evaluate_all(TIMELINE_JS),
+        "legs": legs,
+        "decision": page.get_by_test_id("detail-decision").inner_text(),
+        "failure": page.get_by_test_id("detail-failure").inner_text(),
+    }
+
+
+def shown_units(page: Page, kind: str) -> tuple[int, int]:
+    held = page.get_by_test_id(f"held-{kind}").inner_text()
+    return int(held), int(page.get_by_test_id(f"confirmed-{kind}").inner_text())
+
+
+def screenshot(page: Page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    print(f"\noperator page screenshot: {path}")
+
+
+def assert_detail_matches(shown: dict[str, Any], trip: cpb.Trip) -> None:
+    assert shown["timeline"] == api_timeline(trip)
+    assert shown["legs"] == [
+        [
+            cpb.LegKind.Name(leg.kind).removeprefix("LEG_KIND_").lower(),
+            cpb.LegStatus.Name(leg.status).removeprefix("LEG_STATUS_").lower(),
+        ]
+        for leg in trip.legs
+    ]
+    assert shown["decision"] == cpb.Decision.Name(trip.decision).removeprefix("DECISION_").lower()
+    assert shown["failure"] == trip.failure_reason
+
+
+def book_three(cluster: Cluster, books: Books) -> tuple[str, str, str]:
+    """A confirmed saga, an aborted 2PC trip, and a saga stuck in NEEDS_ATTENTION."""
+    hotel = cluster.services["hotel"]
+    hotel.stop()
+    hotel.start(extra_env=CRASH_ON_CANCEL)
+    book = books.coordinator.BookTrip
+    ok = book(trip_request("ok", cpb.PROTOCOL_SAGA, flight="FX", hotel="H", car="C"), timeout=20)
+    assert ok.trip.status == cpb.TRIP_STATUS_CONFIRMED, ok.trip
+    no = book(
+        trip_request("no", cpb.PROTOCOL_TWO_PHASE_COMMIT, flight="FX", hotel="H", car="C-SOLD-OUT"),
+        timeout=20,
+    )
+    assert no.trip.status == cpb.TRIP_STATUS_ABORTED, no.trip
+    stuck = book(
+        trip_request("stuck", cpb.PROTOCOL_SAGA, flight="FX", hotel="H", car="C-SOLD-OUT"),
+        timeout=20,
+    ).trip.trip_id
+    books.wait_trip(stuck, lambda t: t.status == cpb.TRIP_STATUS_NEEDS_ATTENTION, timeout=30)
+    assert not hotel.running, "the hotel should have died on the stuck saga's Cancel"
+    return ok.trip.trip_id, no.trip.trip_id, stuck
+
+
+def check_overview(page: Page, books: Books, trips: list[str]) -> dict[str, int]:
+    """Counts as ListTrips counts them; units as GetInventory sums them; every trip listed."""
+    counts = api_counts(books)
+    assert counts == {
+        **dict.fromkeys(STATUSES, 0),
+        "confirmed": 1,
+        "aborted": 1,
+        "needs_attention": 1,
+    }
+    assert shown_counts(page) == counts
+    assert sorted(shown_trips(page)) == sorted(trips)
+    page.wait_for_selector('[data-testid="service-hotel"][data-state="error"]')  # it is dead
+    for kind in ("flight", "car"):
+        assert shown_units(page, kind) == api_units(books, kind), kind
+    return counts
+
+
+def check_filters(page: Page, aborted: str, stuck: str) -> None:
+    page.get_by_test_id("filter-protocol").select_option("2pc")
+    assert shown_trips(page, protocol="2pc") == [aborted]
+    page.get_by_test_id("filter-protocol").select_option("")
+    page.get_by_test_id("filter-status").select_option("needs_attention")
+    assert shown_trips(page, status="needs_attention") == [stuck]
+
+
+def retry_as_operator(cluster: Cluster, books: Books, trip_id: str) -> cpb.Trip:
+    """Bring the hotel back without its failpoint, then RetryTrip over gRPC."""
+    cluster.services["hotel"].start(extra_env={"TRIPMESH_FAILPOINTS": ""})
+    assert cluster.coordinator is not None
+    with grpc.insecure_channel(cluster.coordinator.address) as channel:
+        coordinator_pb2_grpc.OperatorStub(channel).RetryTrip(
+            cpb.OperatorActionRequest(trip_id=trip_id, operator=OPERATOR, reason="hotel is back"),
+            timeout=30,
+        )
+    trip = books.wait_trip(trip_id, timeout=30)
+    assert trip.status == cpb.TRIP_STATUS_ABORTED, trip
+    return trip
+
+
+def test_operator_page_shows_what_the_api_says(
+    make_cluster: MakeCluster, tab: Tab, tmp_path: Path
+) -> None:
+    cluster, books = make_cluster(coordinator_args=["--compensation-give-up", "2"])
+    confirmed, aborted, stuck = book_three(cluster, books)
+    origin = f"http://{cluster.admin_address}/"
+    page = tab.page
+
+    page.goto(origin)
+    counts = check_overview(page, books, [confirmed, aborted, stuck])
+    screenshot(page, tmp_path / "1-overview.png")
+    check_filters(page, aborted, stuck)
+
+    # The stuck trip's story, as GetTrip tells it.
+    page.locator(f'[data-testid="trip-row"][data-trip-id="{stuck}"]').click()
+    shown = shown_detail(page, stuck, "needs_attention")
+    assert_detail_matches(shown, get_trip(books, stuck))
+    assert shown["timeline"][-1][1] == "attention"
+    screenshot(page, tmp_path / "2-needs-attention.png")
+
+    # After the operator's retry, a reload shows the outcome and who did it.
+    trip = retry_as_operator(cluster, books, stuck)
+    page.reload()
+    shown = shown_detail(page, stuck, "aborted")
+    assert_detail_matches(shown, trip)
+    retries = [(row[3], row[4]) for row in shown["timeline"] if row[1] == "operator-retry"]
+    assert retries == [("hotel is back", OPERATOR)]
+    kinds = [row[1] for row in shown["timeline"]]
+    assert kinds.index("attention") < kinds.index("operator-retry") < kinds.index("finished")
+    assert shown_trips(page, status="needs_attention") == []
+    expected = {**counts, "aborted": 2, "needs_attention": 0}
+    assert shown_counts(page) == api_counts(books) == expected
+    for kind in ("flight", "hotel", "car"):
+        page.wait_for_selector(f'[data-testid="service-{kind}"][data-state="ready"]')
+        assert shown_units(page, kind) == api_units(books, kind), kind
+    screenshot(page, tmp_path / "3-after-retry.png")
+
+    assert not tab.errors, tab.errors
+    assert all(url.startswith(origin) for url in tab.requests), tab.requests
