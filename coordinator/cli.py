@@ -24,11 +24,9 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from rich.console import Console
 from rich.table import Table
 
+from coordinator.cli_views import console, money, name_of, report_error, show_trip
 from tripmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -38,7 +36,6 @@ from tripmesh.v1 import (
 )
 from tripmesh.v1 import coordinator_pb2 as pb
 
-console = Console()
 PROTOCOLS: dict[str, pb.Protocol] = {
     "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
     "saga": pb.PROTOCOL_SAGA,
@@ -51,50 +48,6 @@ STATUSES: dict[str, pb.TripStatus] = {
     "needs_attention": pb.TRIP_STATUS_NEEDS_ATTENTION,
 }
 SERVICE_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
-
-
-def _name(enum: Any, value: int, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix).lower()
-
-
-def _money(cents: int) -> str:
-    return f"${cents / 100:,.2f}"
-
-
-def show_trip(trip: pb.Trip) -> None:
-    table = Table(title=f"trip {trip.trip_id}", show_header=True)
-    table.add_column("leg")
-    table.add_column("resource")
-    table.add_column("status")
-    table.add_column("price", justify="right")
-    table.add_column("reservation")
-    for leg in trip.legs:
-        table.add_row(
-            _name(pb.LegKind, leg.kind, "LEG_KIND_"),
-            leg.resource_id,
-            _name(pb.LegStatus, leg.status, "LEG_STATUS_"),
-            _money(leg.price_cents),
-            leg.reservation_id,
-        )
-    console.print(table)
-    console.print(
-        f"status [bold]{_name(pb.TripStatus, trip.status, 'TRIP_STATUS_')}[/bold]"
-        f"  protocol {_name(pb.Protocol, trip.protocol, 'PROTOCOL_')}"
-        f"  decision {_name(pb.Decision, trip.decision, 'DECISION_')}"
-        f"  total {_money(trip.total_price_cents)}"
-    )
-    if trip.failure_reason:
-        console.print(f"reason: {trip.failure_reason}")
-    if trip.events:
-        show_timeline(trip)
-
-
-def show_timeline(trip: pb.Trip) -> None:
-    table = Table("time (UTC)", "event", "leg", "detail", "by", title="timeline")
-    for event in trip.events:
-        stamp = event.at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
-        table.add_row(stamp, event.kind, event.leg, event.detail, event.actor)
-    console.print(table)
 
 
 def _emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
@@ -143,8 +96,8 @@ def cmd_trips(args: argparse.Namespace, channel: grpc.Channel) -> None:
         for t in reply.trips:
             table.add_row(
                 t.trip_id,
-                _name(pb.Protocol, t.protocol, "PROTOCOL_"),
-                _name(pb.TripStatus, t.status, "TRIP_STATUS_"),
+                name_of(pb.Protocol, t.protocol, "PROTOCOL_"),
+                name_of(pb.TripStatus, t.status, "TRIP_STATUS_"),
                 t.customer_id,
                 t.failure_reason[:60],
             )
@@ -193,7 +146,7 @@ def cmd_search(args: argparse.Namespace, _: grpc.Channel) -> None:
                 (
                     f.flight_id,
                     f"{f.airline} {f.origin}-{f.destination} {f.departure_time}",
-                    _money(f.price_cents),
+                    money(f.price_cents),
                     f.seats_available,
                 )
                 for f in reply.flights
@@ -207,7 +160,7 @@ def cmd_search(args: argparse.Namespace, _: grpc.Channel) -> None:
                 (
                     h.hotel_id,
                     f"{h.name}, {h.city}",
-                    _money(h.price_per_night_cents),
+                    money(h.price_per_night_cents),
                     h.rooms_available,
                 )
                 for h in reply.hotels
@@ -223,7 +176,7 @@ def cmd_search(args: argparse.Namespace, _: grpc.Channel) -> None:
                 (
                     c.car_id,
                     f"{c.model} ({c.car_class}) at {c.location}",
-                    _money(c.price_per_day_cents),
+                    money(c.price_per_day_cents),
                     c.cars_available,
                 )
                 for c in reply.cars
@@ -326,24 +279,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _report(error: grpc.RpcError) -> None:
-    console.print(f"[red]{error.code().name}[/red]: {error.details()}", highlight=False)
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            for v in bad.field_violations:
-                console.print(f"  {v.field}: {v.description}", highlight=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         with grpc.insecure_channel(args.coordinator) as channel:
             args.run(args, channel)
     except grpc.RpcError as error:
-        _report(error)
+        report_error(error)
         return 1
     return 0
 

@@ -10,12 +10,16 @@ differs from capacity (CHECK constraints), whatever the Python does.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import sqlite3
 import time
 from pathlib import Path
 
+from services.participant.books import (
+    read_inventory,
+    read_reservations,
+    read_resources,
+    row_to_reservation,
+)
 from services.participant.domain import (
     Hold,
     InventoryDay,
@@ -108,12 +112,12 @@ class ParticipantStore:
 
     # -- audit -------------------------------------------------------------
     async def inventory(self, resource_id: str, first: str, last: str) -> list[InventoryDay]:
-        return await self.db.run(lambda c: _inventory(c, self.kind, resource_id, first, last))
+        return await self.db.run(lambda c: read_inventory(c, self.kind, resource_id, first, last))
 
     async def reservations(
         self, *, after: int, limit: int, status: ReservationStatus | None, trip_id: str
     ) -> tuple[list[Reservation], int | None]:
-        return await self.db.run(lambda c: _reservations(c, after, limit, status, trip_id))
+        return await self.db.run(lambda c: read_reservations(c, after, limit, status, trip_id))
 
     async def totals(self) -> list[tuple[str, int, int, int, int]]:
         """(resource, capacity, available, held, confirmed) summed over every date."""
@@ -132,7 +136,7 @@ class ParticipantStore:
         cutoff = time.time() - older_than
         return await self.db.run(
             lambda c: [
-                _row_to_reservation(r)
+                row_to_reservation(r)
                 for r in c.execute(
                     "SELECT * FROM reservations WHERE status = 'held' AND updated_at <= ?"
                     " ORDER BY updated_at LIMIT 500",
@@ -142,14 +146,14 @@ class ParticipantStore:
         )
 
     async def resources(self, *, after: str, limit: int) -> list[Resource]:
-        return await self.db.run(lambda c: _resources(c, after, limit))
+        return await self.db.run(lambda c: read_resources(c, after, limit))
 
 
 def _load(conn: sqlite3.Connection, reservation_id: str) -> Reservation | None:
     row = conn.execute(
         "SELECT * FROM reservations WHERE reservation_id = ?", (reservation_id,)
     ).fetchone()
-    return _row_to_reservation(row) if row else None
+    return row_to_reservation(row) if row else None
 
 
 def _check_protocol(existing: Reservation, protocol: Protocol) -> None:
@@ -320,87 +324,7 @@ def _require_dates(conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[
         )
 
 
-def _inventory(
-    conn: sqlite3.Connection, kind: str, resource_id: str, first: str, last: str
-) -> list[InventoryDay]:
-    if (
-        conn.execute("SELECT 1 FROM resources WHERE resource_id = ?", (resource_id,)).fetchone()
-        is None
-    ):
-        raise not_found(f"unknown {kind} {resource_id!r}", "resource_id")
-    rows = conn.execute(
-        "SELECT day, capacity, available, held, confirmed FROM inventory"
-        " WHERE resource_id = ? AND day >= ? AND day <= ? ORDER BY day",
-        (resource_id, first or "0000-00-00", last or "9999-99-99"),
-    )
-    return [InventoryDay(*tuple(r)) for r in rows]
-
-
-def _reservations(
-    conn: sqlite3.Connection,
-    after: int,
-    limit: int,
-    status: ReservationStatus | None,
-    trip_id: str,
-) -> tuple[list[Reservation], int | None]:
-    sql = "SELECT rowid AS seq, * FROM reservations WHERE rowid > ?"
-    args: list[object] = [after]
-    if status is not None:
-        sql += " AND status = ?"
-        args.append(status.value)
-    if trip_id:
-        sql += " AND trip_id = ?"
-        args.append(trip_id)
-    rows = conn.execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return [_row_to_reservation(r) for r in rows], (rows[-1]["seq"] if more else None)
-
-
-def _resources(conn: sqlite3.Connection, after: str, limit: int) -> list[Resource]:
-    rows = conn.execute(
-        "SELECT r.*, min(i.day) AS first_date, max(i.day) AS last_date FROM resources r"
-        " LEFT JOIN inventory i USING (resource_id) WHERE r.resource_id > ?"
-        " GROUP BY r.resource_id ORDER BY r.resource_id LIMIT ?",
-        (after, limit),
-    )
-    return [
-        Resource(
-            r["resource_id"],
-            r["name"],
-            r["price_cents"],
-            json.loads(r["attributes"]),
-            r["first_date"] or "",
-            r["last_date"] or "",
-        )
-        for r in rows
-    ]
-
-
 def _load_required(conn: sqlite3.Connection, reservation_id: str) -> Reservation:
     found = _load(conn, reservation_id)
     assert found is not None
     return found
-
-
-def _row_to_reservation(row: sqlite3.Row) -> Reservation:
-    hold = None
-    if row["resource_id"] is not None:
-        hold = Hold(
-            row["resource_id"],
-            dt.date.fromisoformat(row["start_date"]),
-            row["days"],
-            row["quantity"],
-        )
-    return Reservation(
-        reservation_id=row["reservation_id"],
-        trip_id=row["trip_id"],
-        protocol=Protocol(row["protocol"]),
-        status=ReservationStatus(row["status"]),
-        hold=hold,
-        price_cents=row["price_cents"],
-        reason=row["reason"],
-        settled_by=row["settled_by"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )

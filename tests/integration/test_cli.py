@@ -44,6 +44,9 @@ def test_cli_books_shows_and_lists_a_trip(make_cluster) -> None:
     shown = _cli(cluster, "trip", trip["trip_id"])
     assert shown.returncode == 0, shown.stderr
     assert "confirmed" in shown.stdout and trip["trip_id"] in shown.stdout
+    # The timeline, oldest first: the vote and decision come before the acknowledgements.
+    assert "timeline" in shown.stdout
+    assert shown.stdout.index("decision") < shown.stdout.index("acknowledged")
 
     listed = _cli(cluster, "--json", "trips", "--status", "confirmed")
     assert [t["trip_id"] for t in json.loads(listed.stdout)["trips"]] == [trip["trip_id"]]

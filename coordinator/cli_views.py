@@ -1,0 +1,70 @@
+"""How the `tripmesh` command line shows things: trips, timelines, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from rich.console import Console
+from rich.table import Table
+
+from tripmesh.v1 import coordinator_pb2 as pb
+
+console = Console()
+
+
+def name_of(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def money(cents: int) -> str:
+    return f"${cents / 100:,.2f}"
+
+
+def show_trip(trip: pb.Trip) -> None:
+    table = Table(title=f"trip {trip.trip_id}", show_header=True)
+    table.add_column("leg")
+    table.add_column("resource")
+    table.add_column("status")
+    table.add_column("price", justify="right")
+    table.add_column("reservation")
+    for leg in trip.legs:
+        table.add_row(
+            name_of(pb.LegKind, leg.kind, "LEG_KIND_"),
+            leg.resource_id,
+            name_of(pb.LegStatus, leg.status, "LEG_STATUS_"),
+            money(leg.price_cents),
+            leg.reservation_id,
+        )
+    console.print(table)
+    console.print(
+        f"status [bold]{name_of(pb.TripStatus, trip.status, 'TRIP_STATUS_')}[/bold]"
+        f"  protocol {name_of(pb.Protocol, trip.protocol, 'PROTOCOL_')}"
+        f"  decision {name_of(pb.Decision, trip.decision, 'DECISION_')}"
+        f"  total {money(trip.total_price_cents)}"
+    )
+    if trip.failure_reason:
+        console.print(f"reason: {trip.failure_reason}")
+    if trip.events:
+        show_timeline(trip)
+
+
+def show_timeline(trip: pb.Trip) -> None:
+    table = Table("time (UTC)", "event", "leg", "detail", "by", title="timeline")
+    for event in trip.events:
+        stamp = event.at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+        table.add_row(stamp, event.kind, event.leg, event.detail, event.actor)
+    console.print(table)
+
+
+def report_error(error: grpc.RpcError) -> None:
+    console.print(f"[red]{error.code().name}[/red]: {error.details()}", highlight=False)
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            for v in bad.field_violations:
+                console.print(f"  {v.field}: {v.description}", highlight=False)
