@@ -1,0 +1,172 @@
+"""A closed-loop asyncio load driver, and what each process spent while it ran.
+
+`closed_loop` keeps `concurrency` calls outstanding for `warmup + duration`
+seconds and measures only the calls that finish inside the measured window:
+completions per second, latency percentiles, failures by kind. The caller's
+`call` returns None for a success or a short failure label.
+
+`CpuMeter` reads user+system CPU time of the mesh's processes (and of this
+driver) from /proc before and after, and the whole machine's, so every result
+says who was busy, including anything else running on the machine ("others").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    """One closed-loop run: completions in the measured window and their latencies."""
+
+    concurrency: int
+    seconds: float
+    ok: int
+    failures: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # seconds, successes only
+    cpu: dict[str, float] = field(default_factory=dict)  # percent of one core
+    attempts: int = 1  # runs it took to get one without other processes' load
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Latency at quantile `q` (0..1) in milliseconds (nearest rank); NaN without data."""
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        index = min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))
+        return ordered[index] * 1000
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "concurrency": self.concurrency,
+            "seconds": round(self.seconds, 3),
+            "ok": self.ok,
+            "per_second": round(self.rate, 1),
+            "p50_ms": round(self.percentile(0.50), 2),
+            "p99_ms": round(self.percentile(0.99), 2),
+            "failures": dict(self.failures),
+            "cpu_percent": {k: round(v, 1) for k, v in self.cpu.items()},
+            "attempts": self.attempts,
+        }
+
+
+async def closed_loop(
+    call: Callable[[int], Awaitable[str | None]],
+    concurrency: int,
+    *,
+    duration: float,
+    warmup: float,
+    cpu: CpuMeter | None = None,
+) -> Result:
+    """Run `call(i)` from `concurrency` workers; measure the window after `warmup`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    window_start, window_end = start + warmup, start + warmup + duration
+    result = Result(concurrency, duration, 0)
+    numbers = iter(range(1 << 62))
+
+    async def worker() -> None:
+        while (begun := loop.time()) < window_end:
+            outcome = await call(next(numbers))
+            finished = loop.time()
+            if window_start <= finished <= window_end:
+                if outcome is None:
+                    result.ok += 1
+                    result.latencies.append(finished - begun)
+                else:
+                    result.failures[outcome] += 1
+
+    async def meter() -> None:
+        await asyncio.sleep(warmup)
+        before = cpu.read() if cpu else None
+        await asyncio.sleep(duration)
+        if cpu and before is not None:
+            result.cpu = cpu.percent_since(before, duration)
+
+    await asyncio.gather(meter(), *(worker() for _ in range(concurrency)))
+    return result
+
+
+async def run_count(
+    call: Callable[[int], Awaitable[str | None]], concurrency: int, total: int
+) -> Result:
+    """Run exactly `total` calls from `concurrency` workers; every call is measured."""
+    loop = asyncio.get_running_loop()
+    numbers = iter(range(total))
+    result = Result(concurrency, 0.0, 0)
+    started = loop.time()
+
+    async def worker() -> None:
+        for i in numbers:
+            begun = loop.time()
+            outcome = await call(i)
+            if outcome is None:
+                result.ok += 1
+                result.latencies.append(loop.time() - begun)
+            else:
+                result.failures[outcome] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.seconds = loop.time() - started
+    return result
+
+
+class CpuMeter:
+    """CPU seconds (user + system, every thread) of named processes, from /proc."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = {**pids, "driver": os.getpid()}
+
+    def read(self) -> dict[str, float]:
+        seconds = {}
+        for name, pid in self.pids.items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, IndexError):
+                continue
+            # After the command: state is field 3, utime field 14 and stime field 15.
+            seconds[name] = (int(fields[11]) + int(fields[12])) / TICKS
+        # The whole machine: anything else that ran (another test suite) shows as "others".
+        jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        seconds["_machine"] = (sum(jiffies) - jiffies[3] - jiffies[4]) / TICKS
+        seconds["_wall"] = time.monotonic()
+        return seconds
+
+    def percent_since(self, before: Mapping[str, float], duration: float) -> dict[str, float]:
+        after = self.read()
+        wall = after["_wall"] - before["_wall"] or duration
+        used = {
+            name: 100 * (after[name] - before[name]) / wall
+            for name in after
+            if not name.startswith("_") and name in before
+        }
+        machine = 100 * (after["_machine"] - before["_machine"]) / wall
+        used["others"] = max(0.0, machine - sum(used.values()))
+        return used
+
+
+def channels(address: str, count: int) -> list[grpc.aio.Channel]:
+    """`count` channels to `address`, each with its own connection (a local subchannel pool)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    return [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")

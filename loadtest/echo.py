@@ -1,0 +1,70 @@
+"""The ceiling: a trivial unary RPC on the same server model as the mesh's servers.
+
+    python -m loadtest.echo --listen 127.0.0.1:0
+
+`tripmesh.runtime.rpc.start_server` with no service of its own: the same
+grpc.aio server, options and interceptors (ErrorMapping) as the coordinator and
+the services, and the standard health service they all register. The "echo" is
+`grpc.health.v1.Health/Check`: a tiny request, a tiny reply, no work between.
+It prints the bound port on its first line of output.
+
+`echo_server` runs one behind its own Toxiproxy proxy, for the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+from chaos.launcher import ROOT
+from chaos.toxiproxy import Toxiproxy
+from loadtest.meshes import free_port
+from tripmesh.runtime import rpc
+
+ECHO_PROXY = "bench-echo"
+
+
+async def serve(listen: str) -> None:
+    running = await rpc.start_server(listen, [])
+    await running.set_serving(True)
+    print(running.port, flush=True)
+    await rpc.serve_until_signalled(running, grace=1.0)
+
+
+@contextlib.contextmanager
+def echo_server(toxiproxy: Toxiproxy) -> Iterator[tuple[str, int]]:
+    """(address of its proxy, pid) of a `loadtest.echo` process behind a new Toxiproxy proxy."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.echo", "--listen", "127.0.0.1:0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        listen = f"127.0.0.1:{free_port()}"
+        create = {"name": ECHO_PROXY, "listen": listen, "upstream": f"127.0.0.1:{port}"}
+        # chaos.toxiproxy.Toxiproxy has no public create yet; its checked POST does the job.
+        toxiproxy._post("/proxies", {**create, "enabled": True})
+        try:
+            yield listen, process.pid
+        finally:
+            toxiproxy._delete(f"/proxies/{ECHO_PROXY}")
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.echo")
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    asyncio.run(serve(parser.parse_args(argv).listen))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The benchmark's tables and targets; and the median of several runs.
+
+    python -m loadtest.report runs/bench-*/bench.json    # medians of the runs given
+
+The targets are the issue's, on a 2-core machine, every hop through Toxiproxy,
+durable writes. They are reported, never enforced: a benchmark is not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+PROTOCOLS = ("saga", "2pc")
+RSS_TARGET_TRIPS = 50_000
+RSS_TARGET_MB = 20.0
+NOISY_PERCENT = 10.0  # CPU other processes may take during a run before it is flagged
+
+
+def _at(points: Sequence[Mapping[str, Any]], concurrency: int) -> Mapping[str, Any] | None:
+    return next((p for p in points if p["concurrency"] == concurrency), None)
+
+
+def efficiency(
+    points: Mapping[str, Sequence[Mapping[str, Any]]], rpcs: Mapping[str, int]
+) -> dict[str, dict[str, float]]:
+    """Per protocol and concurrency: trips/s x RPCs per trip / echo RPCs/s at that concurrency."""
+    found: dict[str, dict[str, float]] = {}
+    for protocol in PROTOCOLS:
+        found[protocol] = {}
+        for point in points[protocol]:
+            echo = _at(points["echo"], point["concurrency"])
+            if echo and echo["per_second"]:
+                ratio = point["per_second"] * rpcs[protocol] / echo["per_second"]
+                found[protocol][str(point["concurrency"])] = round(ratio, 3)
+    return found
+
+
+def _target(name: str, measured: float | None, met: bool | None, shown: str) -> dict[str, Any]:
+    return {"target": name, "measured": measured, "shown": shown, "met": met}
+
+
+def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    points, eff = results["points"], results["efficiency"]
+    found = []
+    for protocol in PROTOCOLS:
+        e = eff[protocol].get("64")
+        found.append(_target(f"{protocol} efficiency >= 0.5 (c=64)", e, _ge(e, 0.5), f"{e}"))
+    for protocol, floor in (("saga", 400), ("2pc", 250)):
+        p = _at(points[protocol], 64)
+        rate = p["per_second"] if p else None
+        found.append(
+            _target(f"{protocol} >= {floor} trips/s (c=64)", rate, _ge(rate, floor), f"{rate}")
+        )
+    p16 = _at(points["saga"], 16)
+    p99 = p16["p99_ms"] if p16 else None
+    found.append(
+        _target("saga p99 < 40 ms (c=16)", p99, None if p99 is None else p99 < 40, f"{p99} ms")
+    )
+    for protocol in PROTOCOLS:
+        peak = max((p["per_second"] for p in points[protocol]), default=0)
+        last = _at(points[protocol], 256)
+        share = round(last["per_second"] / peak, 3) if last and peak else None
+        found.append(
+            _target(f"{protocol} c=256 >= 80% of peak", share, _ge(share, 0.8), f"{share}")
+        )
+    memory = results.get("memory") or {}
+    if memory:
+        mb = memory["growth_mib"] * 1.048576
+        per_50k = mb * RSS_TARGET_TRIPS / memory["trips"]
+        shown = f"{mb:.1f} MB over {memory['trips']} trips"
+        if memory["trips"] != RSS_TARGET_TRIPS:
+            shown += f" ({per_50k:.1f} MB per 50,000, linear)"
+        found.append(
+            _target("coordinator RSS growth < 20 MB / 50,000 trips", per_50k, per_50k < 20, shown)
+        )
+    for protocol, r in (results.get("contention") or {}).items():
+        exact = bool(r["audit"]["exact"])
+        a = r["audit"]
+        shown = f"{a['confirmed_trips']} trips, {a['confirmed_seats']}/{a['capacity']} seats"
+        found.append(_target(f"{protocol} contention: exact, never oversold", exact, exact, shown))
+    return found
+
+
+def _ge(value: float | None, floor: float) -> bool | None:
+    return None if value is None else value >= floor
+
+
+def render(results: Mapping[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    points, eff = results["points"], results["efficiency"]
+    table = Table(
+        title="tripmesh bench: every hop through Toxiproxy, synchronous=FULL"
+        f" ({results.get('runs', 1)} run(s){', medians' if results.get('runs', 1) > 1 else ''})"
+    )
+    table.add_column("c", justify="right")
+    table.add_column("echo RPC/s", justify="right")
+    for protocol in PROTOCOLS:
+        for head in ("trips/s", "p50 ms", "p99 ms", "eff."):
+            table.add_column(f"{protocol} {head}", justify="right")
+    for echo in points["echo"]:
+        level = echo["concurrency"]
+        row = [str(level), f"{echo['per_second']:.0f}"]
+        for protocol in PROTOCOLS:
+            p = _at(points[protocol], level)
+            if p is None:
+                row += ["-"] * 4
+                continue
+            row += [
+                f"{p['per_second']:.1f}",
+                f"{p['p50_ms']:.1f}",
+                f"{p['p99_ms']:.1f}",
+                f"{eff[protocol].get(str(level), float('nan')):.2f}",
+            ]
+        table.add_row(*row)
+    console.print(table)
+    cpu = Table(title="CPU, percent of one core, during each run at c=64")
+    names = sorted({n for w in points for p in points[w] for n in p.get("cpu_percent", {})})
+    cpu.add_column("run")
+    for name in names:
+        cpu.add_column(name, justify="right")
+    for what in points:
+        p = _at(points[what], 64)
+        if p and p.get("cpu_percent"):
+            cpu.add_row(what, *(f"{p['cpu_percent'].get(n, 0):.0f}" for n in names))
+    console.print(cpu)
+    verdicts = Table(title="Targets (issue 5)")
+    for head in ("target", "measured", "met"):
+        verdicts.add_column(head)
+    for t in results["targets"]:
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[t["met"]]
+        verdicts.add_row(t["target"], t["shown"], met)
+    console.print(verdicts)
+    busy = [
+        f"{what} c={p['concurrency']}: {p['cpu_percent']['others']:.0f}%"
+        for what in points
+        for p in points[what]
+        if p.get("cpu_percent", {}).get("others", 0) > NOISY_PERCENT
+    ]
+    if busy:
+        console.print(
+            "[yellow]the machine was not quiet: other processes used CPU during "
+            + ", ".join(busy)
+            + " (percent of one core); those figures are low[/]"
+        )
+    for protocol, r in (results.get("contention") or {}).items():
+        console.print(
+            f"contention {protocol}: {r['outcomes']}; {r['blocked_seats']} seats blocked by trips"
+            f" that did not happen ({r['blocked_seat_ms_mean']} ms each on average),"
+            f" {r['refused_while_blocked']}/{r['refused']} refusals while one was blocked;"
+            f" p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms"
+        )
+
+
+def medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result whose figures are the medians of `runs` (points, memory, contention audit)."""
+    first = runs[0]
+    points: dict[str, list[dict[str, Any]]] = {}
+    for what, series in first["points"].items():
+        points[what] = []
+        for i, point in enumerate(series):
+            same = [r["points"][what][i] for r in runs]
+            merged = dict(point)
+            for key in ("per_second", "p50_ms", "p99_ms"):
+                merged[key] = statistics.median(p[key] for p in same)
+            merged["cpu_percent"] = {
+                n: statistics.median(p["cpu_percent"].get(n, 0) for p in same)
+                for n in point.get("cpu_percent", {})
+            }
+            points[what].append(merged)
+    merged_results: dict[str, Any] = {**first, "points": points, "runs": len(runs)}
+    if all(r.get("memory") for r in runs):
+        merged_results["memory"] = {
+            **first["memory"],
+            "growth_mib": statistics.median(r["memory"]["growth_mib"] for r in runs),
+        }
+    merged_results["efficiency"] = efficiency(points, first["rpcs_per_trip"])
+    contention = {}
+    for protocol in first.get("contention", {}):
+        same = [r["contention"][protocol] for r in runs]
+        worst = min(same, key=lambda r: r["audit"]["exact"])  # one wrong run makes it wrong
+        contention[protocol] = {
+            **worst,
+            **{
+                k: statistics.median(r[k] for r in same)
+                for k in ("blocked_seats", "blocked_seat_ms_mean", "refused_while_blocked")
+            },
+        }
+    merged_results["contention"] = contention
+    merged_results["targets"] = targets(merged_results)
+    return merged_results
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
+    if not paths:
+        print("usage: python -m loadtest.report BENCH_JSON...", file=sys.stderr)
+        return 2
+    runs = [json.loads(p.read_text()) for p in paths]
+    render(medians(runs) if len(runs) > 1 else runs[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

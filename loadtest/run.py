@@ -1,0 +1,154 @@
+"""`make load` and `make load-ui`: Locust against a mesh, reports in runs/load-<...>/.
+
+    python -m loadtest.run --protocol saga --users 100 --duration 5m --shape black-friday
+    python -m loadtest.run --ui            # Locust's web UI on http://127.0.0.1:8089
+
+Which mesh (`--mesh`): `running` is the one `make up` started; `isolated`
+starts one on free ports in the run folder, seeded with the peak catalog
+(`loadtest.trips.peak_catalog`: the built-in routes with room for minutes of
+load; the Black-Friday deal and the vans keep refusing), and stops it after;
+`auto` (the default) uses the running one if there is one. `--target
+HOST:PORT` skips all that and loads whatever listens there.
+
+The run folder holds Locust's CSV files (locust_stats.csv, _history,
+_failures, _exceptions), its HTML report (report.html), its output
+(locust.log) and run.json (parameters, target, start and end times in UTC,
+to line up with a chaos report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from chaos.launcher import ROOT
+from loadtest.meshes import isolated_mesh, running_mesh
+from loadtest.trips import CHOICES, peak_catalog
+
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n")[0])
+    p.add_argument("--protocol", choices=CHOICES, default="mixed")
+    p.add_argument("--users", type=int, default=50, help="users (the peak, for black-friday)")
+    p.add_argument("--spawn-rate", type=float, default=None, help="users started a second")
+    p.add_argument("--duration", default="60s", help="Locust --run-time: 90s, 5m, ...")
+    p.add_argument("--shape", choices=("steady", "black-friday"), default="steady")
+    p.add_argument("--mesh", choices=("auto", "running", "isolated"), default="auto")
+    p.add_argument("--target", help="HOST:PORT of a coordinator (its client proxy) to load")
+    p.add_argument("--ui", action="store_true", help="Locust's web UI instead of a headless run")
+    p.add_argument("--web-port", type=int, default=8089)
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
+    p.add_argument("locust_args", nargs="*", help="more Locust options, after --")
+    return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def target(args: argparse.Namespace, folder: Path) -> Iterator[tuple[str, str]]:
+    """(address, description) of the coordinator to load, starting a mesh if need be."""
+    if args.target:
+        yield args.target, f"given target {args.target}"
+        return
+    running = running_mesh() if args.mesh in ("auto", "running") else None
+    if running is not None:
+        yield running.layout.client_address, f"the running mesh in {running.data_dir}"
+        return
+    if args.mesh == "running":
+        raise SystemExit("no mesh is running: `make up` first, or --mesh isolated")
+    catalog = peak_catalog(folder / "peak-catalog.json")
+    print(f"starting an isolated mesh in {folder / 'mesh'} (peak catalog) ...", flush=True)
+    with isolated_mesh(folder / "mesh", catalog=catalog) as mesh:
+        yield mesh.layout.client_address, f"an isolated mesh in {mesh.data_dir} (peak catalog)"
+        print("stopping the isolated mesh ...", flush=True)
+
+
+def locust_argv(args: argparse.Namespace, address: str, folder: Path) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--host",
+        address,
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate or max(1, args.users // 5)),
+        "--protocol",
+        args.protocol,
+        "--shape",
+        args.shape,
+        "--csv",
+        str(folder / "locust"),
+        "--csv-full-history",
+        "--html",
+        str(folder / "report.html"),
+        "--exit-code-on-error",
+        "0",
+    ]
+    if args.ui:
+        argv += ["--web-host", "127.0.0.1", "--web-port", str(args.web_port)]
+        if args.duration:
+            argv += ["--run-time", args.duration]
+    else:
+        argv += ["--headless", "--only-summary", "--run-time", args.duration]
+    return argv + list(args.locust_args)
+
+
+def run_locust(command: list[str], log_path: Path) -> int:
+    """Run Locust, its output both printed and kept in `log_path`; its exit code."""
+    with log_path.open("w") as log:
+        locust = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert locust.stdout is not None
+        try:
+            for line in locust.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+        except KeyboardInterrupt:
+            pass  # Locust got the same SIGINT: it stops and writes its reports
+        return locust.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    mode = "ui" if args.ui else args.shape
+    folder = args.runs_dir / f"load-{mode}-{args.protocol}-{stamp}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with target(args, folder) as (address, described):
+        command = locust_argv(args, address, folder)
+        print(f"load: {described}, coordinator at {address}; reports in {folder}", flush=True)
+        if args.ui:
+            print(f"Locust's web UI: http://127.0.0.1:{args.web_port} (Ctrl-C to stop)", flush=True)
+        started = time.time()
+        code = run_locust(command, folder / "locust.log")
+        record = {
+            "protocol": args.protocol,
+            "shape": args.shape,
+            "users": args.users,
+            "duration": args.duration,
+            "target": address,
+            "mesh": described,
+            "started_at": started,
+            "finished_at": time.time(),
+            "locust_exit_code": code,
+            "command": command,
+        }
+        (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"reports: {folder}/locust_stats.csv, {folder}/report.html")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
