@@ -7,6 +7,8 @@ every participant's reservations and inventory, exactly as a third party could.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -29,79 +31,80 @@ def _dates(hold: ppb.Hold) -> tuple[str, ...]:
     return tuple((start + dt.timedelta(days=i)).isoformat() for i in range(hold.days))
 
 
-def read_trips(channel: grpc.Channel) -> list[TripView]:
-    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-    trips: list[TripView] = []
+def paged(fetch: Callable[[str], Any], field: str) -> Iterator[Any]:
+    """Every item of a paginated List call: `fetch(token)` returns a page with `field`."""
     token = ""
     while True:
-        page = stub.ListTrips(
-            cpb.ListTripsRequest(page_size=500, page_token=token), timeout=_TIMEOUT
-        )
-        trips += [
-            TripView(
-                trip_id=t.trip_id,
-                idempotency_key=t.idempotency_key,
-                protocol="2pc" if t.protocol == cpb.PROTOCOL_TWO_PHASE_COMMIT else "saga",
-                status=_enum(cpb.TripStatus, t.status, "TRIP_STATUS_"),
-                decision=_enum(cpb.Decision, t.decision, "DECISION_"),
-            )
-            for t in page.trips
-        ]
+        page = fetch(token)
+        yield from getattr(page, field)
         token = page.next_page_token
         if not token:
-            return trips
+            return
+
+
+def read_trips(channel: grpc.Channel) -> list[TripView]:
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+    pages = paged(
+        lambda token: stub.ListTrips(
+            cpb.ListTripsRequest(page_size=500, page_token=token), timeout=_TIMEOUT
+        ),
+        "trips",
+    )
+    return [
+        TripView(
+            trip_id=t.trip_id,
+            idempotency_key=t.idempotency_key,
+            protocol="2pc" if t.protocol == cpb.PROTOCOL_TWO_PHASE_COMMIT else "saga",
+            status=_enum(cpb.TripStatus, t.status, "TRIP_STATUS_"),
+            decision=_enum(cpb.Decision, t.decision, "DECISION_"),
+        )
+        for t in pages
+    ]
 
 
 def read_participant(
     kind: str, channel: grpc.Channel
 ) -> tuple[list[ReservationView], list[InventoryRow]]:
     stub = participant_pb2_grpc.ParticipantStub(channel)
-    reservations: list[ReservationView] = []
-    token = ""
-    while True:
-        page = stub.ListReservations(
-            ppb.ListReservationsRequest(page_size=1000, page_token=token), timeout=_TIMEOUT
+    reservations = [
+        ReservationView(
+            reservation_id=r.reservation_id,
+            trip_id=r.trip_id,
+            kind=kind,
+            status=_enum(ppb.ReservationStatus, r.status, "RESERVATION_STATUS_"),
+            resource_id=r.hold.resource_id,
+            dates=_dates(r.hold),
+            quantity=r.hold.quantity,
+            settled_by=r.settled_by,
+            protocol="2pc" if r.protocol == ppb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT else "saga",
+            created_at=r.created_at.ToNanoseconds() / 1e9,
+            updated_at=r.updated_at.ToNanoseconds() / 1e9,
         )
-        reservations += [
-            ReservationView(
-                reservation_id=r.reservation_id,
-                trip_id=r.trip_id,
-                kind=kind,
-                status=_enum(ppb.ReservationStatus, r.status, "RESERVATION_STATUS_"),
-                resource_id=r.hold.resource_id,
-                dates=_dates(r.hold),
-                quantity=r.hold.quantity,
-                settled_by=r.settled_by,
-                protocol="2pc"
-                if r.protocol == ppb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT
-                else "saga",
-                created_at=r.created_at.ToNanoseconds() / 1e9,
-                updated_at=r.updated_at.ToNanoseconds() / 1e9,
-            )
-            for r in page.reservations
-        ]
-        token = page.next_page_token
-        if not token:
-            break
+        for r in paged(
+            lambda token: stub.ListReservations(
+                ppb.ListReservationsRequest(page_size=1000, page_token=token), timeout=_TIMEOUT
+            ),
+            "reservations",
+        )
+    ]
     inventory: list[InventoryRow] = []
-    token = ""
-    while True:
-        resources = stub.ListResources(
+    resources = paged(
+        lambda token: stub.ListResources(
             ppb.ListResourcesRequest(page_size=1000, page_token=token), timeout=_TIMEOUT
+        ),
+        "resources",
+    )
+    for resource in resources:
+        days = stub.GetInventory(
+            ppb.GetInventoryRequest(resource_id=resource.resource_id), timeout=_TIMEOUT
         )
-        for resource in resources.resources:
-            days = stub.GetInventory(
-                ppb.GetInventoryRequest(resource_id=resource.resource_id), timeout=_TIMEOUT
+        inventory += [
+            InventoryRow(
+                kind, resource.resource_id, d.date, d.capacity, d.available, d.held, d.confirmed
             )
-            inventory += [
-                InventoryRow(
-                    kind, resource.resource_id, d.date, d.capacity, d.available, d.held, d.confirmed
-                )
-                for d in days.days
-            ]
-        token = resources.next_page_token
-        if not token:
-            return reservations, inventory
+            for d in days.days
+        ]
+    return reservations, inventory
 
 
 def read_books(coordinator: str, participants: dict[str, str]) -> BooksSnapshot:

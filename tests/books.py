@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 
+from chaos.audit import paged
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
@@ -89,17 +90,16 @@ class Books:
             channel.close()
 
     def reservations(self, kind: str, trip_id: str = "") -> list[ppb.Reservation]:
-        found: list[ppb.Reservation] = []
-        token = ""
-        while True:
-            page = self.participants[kind].ListReservations(
-                ppb.ListReservationsRequest(trip_id=trip_id, page_size=500, page_token=token),
-                timeout=5,
+        stub = self.participants[kind]
+        return list(
+            paged(
+                lambda token: stub.ListReservations(
+                    ppb.ListReservationsRequest(trip_id=trip_id, page_size=500, page_token=token),
+                    timeout=5,
+                ),
+                "reservations",
             )
-            found += page.reservations
-            token = page.next_page_token
-            if not token:
-                return found
+        )
 
     def inventory(self, kind: str, resource_id: str) -> list[ppb.InventoryDay]:
         reply = self.participants[kind].GetInventory(
