@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,11 +113,39 @@ class Layout:
         )
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the OS gives outgoing connections (Linux's default if it cannot say)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """A port nothing listens on right now, never the same one twice in a process.
+
+    Chosen outside the OS's ephemeral range, so that no outgoing connection can
+    take it between now and the moment a server binds it.
+    """
+    low, high = _ephemeral_range()
+    candidates = [*range(10_000, low), *range(high + 1, 65_536)]
+    for _ in range(1_000):
+        port = random.choice(candidates) if candidates else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            port = int(probe.getsockname()[1])
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port on {host}")
 
 
 def free_layout() -> Layout:

@@ -8,6 +8,7 @@ from typing import Any
 
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import Protocol, Trip
+from coordinator.journal import TripJournal
 from coordinator.log import Event, TripLog
 from coordinator.metrics import CoordinatorMetrics
 
@@ -43,13 +44,14 @@ class TripEngine(abc.ABC):
         self.policies = policies
         self.metrics = metrics or CoordinatorMetrics()
 
-    def watch(self, trip_id: str, leg: str, step: str) -> dict[str, Any]:
-        """`retry` keywords: count the step's retries, and note them in the trip's timeline."""
+    def watch(self, journal: TripJournal, leg: str, step: str) -> dict[str, Any]:
+        """`retry` keywords: count the step's retries, and write them in the trip's timeline.
+
+        A retry writes the journal's notes with it: a trip that is slow shows where it stands.
+        """
 
         async def note(message: str) -> object:
-            return await self.log.record(
-                trip_id, events=(Event("retry", leg, f"{step} {message}"),)
-            )
+            return await journal.write(Event("retry", leg, f"{step} {message}"))
 
         return {"retries": self.metrics.retries.labels(leg, step), "note": note}
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from coordinator.domain import (
@@ -89,6 +90,54 @@ class Event:
     leg: str = ""
     detail: str = ""
     actor: str = "coordinator"
+    at: float | None = None  # when it happened; None: when it is written
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one write does to a trip: events to add, and fields and legs to set."""
+
+    events: tuple[Event, ...] = ()
+    status: TripStatus | None = None
+    decision: Decision | None = None
+    legs: Mapping[LegKind, LegUpdate] = field(default_factory=dict)
+    failure_reason: str | None = None
+
+    def then(self, later: Change) -> Change:
+        """This change followed by `later`, as one."""
+        return Change(
+            events=(*self.events, *later.events),
+            status=later.status if later.status is not None else self.status,
+            decision=later.decision if later.decision is not None else self.decision,
+            legs={**self.legs, **later.legs},
+            failure_reason=(
+                later.failure_reason if later.failure_reason is not None else self.failure_reason
+            ),
+        )
+
+    def apply(self, trip: Trip, now: float) -> Trip:
+        """`trip` as it is once this change is written at `now`."""
+        legs = tuple(
+            replace(
+                leg,
+                status=u.status,
+                reason=u.reason,
+                price_cents=leg.price_cents if u.price_cents is None else u.price_cents,
+            )
+            if (u := self.legs.get(leg.kind)) is not None
+            else leg
+            for leg in trip.legs
+        )
+        return replace(
+            trip,
+            status=self.status if self.status is not None else trip.status,
+            decision=self.decision if self.decision is not None else trip.decision,
+            legs=legs,
+            failure_reason=(
+                trip.failure_reason if self.failure_reason is None else self.failure_reason
+            ),
+            updated_at=now,
+        )
 
 
 class TripLog:
@@ -104,44 +153,36 @@ class TripLog:
 
         Raises CONFLICT when the key was used with a different request.
         """
-        return await self.db.run(lambda c: _create(c, request))
+        fingerprint, body = request.fingerprint(), request.to_json()
+        return await self.db.run(lambda c: _create(c, request, fingerprint, body))
 
     async def record(
         self,
-        trip_id: str,
+        trip: Trip,
         *,
-        events: tuple[Event, ...],
+        events: tuple[Event, ...] = (),
         status: TripStatus | None = None,
         decision: Decision | None = None,
-        legs: dict[LegKind, LegUpdate] | None = None,
+        legs: Mapping[LegKind, LegUpdate] | None = None,
         failure_reason: str | None = None,
     ) -> Trip:
-        """Change a trip durably (one transaction) and return it as it now is."""
+        """Change `trip` durably (one transaction) and return it as it now is."""
+        change = Change(events, status, decision, legs or {}, failure_reason)
+        return await self.write(trip, change)
 
-        def job(conn: sqlite3.Connection) -> Trip:
-            now = time.time()
-            sets: list[str] = ["updated_at = ?"]
-            args: list[object] = [now]
-            if status is not None:
-                sets.append("status = ?")
-                args.append(status.value)
-            if decision is not None:
-                sets.append("decision = ?")
-                args.append(decision.value)
-            if failure_reason is not None:
-                sets.append("failure_reason = ?")
-                args.append(failure_reason)
-            conn.execute(f"UPDATE trips SET {', '.join(sets)} WHERE trip_id = ?", (*args, trip_id))
-            for kind, update in (legs or {}).items():
-                conn.execute(
-                    "UPDATE legs SET status = ?, reason = ?,"
-                    " price_cents = coalesce(?, price_cents) WHERE trip_id = ? AND kind = ?",
-                    (update.status.value, update.reason, update.price_cents, trip_id, kind.value),
-                )
-            _add_events(conn, trip_id, now, events)
-            return load_trip(conn, trip_id)
+    async def write(self, trip: Trip, change: Change) -> Trip:
+        """Write `change` to `trip` durably (one transaction) and return the trip as it now is.
 
-        return await self.db.run(job)
+        `trip` must be the trip as logged (or as its one driver knows it): the
+        result is computed from it, not read back.
+        """
+        now = time.time()
+        await self.persist(trip.trip_id, change, now)
+        return change.apply(trip, now)
+
+    async def persist(self, trip_id: str, change: Change, now: float) -> None:
+        """Write `change` to the trip durably, stamped `now`."""
+        await self.db.run(lambda c: _write(c, trip_id, change, now))
 
     async def get(self, trip_id: str) -> Trip | None:
         return await self.db.run(lambda c: load_trip(c, trip_id) if _exists(c, trip_id) else None)
@@ -255,8 +296,9 @@ def read_in_doubt(conn: sqlite3.Connection) -> int:
     return int(count)
 
 
-def _create(conn: sqlite3.Connection, request: TripRequest) -> tuple[Trip, bool]:
-    fingerprint = request.fingerprint()
+def _create(
+    conn: sqlite3.Connection, request: TripRequest, fingerprint: str, body: str
+) -> tuple[Trip, bool]:
     row = conn.execute(
         "SELECT trip_id, fingerprint FROM idempotency_keys WHERE key = ?",
         (request.idempotency_key,),
@@ -274,7 +316,7 @@ def _create(conn: sqlite3.Connection, request: TripRequest) -> tuple[Trip, bool]
     conn.execute(
         "INSERT INTO trips (trip_id, protocol, status, request, created_at, updated_at)"
         " VALUES (?, ?, 'pending', ?, ?, ?)",
-        (trip_id, request.protocol.value, request.to_json(), now, now),
+        (trip_id, request.protocol.value, body, now, now),
     )
     conn.executemany(
         "INSERT INTO legs (trip_id, kind, reservation_id, status) VALUES (?, ?, ?, 'not_started')",
@@ -285,7 +327,10 @@ def _create(conn: sqlite3.Connection, request: TripRequest) -> tuple[Trip, bool]
         (request.idempotency_key, trip_id, fingerprint, now),
     )
     _add_events(conn, trip_id, now, (Event("created", detail=request.protocol.value),))
-    return load_trip(conn, trip_id), False
+    legs = tuple(
+        Leg(kind, reservation_id(trip_id, kind), LegStatus.NOT_STARTED, 0, "") for kind in LEG_ORDER
+    )
+    return Trip(trip_id, request, TripStatus.PENDING, None, legs, "", now, now), False
 
 
 def _add_events(
@@ -293,8 +338,33 @@ def _add_events(
 ) -> None:
     conn.executemany(
         "INSERT INTO events (trip_id, at, kind, leg, detail, actor) VALUES (?, ?, ?, ?, ?, ?)",
-        [(trip_id, now, e.kind, e.leg, e.detail, e.actor) for e in events],
+        [(trip_id, e.at or now, e.kind, e.leg, e.detail, e.actor) for e in events],
     )
+
+
+def _write(conn: sqlite3.Connection, trip_id: str, change: Change, now: float) -> None:
+    sets: list[str] = ["updated_at = ?"]
+    args: list[object] = [now]
+    if change.status is not None:
+        sets.append("status = ?")
+        args.append(change.status.value)
+    if change.decision is not None:
+        sets.append("decision = ?")
+        args.append(change.decision.value)
+    if change.failure_reason is not None:
+        sets.append("failure_reason = ?")
+        args.append(change.failure_reason)
+    conn.execute(f"UPDATE trips SET {', '.join(sets)} WHERE trip_id = ?", (*args, trip_id))
+    if change.legs:
+        conn.executemany(
+            "UPDATE legs SET status = ?, reason = ?,"
+            " price_cents = coalesce(?, price_cents) WHERE trip_id = ? AND kind = ?",
+            [
+                (u.status.value, u.reason, u.price_cents, trip_id, kind.value)
+                for kind, u in change.legs.items()
+            ],
+        )
+    _add_events(conn, trip_id, now, change.events)
 
 
 def _exists(conn: sqlite3.Connection, trip_id: str) -> bool:

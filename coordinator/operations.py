@@ -63,7 +63,7 @@ class OperatorActions:
             if not self._stuck(trip):
                 raise _refuse(trip, "retry", "; only a trip that needs attention can be retried")
             trip = await self.log.record(
-                trip_id,
+                trip,
                 status=TripStatus.PENDING,
                 events=(Event("operator-retry", detail=reason, actor=operator),),
             )
@@ -86,7 +86,7 @@ class OperatorActions:
                 )
                 raise _refuse(trip, "compensate", f" and {what}: retry it instead")
             trip = await self.log.record(
-                trip_id,
+                trip,
                 status=TripStatus.PENDING,
                 decision=Decision.ABORT,
                 failure_reason=f"compensation forced by {operator}: {reason}",
@@ -103,7 +103,7 @@ class OperatorActions:
                 raise _refuse(trip, "resolve", "; only a trip that needs attention can be")
             self.metrics.operator_actions.labels("mark_resolved").inc()
             return await self.log.record(
-                trip_id,
+                trip,
                 status=TripStatus.RESOLVED,
                 events=(Event("operator-resolved", detail=reason, actor=operator),),
             )

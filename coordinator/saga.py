@@ -1,11 +1,14 @@
 """The orchestrated saga: flight, then hotel, then car; compensate backwards on failure.
 
 A saga is data: `TRIP_SAGA` is an ordered tuple of steps, each with its action
-and its compensation. Each step is logged IN_FLIGHT before its RPC and with
-its outcome after it (the outcome of one step and the start of the next share
-one write). A refusal (sold out) compensates at once; an outcome still unknown
-after the step policy is treated as possibly done, so that leg is compensated
-too (Cancel is idempotent and leaves a tombstone that refuses a late Reserve).
+and its compensation. The trip's creation, logged before the first step,
+names every reservation id; each Reserve and Cancel is idempotent on it, so a
+step's start and outcome are only noted (`TripJournal`) and a trip found
+PENDING after a crash is resumed by repeating its steps. On the fast path a
+saga writes twice: its creation and its outcome. A refusal (sold out)
+compensates at once; an outcome still unknown after the step policy is
+treated as possibly done, so that leg is compensated too (Cancel is
+idempotent and leaves a tombstone that refuses a late Reserve).
 Compensations are retried within the compensation policy; past it, the trip
 becomes NEEDS_ATTENTION and is logged loudly.
 
@@ -38,6 +41,7 @@ from coordinator.domain import (
     TripStatus,
 )
 from coordinator.engine import TripEngine
+from coordinator.journal import TripJournal
 from coordinator.log import Event, LegUpdate
 from tripmesh.runtime import failpoints
 
@@ -76,31 +80,30 @@ class Saga(TripEngine):
     steps = TRIP_SAGA
 
     async def book(self, trip: Trip) -> Trip:
-        return await self._forward(trip)
+        return await self._forward(TripJournal(self.log, trip))
 
     async def recover(self, trip: Trip) -> Trip:
+        journal = TripJournal(self.log, trip)
         direction = "compensate" if trip.decision is Decision.ABORT else "resume"
-        trip = await self.log.record(trip.trip_id, events=(Event("recovery", detail=direction),))
+        journal.note(Event("recovery", detail=direction))
         if trip.decision is Decision.ABORT:
-            return await self._compensate(trip, trip.failure_reason.split(_ATTENTION)[0])
+            return await self._compensate(journal, trip.failure_reason.split(_ATTENTION)[0])
         if trip.decision is Decision.COMMIT:
-            return await self.log.record(
-                trip.trip_id,
-                status=TripStatus.CONFIRMED,
-                events=(Event("finished", detail="confirmed"),),
+            return await journal.write(
+                Event("finished", detail="confirmed"), status=TripStatus.CONFIRMED
             )
-        return await self._forward(trip)
+        return await self._forward(journal)
 
-    async def _forward(self, trip: Trip) -> Trip:
-        for index, step in enumerate(self.steps):
-            leg = trip.leg(step.leg)
+    async def _forward(self, journal: TripJournal) -> Trip:
+        trip_id = journal.trip.trip_id
+        for step in self.steps:
+            leg = journal.trip.leg(step.leg)
             if leg.status is LegStatus.CONFIRMED:
                 continue
             if leg.status is LegStatus.NOT_STARTED:
-                trip = await self.log.record(
-                    trip.trip_id,
+                journal.note(
+                    Event("step", step.leg.value, "reserve"),
                     legs={step.leg: LegUpdate(LegStatus.IN_FLIGHT)},
-                    events=(Event("step", step.leg.value, "reserve"),),
                 )
             client = self.participants[step.leg]
             try:
@@ -109,69 +112,62 @@ class Saga(TripEngine):
                         step.action,
                         client,
                         leg.reservation_id,
-                        trip.trip_id,
-                        trip.request.leg(step.leg),
+                        trip_id,
+                        journal.trip.request.leg(step.leg),
                     ),
                     self.policies.step,
-                    f"{trip.trip_id} reserve {step.leg.value}",
-                    **self.watch(trip.trip_id, step.leg.value, "reserve"),
+                    f"{trip_id} reserve {step.leg.value}",
+                    **self.watch(journal, step.leg.value, "reserve"),
                 )
             except OutcomeUnknown as exc:
                 reason = f"{step.leg.value}: outcome unknown: {exc.message}"
-                return await self._start_compensation(trip, step.leg, LegStatus.IN_FLIGHT, reason)
+                return await self._start_compensation(
+                    journal, step.leg, LegStatus.IN_FLIGHT, reason
+                )
             except ParticipantRejected as exc:
                 reason = f"{step.leg.value}: {exc.message}"
-                return await self._start_compensation(trip, step.leg, LegStatus.REFUSED, reason)
+                return await self._start_compensation(journal, step.leg, LegStatus.REFUSED, reason)
             failpoints.hit("saga.after_step_rpc")
             if not reply.accepted:
                 reason = f"{step.leg.value}: {reply.reason}"
-                return await self._start_compensation(trip, step.leg, LegStatus.REFUSED, reason)
-            legs = {step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)}
-            events = [Event("outcome", step.leg.value, "confirmed")]
-            last = index == len(self.steps) - 1
-            if not last:
-                following = self.steps[index + 1].leg
-                legs[following] = LegUpdate(LegStatus.IN_FLIGHT)
-                events.append(Event("step", following.value, "reserve"))
-            else:
-                events.append(Event("finished", detail="confirmed"))
-            trip = await self.log.record(
-                trip.trip_id,
-                legs=legs,
-                events=tuple(events),
-                status=TripStatus.CONFIRMED if last else None,
-                decision=Decision.COMMIT if last else None,
+                return await self._start_compensation(journal, step.leg, LegStatus.REFUSED, reason)
+            journal.note(
+                Event("outcome", step.leg.value, "confirmed"),
+                legs={step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)},
             )
-        return trip
+        return await journal.write(
+            Event("finished", detail="confirmed"),
+            status=TripStatus.CONFIRMED,
+            decision=Decision.COMMIT,
+        )
 
     async def _start_compensation(
-        self, trip: Trip, failed: LegKind, status: LegStatus, reason: str
+        self, journal: TripJournal, failed: LegKind, status: LegStatus, reason: str
     ) -> Trip:
-        trip = await self.log.record(
-            trip.trip_id,
+        # Durable before the first Cancel: recovery then compensates instead of resuming.
+        await journal.write(
+            Event("outcome", failed.value, f"{status.value}: {reason}"),
+            Event("decision", detail="abort: compensate in reverse order"),
             decision=Decision.ABORT,
             legs={failed: LegUpdate(status, reason)},
             failure_reason=reason,
-            events=(
-                Event("outcome", failed.value, f"{status.value}: {reason}"),
-                Event("decision", detail="abort: compensate in reverse order"),
-            ),
         )
-        return await self._compensate(trip, reason)
+        return await self._compensate(journal, reason)
 
-    async def _compensate(self, trip: Trip, reason: str) -> Trip:
+    async def _compensate(self, journal: TripJournal, reason: str) -> Trip:
+        trip_id = journal.trip.trip_id
         acknowledged = 0
         for step in reversed(self.steps):
-            leg = trip.leg(step.leg)
+            leg = journal.trip.leg(step.leg)
             if leg.status not in _MAY_HOLD:
                 continue
             client = self.participants[step.leg]
             try:
                 await retry(
-                    partial(step.compensation, client, leg.reservation_id, trip.trip_id),
+                    partial(step.compensation, client, leg.reservation_id, trip_id),
                     self.policies.compensation,
-                    f"{trip.trip_id} cancel {step.leg.value}",
-                    **self.watch(trip.trip_id, step.leg.value, "cancel"),
+                    f"{trip_id} cancel {step.leg.value}",
+                    **self.watch(journal, step.leg.value, "cancel"),
                 )
             except (OutcomeUnknown, ParticipantRejected) as exc:
                 self.metrics.compensation_failures.labels(step.leg.value).inc()
@@ -179,26 +175,23 @@ class Saga(TripEngine):
                     "compensation of %s failed past policy: %s; trip needs attention",
                     step.leg.value,
                     exc.message,
-                    extra={"trip_id": trip.trip_id, "leg": step.leg.value},
+                    extra={"trip_id": trip_id, "leg": step.leg.value},
                 )
-                return await self.log.record(
-                    trip.trip_id,
+                return await journal.write(
+                    Event("attention", step.leg.value, exc.message),
                     status=TripStatus.NEEDS_ATTENTION,
                     failure_reason=f"{reason}{_ATTENTION}{step.leg.value} failed: {exc.message}",
-                    events=(Event("attention", step.leg.value, exc.message),),
                 )
-            trip = await self.log.record(
-                trip.trip_id,
+            journal.note(
+                Event("compensation", step.leg.value, "cancelled"),
                 legs={step.leg: LegUpdate(LegStatus.CANCELLED, leg.reason)},
-                events=(Event("compensation", step.leg.value, "cancelled"),),
             )
             self.metrics.compensations.labels(step.leg.value).inc()
             acknowledged += 1
             if acknowledged == 1:
                 failpoints.hit("saga.mid_compensation")
-        return await self.log.record(
-            trip.trip_id,
+        return await journal.write(
+            Event("finished", detail="aborted"),
             status=TripStatus.ABORTED,
             failure_reason=reason,  # the cause, without a compensation failure since mended
-            events=(Event("finished", detail="aborted"),),
         )

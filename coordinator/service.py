@@ -40,7 +40,7 @@ class TripService:
         self.catalog = catalog
         self.metrics = metrics or CoordinatorMetrics()
         self.max_in_flight = max_in_flight
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, asyncio.Task[Trip | None]] = {}
         # Trips an operator action is changing: nobody else may start driving them.
         self._claimed: set[str] = set()
         self._recovery_slots = asyncio.Semaphore(recovery_concurrency)
@@ -69,9 +69,13 @@ class TripService:
             log.info("trip created: %s", trip.protocol.value)
             self._start(trip, recovering=False)
         task = self._active.get(trip.trip_id)
-        if task is not None and wait > 0:
+        if task is None:
+            return trip, replayed  # a replay of a trip nobody drives: as just read
+        if wait > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), wait)
+        if task.done() and not task.cancelled() and (final := task.result()) is not None:
+            return final, replayed  # as its driver wrote it last
         current = await self.log.get(trip.trip_id)
         assert current is not None
         return current, replayed
@@ -89,13 +93,14 @@ class TripService:
             return Decision.ABORT  # presumed abort
         return decision
 
-    def _start(self, trip: Trip, *, recovering: bool) -> asyncio.Task[None]:
+    def _start(self, trip: Trip, *, recovering: bool) -> asyncio.Task[Trip | None]:
         engine = self.engines[trip.protocol]
         task = asyncio.create_task(self._drive(engine, trip, recovering), name=trip.trip_id)
         self._active[trip.trip_id] = task
         return task
 
-    async def _drive(self, engine: TripEngine, trip: Trip, recovering: bool) -> None:
+    async def _drive(self, engine: TripEngine, trip: Trip, recovering: bool) -> Trip | None:
+        """Run the trip's engine; the trip as last written, or None if the driver failed."""
         if not logs.TRIP_ID.get():  # recovery: no caller, the trip id correlates
             logs.bind(trip_id=trip.trip_id)
         try:
@@ -105,12 +110,14 @@ class TripService:
             else:
                 final = await engine.book(trip)
             self._finished(final)
+            return final
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception(
                 "trip driver failed; the sweeper will resume it", extra={"trip_id": trip.trip_id}
             )
+            return None
         finally:
             self._active.pop(trip.trip_id, None)
 
@@ -139,11 +146,11 @@ class TripService:
         finally:
             self._claimed.discard(trip_id)
 
-    def drive(self, trip: Trip) -> asyncio.Task[None]:
+    def drive(self, trip: Trip) -> asyncio.Task[Trip | None]:
         """Drive a logged trip from where it stands (an operator asked for it)."""
         return self._start(trip, recovering=True)
 
-    async def resume_unfinished(self) -> list[asyncio.Task[None]]:
+    async def resume_unfinished(self) -> list[asyncio.Task[Trip | None]]:
         """Start a recovery task for every unfinished trip that no task is driving."""
         resumed = []
         for trip_id in await self.log.unfinished():

@@ -6,6 +6,10 @@ before any participant hears it. Phase 2 sends it until every participant has
 acknowledged, however long that takes: a prepared participant may not decide
 on its own, so the coordinator must not give up on it. A trip found undecided
 after a crash is aborted (presumed abort: nobody can have been told COMMIT).
+
+A trip writes its log three times: its creation, the decision with the votes,
+and the final status with every acknowledgement (see `TripJournal`: recovery
+sends the decision again to each leg, and Commit and Abort are idempotent).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from coordinator.domain import (
     TripStatus,
 )
 from coordinator.engine import TripEngine
+from coordinator.journal import TripJournal
 from coordinator.log import Event, LegUpdate
 from tripmesh.runtime import failpoints
 
@@ -37,43 +42,39 @@ class TwoPhaseCommit(TripEngine):
     protocol = Protocol.TWO_PHASE_COMMIT
 
     async def book(self, trip: Trip) -> Trip:
-        votes = await asyncio.gather(*(self._vote(trip, kind) for kind in LEG_ORDER))
+        journal = TripJournal(self.log, trip)
+        votes = await asyncio.gather(*(self._vote(journal, kind) for kind in LEG_ORDER))
         failpoints.hit("2pc.before_decision")
         legs = {kind: update for kind, update, _ in votes}
         reasons = [reason for _, update, reason in votes if update.status is not LegStatus.HELD]
         decision = Decision.ABORT if reasons else Decision.COMMIT
-        trip = await self.log.record(
-            trip.trip_id,
+        await journal.write(
+            *(
+                Event("vote", k.value, f"{u.status.value} {u.reason}".strip())
+                for k, u in legs.items()
+            ),
+            Event("decision", detail=decision.value),
             decision=decision,
             legs=legs,
             failure_reason="; ".join(reasons) if reasons else None,
-            events=(
-                *(
-                    Event("vote", k.value, f"{u.status.value} {u.reason}".strip())
-                    for k, u in legs.items()
-                ),
-                Event("decision", detail=decision.value),
-            ),
         )
         failpoints.hit("2pc.after_decision")
-        return await self._phase2(trip)
+        return await self._phase2(journal)
 
     async def recover(self, trip: Trip) -> Trip:
+        journal = TripJournal(self.log, trip)
         if trip.decision is None:
-            trip = await self.log.record(
-                trip.trip_id,
+            await journal.write(
+                Event("recovery", detail="undecided: presumed abort"),
                 decision=Decision.ABORT,
                 failure_reason="coordinator restarted before deciding (presumed abort)",
-                events=(Event("recovery", detail="undecided: presumed abort"),),
             )
         else:
-            await self.log.record(
-                trip.trip_id,
-                events=(Event("recovery", detail=f"resume phase 2: {trip.decision.value}"),),
-            )
-        return await self._phase2(trip)
+            journal.note(Event("recovery", detail=f"resume phase 2: {trip.decision.value}"))
+        return await self._phase2(journal)
 
-    async def _vote(self, trip: Trip, kind: LegKind) -> tuple[LegKind, LegUpdate, str]:
+    async def _vote(self, journal: TripJournal, kind: LegKind) -> tuple[LegKind, LegUpdate, str]:
+        trip = journal.trip
         leg = trip.leg(kind)
         client = self.participants[kind]
         request = trip.request.leg(kind)
@@ -82,7 +83,7 @@ class TwoPhaseCommit(TripEngine):
                 lambda: client.prepare(leg.reservation_id, trip.trip_id, request),
                 self.policies.step,
                 f"{trip.trip_id} prepare {kind.value}",
-                **self.watch(trip.trip_id, kind.value, "prepare"),
+                **self.watch(journal, kind.value, "prepare"),
             )
         except (OutcomeUnknown, ParticipantRejected) as exc:
             # No vote is a no vote. The hold may exist: the ABORT in phase 2 releases it.
@@ -91,7 +92,8 @@ class TwoPhaseCommit(TripEngine):
             return kind, LegUpdate(LegStatus.HELD, "", reply.price_cents), ""
         return kind, LegUpdate(LegStatus.REFUSED, reply.reason), f"{kind.value}: {reply.reason}"
 
-    async def _phase2(self, trip: Trip) -> Trip:
+    async def _phase2(self, journal: TripJournal) -> Trip:
+        trip = journal.trip
         decision = trip.decision
         assert decision is not None
         done = _SETTLED[decision]
@@ -107,12 +109,13 @@ class TwoPhaseCommit(TripEngine):
                 lambda: call(leg.reservation_id, trip.trip_id),
                 self.policies.phase2,
                 f"{trip.trip_id} {decision.value} {leg.kind.value}",
-                **self.watch(trip.trip_id, leg.kind.value, decision.value),
+                **self.watch(journal, leg.kind.value, decision.value),
             )
-            await self.log.record(
-                trip.trip_id,
+            # Only noted: recovery sends the decision again to every leg not
+            # logged as settled, and Commit and Abort are idempotent.
+            journal.note(
+                Event("acknowledged", leg.kind.value, decision.value),
                 legs={leg.kind: LegUpdate(done, leg.reason if done is LegStatus.RELEASED else "")},
-                events=(Event("acknowledged", leg.kind.value, decision.value),),
             )
             acknowledged += 1
             if acknowledged == 1 and len(todo) > 1:
@@ -130,23 +133,19 @@ class TwoPhaseCommit(TripEngine):
                     self.policies.phase2_attention_after,
                     extra={"trip_id": trip.trip_id},
                 )
-                await self.log.record(
-                    trip.trip_id,
+                await journal.write(
+                    Event("attention", detail="phase 2 not acknowledged; still retrying"),
                     status=TripStatus.NEEDS_ATTENTION,
-                    events=(Event("attention", detail="phase 2 not acknowledged; still retrying"),),
                 )
                 await everyone
         except ParticipantRejected as exc:
             # A participant says the decision cannot apply (it never prepared, or
             # it already applied the other one): a bug or a wiped database.
             log.error("2PC phase 2 rejected: %s", exc.message, extra={"trip_id": trip.trip_id})
-            return await self.log.record(
-                trip.trip_id,
+            return await journal.write(
+                Event("attention", detail=exc.message),
                 status=TripStatus.NEEDS_ATTENTION,
                 failure_reason=f"phase 2 rejected: {exc.message}",
-                events=(Event("attention", detail=exc.message),),
             )
         final = TripStatus.CONFIRMED if decision is Decision.COMMIT else TripStatus.ABORTED
-        return await self.log.record(
-            trip.trip_id, status=final, events=(Event("finished", detail=final.value),)
-        )
+        return await journal.write(Event("finished", detail=final.value), status=final)

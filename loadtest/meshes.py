@@ -11,25 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from chaos import layout as layouts
 from chaos.launcher import ROOT, Mesh
-from chaos.layout import Layout
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def free_layout() -> Layout:
-    """The declared layout with every port moved to a free one."""
-    declared = layouts.load(environ={})
-    return layouts.load(environ={}, overrides={name: free_port() for name in declared.ports})
+from chaos.layout import free_layout
 
 
 def running_mesh() -> Mesh | None:

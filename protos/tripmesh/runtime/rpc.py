@@ -2,8 +2,9 @@
 
 - `start_server`: a grpc.aio server with health checking and reflection, bound
   to an address (port 0 picks a free one) and returning the bound port.
-- `ErrorMapping`: the one place where TripmeshError becomes a gRPC status,
-  with field violations in the rich error model (google.rpc.BadRequest).
+- `CallGuard`: the one place where TripmeshError becomes a gRPC status,
+  with field violations in the rich error model (google.rpc.BadRequest), and
+  where the caller's trip and correlation id come into scope for logging.
 - `serve_until_signalled`: graceful shutdown on SIGTERM: health goes
   NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish.
 - `channel`: a long-lived client channel with keepalive and retries of
@@ -85,55 +86,59 @@ def timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-class ErrorMapping(grpc.aio.ServerInterceptor):
-    """Turns TripmeshError into its status code; anything else into a plain INTERNAL."""
+class CallGuard(grpc.aio.ServerInterceptor):
+    """Around every unary call: the caller's ids in scope, and errors mapped to a status.
+
+    The caller's trip and correlation id (gRPC metadata) are bound for the
+    handler's log lines; a TripmeshError becomes its status code, anything else
+    a plain INTERNAL. The wrapped handler is built once per method, not per call.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        method = handler_call_details.method
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await inner(request, context)
-            except TripmeshError as exc:
-                await abort_with(context, exc)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-
-        return _rewrap(handler, guarded)
+            return handler  # unknown methods, streams (reflection): as they are
+        self._wrapped[method] = wrapped = _rewrap(handler, _guarded(handler.unary_unary, method))
+        return wrapped
 
 
-class BindTrip(grpc.aio.ServerInterceptor):
-    """Puts the caller's trip and correlation id (gRPC metadata) in scope for the handler."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        trip_id = metadata.get(logs.TRIP_ID_KEY)
-        if handler is None or handler.unary_unary is None or not trip_id:
-            return handler
-        inner = handler.unary_unary
-        correlation_id = str(metadata.get(logs.CORRELATION_ID_KEY, trip_id))
-
-        async def bound(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            logs.bind(trip_id=trip_id, correlation_id=correlation_id)
+def _guarded(inner: Callable[[Any, grpc.aio.ServicerContext], Any], method: str) -> Any:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = context.invocation_metadata()
+        if metadata:
+            _bind_caller(metadata)
+        try:
             return await inner(request, context)
+        except TripmeshError as exc:
+            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", method)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
-        return _rewrap(handler, bound)
+    return guarded
+
+
+def _bind_caller(metadata: Iterable[tuple[str, Any]]) -> None:
+    trip_id = correlation_id = None
+    for key, value in metadata:
+        if key == logs.TRIP_ID_KEY:
+            trip_id = str(value)
+        elif key == logs.CORRELATION_ID_KEY:
+            correlation_id = str(value)
+    if trip_id:
+        logs.bind(trip_id=trip_id, correlation_id=correlation_id or trip_id)
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,7 @@ async def start_server(
     process can finish its start-up work (recovery) before it takes traffic.
     """
     server = grpc.aio.server(
-        interceptors=[BindTrip(), ErrorMapping(), *interceptors],
+        interceptors=[CallGuard(), *interceptors],
         options=[
             ("grpc.so_reuseport", 0),
             # Accept the keepalive pings our own channels send (see `channel`),
