@@ -1,0 +1,127 @@
+"""How often the engines write the trip log, and that what they skip is never needed.
+
+A real trip log (temp SQLite file) that also keeps, after each write, the trip
+as the file then has it; fake participants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripStatus
+from coordinator.log import Change, TripLog, load_trip
+from coordinator.saga import Saga
+from coordinator.twopc import TwoPhaseCommit
+from tests.unit.fakes import FakeParticipants
+from tests.unit.test_engines import FAST, _request
+
+
+class WatchedLog(TripLog):
+    """A real log that remembers the trip as written after each write."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.written: list[Trip] = []
+
+    async def persist(self, trip_id: str, change: Change, now: float) -> None:
+        await super().persist(trip_id, change, now)
+        self.written.append(await self.db.run(lambda c: load_trip(c, trip_id)))
+
+
+def _engine(protocol: Protocol, log: TripLog, fakes: FakeParticipants) -> Saga | TwoPhaseCommit:
+    return (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(log, fakes, FAST)
+
+
+def _book(tmp_path: Path, protocol: Protocol, arrange=lambda f: None, recover: bool = False):
+    async def go():
+        log = WatchedLog(tmp_path / "log.db")
+        fakes = FakeParticipants()
+        arrange(fakes.fakes)
+        trip, _ = await log.create(_request(protocol))
+        engine = _engine(protocol, log, fakes)
+        final = await (engine.recover(trip) if recover else engine.book(trip))
+        logged = await log.get(trip.trip_id)
+        events = await log.events(trip.trip_id)
+        log.close()
+        return final, logged, log.written, events, fakes.fakes
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("protocol", "writes"), [(Protocol.SAGA, 1), (Protocol.TWO_PHASE_COMMIT, 2)]
+)
+def test_a_confirmed_trip_writes_after_creation_only_what_recovery_needs(
+    tmp_path: Path, protocol: Protocol, writes: int
+) -> None:
+    final, logged, written, events, _ = _book(tmp_path, protocol)
+    assert final.status is TripStatus.CONFIRMED
+    # saga: the outcome; 2PC: the decision, then the outcome.
+    assert len(written) == writes
+    if protocol is Protocol.TWO_PHASE_COMMIT:
+        assert written[0].decision is Decision.COMMIT
+        assert written[0].status is TripStatus.PENDING
+        assert {leg.status for leg in written[0].legs} == {LegStatus.HELD}
+    # What the driver answers is exactly what the file says: nothing was re-read.
+    assert final == logged
+    assert {leg.status for leg in logged.legs} == {LegStatus.CONFIRMED}
+    assert all(leg.price_cents == 100 for leg in logged.legs)
+    # Every step is still in the timeline, in the order it happened.
+    done = "outcome" if protocol is Protocol.SAGA else "acknowledged"
+    assert sorted(e.leg for e in events if e.kind == done) == ["car", "flight", "hotel"]
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    assert events[0].kind == "created" and events[-1].kind == "finished"
+
+
+def test_a_saga_writes_its_abort_before_the_first_compensation(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.CAR].refuse = "sold out"
+
+    final, logged, written, events, _ = _book(tmp_path, Protocol.SAGA, arrange)
+    assert final == logged
+    assert final.status is TripStatus.ABORTED
+    abort, last = written  # the decision, then the outcome
+    assert last.status is TripStatus.ABORTED
+    assert abort.decision is Decision.ABORT and abort.status is TripStatus.PENDING
+    # The abort carries the legs that may hold, so recovery compensates exactly those.
+    assert [leg.status for leg in abort.legs] == [
+        LegStatus.CONFIRMED,
+        LegStatus.CONFIRMED,
+        LegStatus.REFUSED,
+    ]
+    assert [e.leg for e in events if e.kind == "compensation"] == ["hotel", "flight"]
+
+
+def test_a_retried_step_writes_where_the_trip_stands(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.HOTEL].unknown = {"reserve"}
+
+    final, _, written, events, _ = _book(tmp_path, Protocol.SAGA, arrange)
+    assert final.status is TripStatus.ABORTED
+    # The first write is the first retry of the hotel: the flight's outcome is in it.
+    first = written[0]
+    assert first.leg(LegKind.FLIGHT).status is LegStatus.CONFIRMED
+    assert first.leg(LegKind.HOTEL).status is LegStatus.IN_FLIGHT
+    assert first.decision is None
+    kinds = [(e.kind, e.leg) for e in events]
+    assert kinds.index(("outcome", "flight")) < kinds.index(("retry", "hotel"))
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+def test_a_trip_whose_progress_was_never_written_is_finished_by_repeating_it(
+    tmp_path: Path, protocol: Protocol
+) -> None:
+    """A crash after some participant calls but before the next write: the log has the creation
+    only (2PC: with no decision). Recovery repeats the calls; the participants answer them as
+    before (their reservation ids are in the creation)."""
+    final, logged, _, _, fakes = _book(tmp_path, protocol, recover=True)
+    assert final == logged
+    if protocol is Protocol.SAGA:
+        assert final.status is TripStatus.CONFIRMED  # resumed forward
+        assert all(("reserve", final.leg(k).reservation_id) in fakes[k].calls for k in fakes)
+    else:
+        assert final.status is TripStatus.ABORTED  # presumed abort
+        assert all(("abort", final.leg(k).reservation_id) in fakes[k].calls for k in fakes)
