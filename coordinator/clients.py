@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import grpc
 from prometheus_client.metrics import Counter as CounterChild
+from prometheus_client.metrics import Histogram as HistogramChild
 
 from coordinator.domain import CoordinatorError, LegKind, LegRequest
 from coordinator.metrics import CoordinatorMetrics
@@ -132,9 +133,16 @@ class ParticipantClient:
         self.timeout = timeout
         self.metrics = metrics or CoordinatorMetrics()
         self._stub = participant_pb2_grpc.ParticipantStub(channel)
+        # The duration histogram of each method, looked up once (labels() locks and hashes).
+        self._durations: dict[str, HistogramChild] = {}
 
     async def _call(self, method: str, request: object) -> object:
         step = method.lower()
+        duration = self._durations.get(method)
+        if duration is None:
+            duration = self._durations[method] = self.metrics.step_duration.labels(
+                self.kind.value, step
+            )
         started = time.perf_counter()
         try:
             return await getattr(self._stub, method)(
@@ -148,9 +156,7 @@ class ParticipantClient:
             self.metrics.step_failures.labels(self.kind.value, step, "unknown").inc()
             raise OutcomeUnknown(message) from exc
         finally:
-            self.metrics.step_duration.labels(self.kind.value, step).observe(
-                time.perf_counter() - started
-            )
+            duration.observe(time.perf_counter() - started)
 
     async def prepare(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
         reply = await self._call(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from tripmesh.runtime.errors import TripmeshError
 
@@ -87,15 +87,21 @@ class TripRequest:
 
     def fingerprint(self) -> str:
         """A hash of everything but the key: the same key with another fingerprint is a conflict."""
-        body = asdict(self)
+        body = self._body()
         body.pop("idempotency_key")
-        body["protocol"] = self.protocol.value
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
-        body = asdict(self)
-        body["protocol"] = self.protocol.value
-        return json.dumps(body, sort_keys=True)
+        return json.dumps(self._body(), sort_keys=True)
+
+    def _body(self) -> dict[str, object]:
+        # By hand rather than dataclasses.asdict, which is slow for the hot path.
+        return {
+            "idempotency_key": self.idempotency_key,
+            "customer_id": self.customer_id,
+            "protocol": self.protocol.value,
+            **{kind.value: vars(self.leg(kind)).copy() for kind in LEG_ORDER},
+        }
 
     @classmethod
     def from_json(cls, text: str) -> TripRequest:

@@ -66,14 +66,13 @@ class TripService:
         logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
         if not replayed:
             self.metrics.trips_started.labels(trip.protocol.value).inc()
-            log.info("trip created: %s", trip.protocol.value)
+            log.debug("trip created: %s", trip.protocol.value)  # its outcome is logged at INFO
             self._start(trip, recovering=False)
         task = self._active.get(trip.trip_id)
         if task is None:
             return trip, replayed  # a replay of a trip nobody drives: as just read
         if wait > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), wait)
+            await asyncio.wait((task,), timeout=wait)  # never cancels the trip's task
         if task.done() and not task.cancelled() and (final := task.result()) is not None:
             return final, replayed  # as its driver wrote it last
         current = await self.log.get(trip.trip_id)

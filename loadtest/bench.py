@@ -16,8 +16,8 @@ with a catalog that never sells out (`loadtest.trips.bench_catalog`):
    RPCs per trip, on the success path: the client's BookTrip (1) plus the
    coordinator's participant calls: saga 3 Reserves (4 in all), 2PC 3 Prepares
    and 3 Commits (7). Each RPC crosses one proxy, as the echo does. Not counted:
-   the coordinator's log writes (saga 5, 2PC 6, plus a read, group-committed)
-   and the participants' (one per step).
+   the coordinator's log writes (saga 2, 2PC 3, group-committed; see
+   coordinator/journal.py) and the participants' (one per step).
 
 Then: the coordinator's memory (VmRSS) over `--rss-trips` more trips, and the
 contended flight (`loadtest.contention`). With `--profile`, py-spy records the

@@ -190,22 +190,21 @@ def _take(
 
     price = _price(conn, kind, hold)
     dates = hold.dates
-    _require_dates(conn, kind, hold, dates)
+    least = _least_available(conn, kind, hold, dates)
     target = "held" if protocol is Protocol.TWO_PHASE_COMMIT else "confirmed"
-    conn.execute("SAVEPOINT take")
-    moved = conn.execute(
-        f"UPDATE inventory SET available = available - :q, {target} = {target} + :q"
-        " WHERE resource_id = :r AND day >= :first AND day <= :last AND available >= :q",
-        {"q": hold.quantity, "r": hold.resource_id, "first": dates[0], "last": dates[-1]},
-    ).rowcount
-    if moved == len(dates):
+    if least >= hold.quantity:
+        # Every date has room (this thread is the only writer): take them all.
+        moved = conn.execute(
+            f"UPDATE inventory SET available = available - :q, {target} = {target} + :q"
+            " WHERE resource_id = :r AND day >= :first AND day <= :last AND available >= :q",
+            {"q": hold.quantity, "r": hold.resource_id, "first": dates[0], "last": dates[-1]},
+        ).rowcount
+        if moved != len(dates):
+            raise RuntimeError(f"inventory of {hold} changed under its only writer")
         status, reason = (_S.HELD if target == "held" else _S.CONFIRMED), ""
     else:
-        # Not every date had room: undo the dates that did (all or none).
-        conn.execute("ROLLBACK TO take")
         status, reason = _S.REFUSED, f"sold out: fewer than {hold.quantity} left on some date"
         price = 0
-    conn.execute("RELEASE take")
     now = time.time()
     conn.execute(
         "INSERT INTO reservations (reservation_id, trip_id, protocol, status, resource_id,"
@@ -226,7 +225,10 @@ def _take(
             now,
         ),
     )
-    return StepResult(status is not _S.REFUSED, reason, _load_required(conn, reservation_id))
+    reservation = Reservation(
+        reservation_id, trip_id, protocol, status, hold, price, reason, "", now, now
+    )
+    return StepResult(status is not _S.REFUSED, reason, reservation)
 
 
 def _commit(conn: sqlite3.Connection, reservation_id: str, settled_by: str) -> Reservation:
@@ -309,9 +311,11 @@ def _price(conn: sqlite3.Connection, kind: str, hold: Hold) -> int:
     return int(row["price_cents"]) * hold.days * hold.quantity
 
 
-def _require_dates(conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[str]) -> None:
-    (count,) = conn.execute(
-        "SELECT count(*) FROM inventory WHERE resource_id = ? AND day >= ? AND day <= ?",
+def _least_available(conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[str]) -> int:
+    """The fewest units available on any of `dates`; refuses a date not on sale."""
+    count, least = conn.execute(
+        "SELECT count(*), min(available) FROM inventory"
+        " WHERE resource_id = ? AND day >= ? AND day <= ?",
         (hold.resource_id, dates[0], dates[-1]),
     ).fetchone()
     if count != len(dates):
@@ -322,6 +326,7 @@ def _require_dates(conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[
                 f" from {dates[0]} to {dates[-1]}",
             )
         )
+    return int(least)
 
 
 def _load_required(conn: sqlite3.Connection, reservation_id: str) -> Reservation:

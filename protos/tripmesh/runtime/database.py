@@ -64,7 +64,9 @@ class Database:
 
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run `job(conn)` in a committed transaction and return its result."""
-        return await asyncio.wrap_future(self.submit(job))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((job, future))
+        return await future
 
     def run_sync(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Blocking form of `run`, for start-up code and command-line tools."""
@@ -100,38 +102,66 @@ class Database:
             self._commit_batch(batch)
         self._conn.close()
 
-    def _commit_batch(self, batch: list[tuple[Job, Future[Any]]]) -> None:
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+    def _commit_batch(self, batch: list[tuple[Job, Reply]]) -> None:
+        outcomes: list[tuple[Reply, Any, BaseException | None]] = []
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job, future in batch:
-                if not future.set_running_or_notify_cancel():
-                    continue
+            for job, reply in batch:
+                if not _start(reply):
+                    continue  # its caller gave up before it began
                 conn.execute("SAVEPOINT job")
                 try:
                     result = job(conn)
                 except Exception as exc:  # noqa: BLE001 - the job's own failure: undo only its writes
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    outcomes.append((future, None, exc))
+                    outcomes.append((reply, None, exc))
                 else:
                     conn.execute("RELEASE job")
-                    outcomes.append((future, result, None))
+                    outcomes.append((reply, result, None))
             conn.execute("COMMIT")
         except Exception as exc:  # the batch could not be committed: nobody succeeded
             log.exception("sqlite batch failed on %s", self.path)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for _, future in batch:
-                # A future still PENDING here never started; RUNNING ones are ours.
-                if future.running() or future.set_running_or_notify_cancel():
-                    future.set_exception(exc)
-            return
+            outcomes = [(reply, None, exc) for _, reply in batch]
         # Results are released only after COMMIT returned: nothing is
         # acknowledged before it is durable.
-        for future, result, error in outcomes:
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
+        _deliver(outcomes)
+
+
+Reply = Future[Any] | asyncio.Future[Any]
+
+
+def _start(reply: Reply) -> bool:
+    """Mark a job's reply as started; False if its caller cancelled it already."""
+    if isinstance(reply, Future):
+        return reply.running() or reply.set_running_or_notify_cancel()
+    return not reply.cancelled()
+
+
+def _deliver(outcomes: list[tuple[Reply, Any, BaseException | None]]) -> None:
+    """Hand each result to its caller: one wake-up per event loop for the whole batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Reply, Any, BaseException | None]]] = {}
+    for outcome in outcomes:
+        reply = outcome[0]
+        if isinstance(reply, Future):
+            _settle([outcome])
+        else:
+            by_loop.setdefault(reply.get_loop(), []).append(outcome)
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, settled)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle(outcomes: list[tuple[Reply, Any, BaseException | None]]) -> None:
+    for reply, result, error in outcomes:
+        if reply.done():  # an awaiting caller was cancelled meanwhile
+            continue
+        if error is None:
+            reply.set_result(result)
+        else:
+            reply.set_exception(error)
