@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     config = CoordinatorConfig.from_args(argv)
     logs.configure("coordinator")
     failpoints.arm_from_env()
-    asyncio.run(serve(config))
+    rpc.run(serve(config))
 
 
 if __name__ == "__main__":

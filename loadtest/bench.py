@@ -52,6 +52,7 @@ from loadtest.driver import CpuMeter, Result, channels, closed_loop, rss_kib, ru
 from loadtest.echo import echo_server
 from loadtest.meshes import isolated_mesh
 from loadtest.trips import bench_catalog, bench_request
+from tripmesh.runtime import rpc
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         mesh = stack.enter_context(isolated_mesh(folder / "mesh", catalog=catalog))
         echo, echo_pid = stack.enter_context(echo_server(mesh.toxiproxy))
-        measured = asyncio.run(_measure(config, mesh, echo, echo_pid, folder))
+        measured = rpc.run(_measure(config, mesh, echo, echo_pid, folder))
     results = {
         "started": stamp,
         "machine": {

@@ -14,7 +14,6 @@ It prints the bound port on its first line of output.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def echo_server(toxiproxy: Toxiproxy) -> Iterator[tuple[str, int]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.echo")
     parser.add_argument("--listen", default="127.0.0.1:0")
-    asyncio.run(serve(parser.parse_args(argv).listen))
+    rpc.run(serve(parser.parse_args(argv).listen))
 
 
 if __name__ == "__main__":

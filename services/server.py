@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     config = ServiceConfig.from_args(argv)
     logs.configure(config.kind)
     failpoints.arm_from_env()
-    asyncio.run(serve(config))
+    rpc.run(serve(config))
 
 
 if __name__ == "__main__":
