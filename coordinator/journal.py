@@ -21,25 +21,38 @@ from __future__ import annotations
 
 import time
 
-from coordinator.domain import Decision, LegKind, Trip, TripStatus
+from coordinator.domain import Decision, Leg, LegKind, Trip, TripStatus
 from coordinator.log import Change, Event, LegUpdate, TripLog
 
 
 class TripJournal:
     def __init__(self, log: TripLog, trip: Trip) -> None:
         self.log = log
-        self.trip = trip
-        self._logged = trip  # the trip as the log has it
-        self._unwritten = Change()
+        self._logged = trip  # the trip as the log has it (or will, once a write is done)
+        self._trip: Trip | None = trip  # `_logged` with the notes applied; None: to compute
+        # Noted, not yet written (kept as plain lists: notes are on the hot path).
+        self._events: list[Event] = []
+        self._legs: dict[LegKind, LegUpdate] = {}
+
+    @property
+    def trip(self) -> Trip:
+        """The trip as its driver knows it: as logged, with the notes applied."""
+        if self._trip is None:
+            self._trip = Change(legs=self._legs).apply(self._logged, self._logged.updated_at)
+        return self._trip
+
+    def leg(self, kind: LegKind) -> Leg:
+        """One leg as its driver knows it (cheaper than `trip.leg`)."""
+        update = self._legs.get(kind)
+        leg = self._logged.leg(kind)
+        return leg if update is None else _updated(leg, update)
 
     def note(self, *events: Event, legs: dict[LegKind, LegUpdate] | None = None) -> None:
         """Record progress in memory; it reaches the log with the next `write`."""
-        now = time.time()
-        change = Change(
-            events=tuple(e if e.at is not None else _at(e, now) for e in events), legs=legs or {}
-        )
-        self._unwritten = self._unwritten.then(change)
-        self.trip = change.apply(self.trip, self.trip.updated_at)
+        self._events.extend(events)
+        if legs:
+            self._legs.update(legs)
+            self._trip = None
 
     async def write(
         self,
@@ -50,19 +63,25 @@ class TripJournal:
         failure_reason: str | None = None,
     ) -> Trip:
         """Write the notes and this change in one durable transaction; the trip as it now is."""
-        change = self._unwritten.then(Change(events, status, decision, legs or {}, failure_reason))
-        self._unwritten = Change()
+        change = Change(
+            (*self._events, *events),
+            status,
+            decision,
+            {**self._legs, **legs} if legs else self._legs,
+            failure_reason,
+        )
+        self._events, self._legs = [], {}
         now = time.time()
         # The new state is known before the write is under way, so two writes of
         # one trip in flight at once (2PC's phase 2 runs legs in parallel) each
         # start from the other's result; the log applies them in the same order.
-        self._logged = change.apply(self._logged, now)
-        self.trip = self._logged
-        await self.log.persist(self.trip.trip_id, change, now)
-        # Notes taken while the write was under way are still to be written.
-        self.trip = self._unwritten.apply(self._logged, self._logged.updated_at)
+        self._logged = self._trip = change.apply(self._logged, now)
+        await self.log.persist(self._logged.trip_id, change, now)
+        if self._legs:  # noted while the write was under way: still to be written
+            self._trip = None
         return self.trip
 
 
-def _at(event: Event, now: float) -> Event:
-    return Event(event.kind, event.leg, event.detail, event.actor, now)
+def _updated(leg: Leg, update: LegUpdate) -> Leg:
+    price = leg.price_cents if update.price_cents is None else update.price_cents
+    return Leg(leg.kind, leg.reservation_id, update.status, price, update.reason)

@@ -90,7 +90,7 @@ class Event:
     leg: str = ""
     detail: str = ""
     actor: str = "coordinator"
-    at: float | None = None  # when it happened; None: when it is written
+    at: float = field(default_factory=time.time)  # when it happened
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,12 @@ class Change:
     def apply(self, trip: Trip, now: float) -> Trip:
         """`trip` as it is once this change is written at `now`."""
         legs = tuple(
-            replace(
-                leg,
-                status=u.status,
-                reason=u.reason,
-                price_cents=leg.price_cents if u.price_cents is None else u.price_cents,
+            Leg(
+                leg.kind,
+                leg.reservation_id,
+                u.status,
+                leg.price_cents if u.price_cents is None else u.price_cents,
+                u.reason,
             )
             if (u := self.legs.get(leg.kind)) is not None
             else leg
@@ -326,19 +327,17 @@ def _create(
         "INSERT INTO idempotency_keys (key, trip_id, fingerprint, created_at) VALUES (?, ?, ?, ?)",
         (request.idempotency_key, trip_id, fingerprint, now),
     )
-    _add_events(conn, trip_id, now, (Event("created", detail=request.protocol.value),))
+    _add_events(conn, trip_id, (Event("created", detail=request.protocol.value, at=now),))
     legs = tuple(
         Leg(kind, reservation_id(trip_id, kind), LegStatus.NOT_STARTED, 0, "") for kind in LEG_ORDER
     )
     return Trip(trip_id, request, TripStatus.PENDING, None, legs, "", now, now), False
 
 
-def _add_events(
-    conn: sqlite3.Connection, trip_id: str, now: float, events: tuple[Event, ...]
-) -> None:
+def _add_events(conn: sqlite3.Connection, trip_id: str, events: tuple[Event, ...]) -> None:
     conn.executemany(
         "INSERT INTO events (trip_id, at, kind, leg, detail, actor) VALUES (?, ?, ?, ?, ?, ?)",
-        [(trip_id, e.at or now, e.kind, e.leg, e.detail, e.actor) for e in events],
+        [(trip_id, e.at, e.kind, e.leg, e.detail, e.actor) for e in events],
     )
 
 
@@ -364,7 +363,7 @@ def _write(conn: sqlite3.Connection, trip_id: str, change: Change, now: float) -
                 for kind, u in change.legs.items()
             ],
         )
-    _add_events(conn, trip_id, now, change.events)
+    _add_events(conn, trip_id, change.events)
 
 
 def _exists(conn: sqlite3.Connection, trip_id: str) -> bool:

@@ -95,9 +95,9 @@ class Saga(TripEngine):
         return await self._forward(journal)
 
     async def _forward(self, journal: TripJournal) -> Trip:
-        trip_id = journal.trip.trip_id
+        trip_id, request = journal.trip.trip_id, journal.trip.request
         for step in self.steps:
-            leg = journal.trip.leg(step.leg)
+            leg = journal.leg(step.leg)
             if leg.status is LegStatus.CONFIRMED:
                 continue
             if leg.status is LegStatus.NOT_STARTED:
@@ -113,7 +113,7 @@ class Saga(TripEngine):
                         client,
                         leg.reservation_id,
                         trip_id,
-                        journal.trip.request.leg(step.leg),
+                        request.leg(step.leg),
                     ),
                     self.policies.step,
                     f"{trip_id} reserve {step.leg.value}",
@@ -158,7 +158,7 @@ class Saga(TripEngine):
         trip_id = journal.trip.trip_id
         acknowledged = 0
         for step in reversed(self.steps):
-            leg = journal.trip.leg(step.leg)
+            leg = journal.leg(step.leg)
             if leg.status not in _MAY_HOLD:
                 continue
             client = self.participants[step.leg]
