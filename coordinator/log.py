@@ -75,6 +75,8 @@ CREATE INDEX IF NOT EXISTS events_by_trip ON events(trip_id, seq);
 # Bumped whenever SCHEMA changes; a log written by another version is refused
 # at start-up rather than misread.
 SCHEMA_VERSION = 2
+# The start of a 2PC trip's failure reason when a participant refused its decision.
+PHASE2_REJECTED = "phase 2 rejected: "
 
 
 @dataclass(frozen=True)
@@ -214,12 +216,22 @@ class TripLog:
         return await self.db.run(lambda c: query_trips(c, status, protocol, before, limit))
 
     async def unfinished(self) -> list[str]:
-        """Every trip not yet CONFIRMED or ABORTED (NEEDS_ATTENTION waits for an operator)."""
+        """Every trip a driver must finish: PENDING ones, and 2PC trips whose phase 2 is slow.
+
+        A 2PC trip shows NEEDS_ATTENTION while its phase 2 outlasts the policy, but
+        its decision must still reach everyone, so it is driven on (after a
+        restart too). Other NEEDS_ATTENTION trips (a saga whose compensation
+        failed, a phase 2 a participant rejected) wait for an operator.
+        """
         return await self.db.run(
             lambda c: [
                 r["trip_id"]
                 for r in c.execute(
-                    "SELECT trip_id FROM trips WHERE status = 'pending' ORDER BY rowid"
+                    "SELECT trip_id FROM trips WHERE status = 'pending'"
+                    " OR (status = 'needs_attention' AND protocol = '2pc'"
+                    " AND decision IS NOT NULL AND failure_reason NOT LIKE ?)"
+                    " ORDER BY rowid",
+                    (PHASE2_REJECTED + "%",),
                 )
             ]
         )

@@ -30,7 +30,7 @@ from coordinator.domain import (
 )
 from coordinator.engine import TripEngine
 from coordinator.journal import TripJournal
-from coordinator.log import Event, LegUpdate
+from coordinator.log import PHASE2_REJECTED, Event, LegUpdate
 from tripmesh.runtime import failpoints
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class TwoPhaseCommit(TripEngine):
             return await journal.write(
                 Event("attention", detail=exc.message),
                 status=TripStatus.NEEDS_ATTENTION,
-                failure_reason=f"phase 2 rejected: {exc.message}",
+                failure_reason=f"{PHASE2_REJECTED}{exc.message}",
             )
         final = TripStatus.CONFIRMED if decision is Decision.COMMIT else TripStatus.ABORTED
         return await journal.write(Event("finished", detail=final.value), status=final)

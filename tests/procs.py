@@ -165,12 +165,17 @@ class Cluster:
         )
 
     def start(self) -> Cluster:
-        for proc in self.services.values():
-            proc.start(wait=False)
-        for proc in self.services.values():
-            wait_serving(proc.address, proc=proc.popen)
-        assert self.coordinator is not None
-        self.coordinator.start()
+        """Start every process; if one does not come up, stop the others before raising."""
+        try:
+            for proc in self.services.values():
+                proc.start(wait=False)
+            for proc in self.services.values():
+                wait_serving(proc.address, proc=proc.popen)
+            assert self.coordinator is not None
+            self.coordinator.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -156,3 +156,30 @@ def test_prepared_participant_asks_the_coordinator(make_cluster) -> None:
 
 def _assert_equal(a: object, b: object) -> None:
     assert a == b, (a, b)
+
+
+def test_a_slow_2pc_phase2_is_driven_on_after_a_coordinator_restart(make_cluster) -> None:
+    """NEEDS_ATTENTION while phase 2 outlasts the policy does not stop it: a restart resumes it."""
+    cluster, books = make_cluster(coordinator_args=["--compensation-give-up", "1"])
+    hotel = cluster.services["hotel"]
+    hotel.stop()
+    hotel.start(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_commit=crash"})
+    reply = books.coordinator.BookTrip(
+        trip_request("slow-phase2", TWO_PC, flight="FX", hotel="H", car="C"), timeout=5
+    )
+    trip_id = reply.trip.trip_id
+    assert hotel.wait_exit() == -signal.SIGKILL
+    trip = books.wait_trip(trip_id, lambda t: t.status == cpb.TRIP_STATUS_NEEDS_ATTENTION)
+    assert trip.decision == cpb.DECISION_COMMIT
+
+    # The coordinator dies while the hotel is still down, and comes back first.
+    cluster.coordinator.kill()
+    cluster.coordinator.start()
+    hotel.start(extra_env={"TRIPMESH_FAILPOINTS": ""})
+    # The hotel settles its hold either way (its resolver asks at start-up); only
+    # a coordinator that drives phase 2 again sees every acknowledgement and
+    # finishes the trip.
+    trip = books.wait_trip(trip_id, timeout=20)
+    assert trip.status == cpb.TRIP_STATUS_CONFIRMED, trip
+    books.assert_all_or_nothing(trip)
+    assert "resuming 1 unfinished trips" in cluster.coordinator.log_text()
