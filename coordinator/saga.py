@@ -73,6 +73,11 @@ TRIP_SAGA: tuple[SagaStep, ...] = tuple(
 _ATTENTION = "; compensation of "
 # Legs that may hold units and so need compensating.
 _MAY_HOLD = (LegStatus.CONFIRMED, LegStatus.IN_FLIGHT)
+# The same when compensating a trip recovered from the log: a step's progress
+# is only noted (see TripJournal), so a leg logged NOT_STARTED may have been
+# reserved by a driver that was lost. It is cancelled too; if it never was
+# reserved, the Cancel leaves a tombstone that refuses a late Reserve.
+_MAY_HOLD_AFTER_RECOVERY = (*_MAY_HOLD, LegStatus.NOT_STARTED)
 
 
 class Saga(TripEngine):
@@ -87,7 +92,8 @@ class Saga(TripEngine):
         direction = "compensate" if trip.decision is Decision.ABORT else "resume"
         journal.note(Event("recovery", detail=direction))
         if trip.decision is Decision.ABORT:
-            return await self._compensate(journal, trip.failure_reason.split(_ATTENTION)[0])
+            reason = trip.failure_reason.split(_ATTENTION)[0]
+            return await self._compensate(journal, reason, _MAY_HOLD_AFTER_RECOVERY)
         if trip.decision is Decision.COMMIT:
             return await journal.write(
                 Event("finished", detail="confirmed"), status=TripStatus.CONFIRMED
@@ -152,14 +158,16 @@ class Saga(TripEngine):
             legs={failed: LegUpdate(status, reason)},
             failure_reason=reason,
         )
-        return await self._compensate(journal, reason)
+        return await self._compensate(journal, reason, _MAY_HOLD)
 
-    async def _compensate(self, journal: TripJournal, reason: str) -> Trip:
+    async def _compensate(
+        self, journal: TripJournal, reason: str, may_hold: tuple[LegStatus, ...]
+    ) -> Trip:
         trip_id = journal.trip.trip_id
         acknowledged = 0
         for step in reversed(self.steps):
             leg = journal.leg(step.leg)
-            if leg.status not in _MAY_HOLD:
+            if leg.status not in may_hold:
                 continue
             client = self.participants[step.leg]
             try:

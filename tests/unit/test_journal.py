@@ -125,3 +125,26 @@ def test_a_trip_whose_progress_was_never_written_is_finished_by_repeating_it(
     else:
         assert final.status is TripStatus.ABORTED  # presumed abort
         assert all(("abort", final.leg(k).reservation_id) in fakes[k].calls for k in fakes)
+
+
+def test_a_saga_aborted_from_the_log_cancels_legs_the_log_never_saw_taken(tmp_path: Path) -> None:
+    """An operator forces compensation of a saga whose driver was lost after two Reserves:
+    the log still says NOT_STARTED for them (progress is only noted). Every leg is cancelled."""
+
+    async def go():
+        log = TripLog(tmp_path / "log.db")
+        fakes = FakeParticipants()
+        trip, _ = await log.create(_request(Protocol.SAGA))
+        for kind in (LegKind.FLIGHT, LegKind.HOTEL):  # what the lost driver had done
+            await fakes[kind].reserve(
+                trip.leg(kind).reservation_id, trip.trip_id, trip.request.leg(kind)
+            )
+        trip = await log.record(trip, decision=Decision.ABORT, failure_reason="forced")
+        final = await Saga(log, fakes, FAST).recover(trip)
+        log.close()
+        return final, fakes.fakes
+
+    final, fakes = asyncio.run(go())
+    assert final.status is TripStatus.ABORTED
+    assert all(not fake.held for fake in fakes.values())  # nothing left taken
+    assert all(("cancel", final.leg(k).reservation_id) in fakes[k].calls for k in fakes)
