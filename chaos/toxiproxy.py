@@ -163,6 +163,15 @@ class Toxiproxy:
         """One proxy, with its toxics."""
         return Proxy.from_json(self._get(f"/proxies/{name}"))
 
+    def create_proxy(self, name: str, listen: str, upstream: str) -> Proxy:
+        """A new proxy, enabled: `listen` (host:port) forwards to `upstream`."""
+        body = {"name": name, "listen": listen, "upstream": upstream, "enabled": True}
+        return Proxy.from_json(self._post("/proxies", body))
+
+    def delete_proxy(self, name: str) -> None:
+        """Remove a proxy and close its connections."""
+        self._delete(f"/proxies/{name}")
+
     def enable(self, name: str) -> Proxy:
         """Start listening again on the proxy's port."""
         return Proxy.from_json(self._patch(f"/proxies/{name}", {"enabled": True}))

@@ -47,13 +47,11 @@ def echo_server(toxiproxy: Toxiproxy) -> Iterator[tuple[str, int]]:
         assert process.stdout is not None
         port = int(process.stdout.readline())
         listen = f"127.0.0.1:{free_port()}"
-        create = {"name": ECHO_PROXY, "listen": listen, "upstream": f"127.0.0.1:{port}"}
-        # chaos.toxiproxy.Toxiproxy has no public create yet; its checked POST does the job.
-        toxiproxy._post("/proxies", {**create, "enabled": True})
+        toxiproxy.create_proxy(ECHO_PROXY, listen, f"127.0.0.1:{port}")
         try:
             yield listen, process.pid
         finally:
-            toxiproxy._delete(f"/proxies/{ECHO_PROXY}")
+            toxiproxy.delete_proxy(ECHO_PROXY)
     finally:
         process.terminate()
         process.wait(10)

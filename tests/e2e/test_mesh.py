@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from chaos.layout import TOXIPROXY
+from chaos.layout import TOXIPROXY, free_port
 from chaos.toxiproxy import Toxiproxy
 from tests.books import Books, day, eventually, trip_request
 from tests.e2e.conftest import RunningMesh, isolated_env, run_launcher, start, stop_and_check
@@ -99,6 +100,30 @@ def test_reflection_lists_services_through_the_client_proxy(running_mesh: Runnin
             services()
         assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
     assert services() == found
+
+
+def test_a_proxy_created_at_run_time_carries_traffic_until_deleted(
+    running_mesh: RunningMesh,
+) -> None:
+    """The wrapper's create/delete (the bench's echo proxy uses them) on the real server."""
+    toxiproxy, listen = running_mesh.toxiproxy, f"127.0.0.1:{free_port()}"
+    upstream = toxiproxy.proxy("client-to-coordinator").upstream
+    created = toxiproxy.create_proxy("test-extra", listen, upstream)
+    assert (created.listen, created.upstream, created.enabled) == (listen, upstream, True)
+
+    def check() -> int:
+        with grpc.insecure_channel(listen) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    try:
+        assert check() == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        toxiproxy.delete_proxy("test-extra")
+    assert "test-extra" not in toxiproxy.proxies()
+    with pytest.raises(grpc.RpcError) as gone:
+        check()
+    assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize(
