@@ -45,7 +45,7 @@ class TripJournal:
         """One leg as its driver knows it (cheaper than `trip.leg`)."""
         update = self._legs.get(kind)
         leg = self._logged.leg(kind)
-        return leg if update is None else _updated(leg, update)
+        return leg if update is None else update.apply(leg)
 
     def note(self, *events: Event, legs: dict[LegKind, LegUpdate] | None = None) -> None:
         """Record progress in memory; it reaches the log with the next `write`."""
@@ -80,8 +80,3 @@ class TripJournal:
         if self._legs:  # noted while the write was under way: still to be written
             self._trip = None
         return self.trip
-
-
-def _updated(leg: Leg, update: LegUpdate) -> Leg:
-    price = leg.price_cents if update.price_cents is None else update.price_cents
-    return Leg(leg.kind, leg.reservation_id, update.status, price, update.reason)

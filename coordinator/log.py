@@ -83,7 +83,12 @@ PHASE2_REJECTED = "phase 2 rejected: "
 class LegUpdate:
     status: LegStatus
     reason: str = ""
-    price_cents: int | None = None
+    price_cents: int | None = None  # None: keep the leg's price
+
+    def apply(self, leg: Leg) -> Leg:
+        """`leg` with this update."""
+        price = leg.price_cents if self.price_cents is None else self.price_cents
+        return Leg(leg.kind, leg.reservation_id, self.status, price, self.reason)
 
 
 @dataclass(frozen=True)
@@ -105,31 +110,10 @@ class Change:
     legs: Mapping[LegKind, LegUpdate] = field(default_factory=dict)
     failure_reason: str | None = None
 
-    def then(self, later: Change) -> Change:
-        """This change followed by `later`, as one."""
-        return Change(
-            events=(*self.events, *later.events),
-            status=later.status if later.status is not None else self.status,
-            decision=later.decision if later.decision is not None else self.decision,
-            legs={**self.legs, **later.legs},
-            failure_reason=(
-                later.failure_reason if later.failure_reason is not None else self.failure_reason
-            ),
-        )
-
     def apply(self, trip: Trip, now: float) -> Trip:
         """`trip` as it is once this change is written at `now`."""
         legs = tuple(
-            Leg(
-                leg.kind,
-                leg.reservation_id,
-                u.status,
-                leg.price_cents if u.price_cents is None else u.price_cents,
-                u.reason,
-            )
-            if (u := self.legs.get(leg.kind)) is not None
-            else leg
-            for leg in trip.legs
+            u.apply(leg) if (u := self.legs.get(leg.kind)) is not None else leg for leg in trip.legs
         )
         return replace(
             trip,
@@ -169,16 +153,11 @@ class TripLog:
         legs: Mapping[LegKind, LegUpdate] | None = None,
         failure_reason: str | None = None,
     ) -> Trip:
-        """Change `trip` durably (one transaction) and return it as it now is."""
-        change = Change(events, status, decision, legs or {}, failure_reason)
-        return await self.write(trip, change)
+        """Change `trip` durably (one transaction) and return it as it now is.
 
-    async def write(self, trip: Trip, change: Change) -> Trip:
-        """Write `change` to `trip` durably (one transaction) and return the trip as it now is.
-
-        `trip` must be the trip as logged (or as its one driver knows it): the
-        result is computed from it, not read back.
+        `trip` must be the trip as logged: the result is computed from it, not read back.
         """
+        change = Change(events, status, decision, legs or {}, failure_reason)
         now = time.time()
         await self.persist(trip.trip_id, change, now)
         return change.apply(trip, now)

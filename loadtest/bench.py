@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = bench_catalog(folder / "bench-catalog.json")
     print(f"bench: an isolated mesh in {folder / 'mesh'}; results in {folder}", flush=True)
     load_before = os.getloadavg()
+    code = _provenance()  # before the mesh starts: the code its processes load
     with contextlib.ExitStack() as stack:
         mesh = stack.enter_context(isolated_mesh(folder / "mesh", catalog=catalog))
         echo, echo_pid = stack.enter_context(echo_server(mesh.toxiproxy))
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
         },
-        "code": _provenance(),
+        "code": code,
         "config": asdict(config),
         "rpcs_per_trip": RPCS_PER_TRIP,
         **measured,

@@ -62,6 +62,11 @@ class Proc:
             wait_serving(self.address, proc=self.popen)
         return self
 
+    def restart(self, extra_env: dict[str, str] | None = None) -> Proc:
+        """Stop gracefully, then start with `extra_env` (e.g. failpoints) and wait until serving."""
+        self.stop()
+        return self.start(extra_env=extra_env)
+
     def signal(self, signum: int) -> None:
         assert self.popen is not None
         self.popen.send_signal(signum)

@@ -90,8 +90,7 @@ def _held_in_file(cluster, kind: str, trip_id: str) -> tuple[str, int]:
 def test_participant_killed_after_voting_yes_learns_abort(make_cluster) -> None:
     cluster, books = make_cluster()
     flight = cluster.services["flight"]
-    flight.stop()
-    flight.start(extra_env={"TRIPMESH_FAILPOINTS": "participant.after_vote_yes=crash"})
+    flight.restart(extra_env={"TRIPMESH_FAILPOINTS": "participant.after_vote_yes=crash"})
     reply = books.coordinator.BookTrip(
         trip_request("p1", TWO_PC, flight="FX", hotel="H", car="C"), timeout=5
     )
@@ -114,8 +113,7 @@ def test_participant_killed_after_voting_yes_learns_abort(make_cluster) -> None:
 def test_participant_killed_before_commit_learns_commit(make_cluster) -> None:
     cluster, books = make_cluster()
     hotel = cluster.services["hotel"]
-    hotel.stop()
-    hotel.start(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_commit=crash"})
+    hotel.restart(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_commit=crash"})
     reply = books.coordinator.BookTrip(
         trip_request("p2", TWO_PC, flight="FX", hotel="H", car="C"), timeout=5
     )
@@ -162,8 +160,7 @@ def test_a_slow_2pc_phase2_is_driven_on_after_a_coordinator_restart(make_cluster
     """NEEDS_ATTENTION while phase 2 outlasts the policy does not stop it: a restart resumes it."""
     cluster, books = make_cluster(coordinator_args=["--compensation-give-up", "1"])
     hotel = cluster.services["hotel"]
-    hotel.stop()
-    hotel.start(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_commit=crash"})
+    hotel.restart(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_commit=crash"})
     reply = books.coordinator.BookTrip(
         trip_request("slow-phase2", TWO_PC, flight="FX", hotel="H", car="C"), timeout=5
     )

@@ -196,8 +196,7 @@ def _stuck_saga(make_cluster):
         coordinator_args=["--compensation-give-up", "2"],
     )
     hotel = cluster.services["hotel"]
-    hotel.stop()
-    hotel.start(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_cancel=crash"})
+    hotel.restart(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_cancel=crash"})
     trip = books.coordinator.BookTrip(
         trip_request("stuck", SAGA, flight="FX", hotel="H", car="C-SOLD-OUT"), timeout=10
     ).trip
