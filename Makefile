@@ -17,9 +17,12 @@ TOXIPROXY_VERSION := 2.12.0
 TOXIPROXY_MODULE := github.com/Shopify/toxiproxy/v2
 BIN := .bin
 
+# The contract is protos/tripmesh/v1/*.proto; protoc writes the importable
+# tripmesh.v1 modules into the shared package's folder (build output, ignored by git).
 PROTO_DIR := protos/tripmesh/v1
+STUB_DIR := tripmesh/v1
 PROTOS := $(wildcard $(PROTO_DIR)/*.proto)
-GENERATED := $(foreach p,$(PROTOS:.proto=),$(p)_pb2.py $(p)_pb2.pyi $(p)_pb2_grpc.py)
+GENERATED := $(foreach p,$(patsubst $(PROTO_DIR)/%.proto,$(STUB_DIR)/%,$(PROTOS)),$(p)_pb2.py $(p)_pb2.pyi $(p)_pb2_grpc.py)
 
 PYTEST_ARGS ?=
 ARGS ?=
@@ -33,20 +36,20 @@ help: ## Show the targets
 		awk -F'\t' '{ printf "  make %-22s %s\n", $$1, $$2 }'
 
 up: venv proto toxiproxy ## Install what is missing, start the mesh, wait until all of it is SERVING
-	@$(PY) -m chaos.mesh up
+	@$(PY) -m tripmesh.mesh up
 
 down: ## Stop every process gracefully (SIGTERM, in-flight RPCs finish); none is left
-	@if [ -f $(INSTALLED) ]; then $(PY) -m chaos.mesh down; else echo "tripmesh is not running (nothing installed yet)"; fi
+	@if [ -f $(INSTALLED) ]; then $(PY) -m tripmesh.mesh down; else echo "tripmesh is not running (nothing installed yet)"; fi
 
 status: ## Each process (state, pid, gRPC health) and each proxy (enabled, toxics)
-	@if [ -f $(INSTALLED) ]; then $(PY) -m chaos.mesh status || [ $$? -eq 3 ]; \
+	@if [ -f $(INSTALLED) ]; then $(PY) -m tripmesh.mesh status || [ $$? -eq 3 ]; \
 	else echo "tripmesh is not running (nothing installed yet)"; fi
 
 logs: ## Last lines of every log; ARGS="-f coordinator" follows one
-	@if [ -f $(INSTALLED) ]; then $(PY) -m chaos.mesh logs $(ARGS); else echo "no logs yet"; fi
+	@if [ -f $(INSTALLED) ]; then $(PY) -m tripmesh.mesh logs $(ARGS); else echo "no logs yet"; fi
 
 reset: venv proto toxiproxy ## Stop, wipe the databases and logs, start again (reseeds the catalog)
-	@$(PY) -m chaos.mesh reset
+	@$(PY) -m tripmesh.mesh reset
 
 test: venv proto toxiproxy browser ## The whole suite: unit, integration, end-to-end through Toxiproxy
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -55,7 +58,7 @@ lint: venv ## ruff
 	$(PY) -m ruff check .
 
 types: venv proto ## mypy --strict over the source (generated code excluded)
-	$(PY) -m mypy services coordinator chaos loadtest protos/tripmesh/runtime
+	$(PY) -m mypy services coordinator chaos loadtest tripmesh
 
 check: lint types test ## Lint, types, then the whole suite
 
@@ -71,12 +74,11 @@ $(INSTALLED): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
-proto: $(GENERATED) ## Generate the protobuf and gRPC code beside the .proto files
+proto: $(GENERATED) ## Generate the tripmesh.v1 protobuf and gRPC code from protos/
 
 # One protoc run writes all three files of a .proto (a multi-target pattern rule).
-$(PROTO_DIR)/%_pb2.py $(PROTO_DIR)/%_pb2.pyi $(PROTO_DIR)/%_pb2_grpc.py: $(PROTO_DIR)/%.proto $(INSTALLED)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
-		--grpc_python_out=protos $<
+$(STUB_DIR)/%_pb2.py $(STUB_DIR)/%_pb2.pyi $(STUB_DIR)/%_pb2_grpc.py: $(PROTO_DIR)/%.proto $(INSTALLED)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
 
 toxiproxy: ## The Toxiproxy server: toxiproxy-server on PATH, or built into .bin/ with Go
 	@if command -v toxiproxy-server >/dev/null 2>&1; then \

@@ -7,12 +7,11 @@ every participant's reservations and inventory, exactly as a third party could.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 
 from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
+from tripmesh.runtime.paging import paged
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
@@ -29,17 +28,6 @@ def _dates(hold: ppb.Hold) -> tuple[str, ...]:
         return ()
     start = dt.date.fromisoformat(hold.start_date)
     return tuple((start + dt.timedelta(days=i)).isoformat() for i in range(hold.days))
-
-
-def paged(fetch: Callable[[str], Any], field: str) -> Iterator[Any]:
-    """Every item of a paginated List call: `fetch(token)` returns a page with `field`."""
-    token = ""
-    while True:
-        page = fetch(token)
-        yield from getattr(page, field)
-        token = page.next_page_token
-        if not token:
-            return
 
 
 def read_trips(channel: grpc.Channel) -> list[TripView]:

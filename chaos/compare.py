@@ -14,10 +14,10 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from chaos.launcher import ROOT
 from chaos.report import write_comparison
 from chaos.run import RunConfig, run
 from chaos.scenarios import registry
+from tripmesh.mesh.mesh import ROOT
 
 
 def collect(run_dir: Path) -> dict[str, object]:

@@ -63,7 +63,3 @@ def parse_history(lines: Iterable[str]) -> Iterator[Op]:
     for line in lines:
         if line.strip():
             yield Op.from_json(line)
-
-
-def completions(history: Iterable[Op]) -> Iterator[Op]:
-    return (op for op in history if op.type != "invoke")

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chaos.launcher import Mesh
+from tripmesh.mesh.mesh import Mesh
 
 log = logging.getLogger(__name__)
 

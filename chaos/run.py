@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -26,12 +26,14 @@ from chaos import checker
 from chaos.audit import read_books
 from chaos.checker import BooksSnapshot, CheckResult
 from chaos.history import HistoryWriter, read_history
-from chaos.launcher import ROOT, Mesh
-from chaos.layout import KINDS, free_layout
 from chaos.nemesis import Fault, Nemesis, Window
 from chaos.scenarios import Scenario, registry
 from chaos.workload import Catalog, ClientSettings, Planned, generate, run_clients
 from services import car, flight, hotel
+from services.catalog import write_catalog_file
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh.layout import free_layout
+from tripmesh.mesh.mesh import ROOT, Mesh
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
@@ -72,21 +74,9 @@ def write_catalogs(folder: Path) -> tuple[dict[str, Path], Catalog]:
     today = dt.datetime.now(dt.UTC).date()
     files = {}
     for kind in (flight.KIND, hotel.KIND, car.KIND):
-        resources = [
-            {
-                "resource_id": r.resource_id,
-                "name": r.name,
-                "price_cents": r.price_cents,
-                "capacity": SCARCE.get(r.resource_id, r.capacity),
-                "attributes": r.attributes,
-            }
-            for r in kind.seed
-        ]
-        files[kind.name] = folder / f"{kind.name}.json"
-        files[kind.name].write_text(
-            json.dumps(
-                {"start_date": today.isoformat(), "days": DAYS_ON_SALE, "resources": resources}
-            )
+        resources = [replace(r, capacity=SCARCE.get(r.resource_id, r.capacity)) for r in kind.seed]
+        files[kind.name] = write_catalog_file(
+            folder / f"{kind.name}.json", resources, today, DAYS_ON_SALE
         )
     catalog = Catalog(
         flights=tuple(r.resource_id for r in flight.KIND.seed),
@@ -106,7 +96,7 @@ def _unsettled(mesh: Mesh) -> int:
             cpb.ListTripsRequest(status=cpb.TRIP_STATUS_PENDING, page_size=500), timeout=5
         )
     count = len(pending.trips)
-    for kind in KINDS:
+    for kind in PARTICIPANTS:
         with grpc.insecure_channel(layout.address(kind)) as channel:
             held = participant_pb2_grpc.ParticipantStub(channel).ListReservations(
                 ppb.ListReservationsRequest(status=ppb.RESERVATION_STATUS_HELD, page_size=500),
@@ -188,8 +178,9 @@ def run(config: RunConfig) -> RunOutcome:
         environment=config.scenario.environment(config.protocol, run_dir / "failpoints"),
         extra_args={
             "coordinator": COORDINATOR_ARGS,
-            **{k: (*SERVICE_ARGS, "--catalog", str(catalogs[k])) for k in KINDS},
+            **{k: (*SERVICE_ARGS, "--catalog", str(catalogs[k])) for k in PARTICIPANTS},
         },
+        restart=False,  # the nemesis decides when a killed process comes back
     )
     mesh.up()
     nemesis = Nemesis(mesh)
@@ -200,7 +191,7 @@ def run(config: RunConfig) -> RunOutcome:
         nemesis.heal_all()
         settled = settle(mesh, config.settle_timeout)
         books = read_books(
-            mesh.layout.address("coordinator"), {k: mesh.layout.address(k) for k in KINDS}
+            mesh.layout.address("coordinator"), {k: mesh.layout.address(k) for k in PARTICIPANTS}
         )
     finally:
         history.close()

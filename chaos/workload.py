@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from chaos.history import HistoryWriter, Op, OpType
+from tripmesh.runtime.names import TRIP_STATUS_NAMES
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
@@ -30,12 +31,7 @@ _FAIL = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-STATUS = {
-    pb.TRIP_STATUS_PENDING: "pending",
-    pb.TRIP_STATUS_CONFIRMED: "confirmed",
-    pb.TRIP_STATUS_ABORTED: "aborted",
-    pb.TRIP_STATUS_NEEDS_ATTENTION: "needs_attention",
-}
+STATUS = TRIP_STATUS_NAMES
 
 
 @dataclass(frozen=True)

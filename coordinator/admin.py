@@ -6,21 +6,23 @@
     GET /api/trips?status=&protocol=&limit=&page_token=   trips, newest first
     GET /api/trips/<trip_id>          one trip with its timeline
 
-Trips are the same JSON as the gRPC API's (protobuf's JSON mapping). Every
-request runs on the server's own threads with its own read-only connection
-to the log, never on the event loop that serves gRPC.
+Trips are the same JSON as the gRPC API's (protobuf's JSON mapping). Requests
+are served on the HTTP server's own threads; they read the trip store through
+its port (`TripStore`, whose reads never wait for a write), handing each read
+to the coordinator's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Coroutine
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
@@ -29,14 +31,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.convert import trip_to_proto
 from coordinator.domain import LegKind, Protocol, TripStatus
-from coordinator.log import load_events, load_trip, query_trips, read_counts, read_in_doubt
 from coordinator.metrics import CoordinatorMetrics
-from tripmesh.runtime.database import connect
+from coordinator.store import TripStore
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import participant_pb2, participant_pb2_grpc
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("operator_page.html")
+T = TypeVar("T")
 _MAX_LIMIT = 500
 
 
@@ -51,14 +53,18 @@ class AdminServer:
     def __init__(
         self,
         address: str,
-        log_path: Path,
+        store: TripStore,
         metrics: CoordinatorMetrics,
         participants: dict[LegKind, str],
     ) -> None:
-        self.log_path = log_path
+        """Start serving; call from the coordinator's event loop (reads are handed to it)."""
+        self.store = store
         self.metrics = metrics
+        self._loop = asyncio.get_running_loop()
         self._channels = {k: grpc.insecure_channel(a) for k, a in participants.items()}
-        metrics.watch_log(lambda: self._read(read_counts), lambda: self._read(read_in_doubt))
+        metrics.watch_store(
+            lambda: self._read(store.counts()), lambda: self._read(store.in_doubt())
+        )
         host, _, port = address.rpartition(":")
         self.httpd = ThreadingHTTPServer((host, int(port)), self._handler())
         self.httpd.daemon_threads = True
@@ -72,16 +78,13 @@ class AdminServer:
         for channel in self._channels.values():
             channel.close()
 
-    def _read(self, query: Callable[[Any], Any]) -> Any:
-        conn = connect(self.log_path, readonly=True)
-        try:
-            return query(conn)
-        finally:
-            conn.close()
+    def _read(self, query: Coroutine[Any, Any, T]) -> T:
+        """Run a store read on the event loop, from an HTTP thread."""
+        return asyncio.run_coroutine_threadsafe(query, self._loop).result(timeout=10)
 
     # -- the JSON API ---------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        counts = self._read(read_counts)
+        counts = self._read(self.store.counts())
         services: dict[str, Any] = {}
         for kind, channel in self._channels.items():
             try:
@@ -97,8 +100,8 @@ class AdminServer:
                 "resources": [_json(r) for r in reply.resources],
             }
         return {
-            "trips": {s.value: counts.get(s.value, 0) for s in TripStatus},
-            "in_doubt": self._read(read_in_doubt),
+            "trips": {s.value: counts.get(s, 0) for s in TripStatus},
+            "in_doubt": self._read(self.store.in_doubt()),
             "services": services,
         }
 
@@ -107,20 +110,19 @@ class AdminServer:
         protocol = _choice(query.get("protocol", ""), {p.value: p for p in Protocol}, "protocol")
         limit = min(int(query.get("limit", "50") or 50), _MAX_LIMIT)
         before = position_from_token(query.get("page_token", ""))
-        found, last = self._read(lambda c: query_trips(c, status, protocol, before, limit))
+        found, last = self._read(
+            self.store.list_trips(status=status, protocol=protocol, before=before, limit=limit)
+        )
         return {
             "trips": [_json(trip_to_proto(t)) for t in found],
             "next_page_token": str(last) if last is not None else "",
         }
 
     def trip(self, trip_id: str) -> dict[str, Any] | None:
-        def job(conn: Any) -> dict[str, Any] | None:
-            if conn.execute("SELECT 1 FROM trips WHERE trip_id = ?", (trip_id,)).fetchone() is None:
-                return None
-            return _json(trip_to_proto(load_trip(conn, trip_id), load_events(conn, trip_id)))
-
-        found: dict[str, Any] | None = self._read(job)
-        return found
+        found = self._read(self.store.get(trip_id))
+        if found is None:
+            return None
+        return _json(trip_to_proto(found, self._read(self.store.events(trip_id))))
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         admin = self

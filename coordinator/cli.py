@@ -6,9 +6,11 @@
     tripmesh inventory flight JL5 --from 2026-12-01 --to 2026-12-07
     tripmesh search flights --origin JFK --destination NRT --date 2026-12-01
 
-Addresses come from flags or TRIPMESH_COORDINATOR (default 127.0.0.1:60050,
-the client-to-coordinator proxy) and TRIPMESH_FLIGHT_SERVICE / _HOTEL_ / _CAR_
-(defaults 127.0.0.1:50051 / 50052 / 50053). `--json` prints JSON for scripts.
+Addresses come from flags or TRIPMESH_COORDINATOR (default: the mesh's
+client-to-coordinator proxy, 127.0.0.1:16050) and TRIPMESH_FLIGHT_SERVICE /
+_HOTEL_ / _CAR_ (defaults 127.0.0.1:15051 / 15052 / 15053); the defaults follow
+TRIPMESH_PORT_OFFSET and TRIPMESH_PORT_<NAME> as `make up` does. `--json`
+prints JSON for scripts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
 from coordinator.cli_views import console, money, name_of, report_error, show_trip
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh import layout as layouts
+from tripmesh.runtime.names import TRIP_STATUS_BY_NAME
 from tripmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -41,13 +46,7 @@ PROTOCOLS: dict[str, pb.Protocol] = {
     "saga": pb.PROTOCOL_SAGA,
     "default": pb.PROTOCOL_UNSPECIFIED,
 }
-STATUSES: dict[str, pb.TripStatus] = {
-    "pending": pb.TRIP_STATUS_PENDING,
-    "confirmed": pb.TRIP_STATUS_CONFIRMED,
-    "aborted": pb.TRIP_STATUS_ABORTED,
-    "needs_attention": pb.TRIP_STATUS_NEEDS_ATTENTION,
-}
-SERVICE_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
+STATUSES = TRIP_STATUS_BY_NAME
 
 
 def _emit(message: Any, as_json: bool, human: Callable[[], None]) -> None:
@@ -206,13 +205,14 @@ def cmd_operator(args: argparse.Namespace, channel: grpc.Channel) -> None:
 
 
 def _service_address(kind: str) -> str:
-    return os.environ.get(f"TRIPMESH_{kind.upper()}_SERVICE", f"127.0.0.1:{SERVICE_PORTS[kind]}")
+    return os.environ.get(f"TRIPMESH_{kind.upper()}_SERVICE") or layouts.load().address(kind)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tripmesh", description="Book and audit trips.")
     p.add_argument(
-        "--coordinator", default=os.environ.get("TRIPMESH_COORDINATOR", "127.0.0.1:60050")
+        "--coordinator",
+        default=os.environ.get("TRIPMESH_COORDINATOR") or layouts.load().client_address,
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=30.0, help="RPC deadline, seconds")
@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
         o.set_defaults(run=cmd_operator)
 
     i = sub.add_parser("inventory", help="capacity, available, held, confirmed per date")
-    i.add_argument("kind", choices=sorted(SERVICE_PORTS))
+    i.add_argument("kind", choices=PARTICIPANTS)
     i.add_argument("resource_id")
     i.add_argument("--from", dest="from_date", default="")
     i.add_argument("--to", dest="to_date", default="")

@@ -47,6 +47,9 @@ def show_trip(trip: pb.Trip) -> None:
     )
     if trip.failure_reason:
         console.print(f"reason: {trip.failure_reason}")
+    if trip.attention:
+        why = name_of(pb.Attention, trip.attention, "ATTENTION_")
+        console.print(f"[bold red]needs attention[/bold red] ({why}): {trip.attention_detail}")
     if trip.events:
         show_timeline(trip)
 

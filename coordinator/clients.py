@@ -11,11 +11,12 @@ Every outcome of a participant call is one of:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -117,8 +118,40 @@ def _hold(leg: LegRequest) -> pb.Hold:
     )
 
 
-class ParticipantClient:
-    """One participant (flight, hotel or car) over one long-lived channel."""
+class Participant(abc.ABC):
+    """The port: one participant (flight, hotel or car) as the engines and the catalog see it.
+
+    Every step is idempotent on its reservation id. Each method returns the
+    participant's answer or raises `ParticipantRejected` or `OutcomeUnknown`.
+    """
+
+    kind: LegKind
+
+    @abc.abstractmethod
+    async def prepare(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply: ...
+
+    @abc.abstractmethod
+    async def commit(self, reservation_id: str, trip_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def abort(self, reservation_id: str, trip_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply: ...
+
+    @abc.abstractmethod
+    async def cancel(self, reservation_id: str, trip_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def catalog(self) -> list[CatalogEntry]:
+        """Every resource on sale, with its first and last date."""
+
+    async def close(self) -> None:
+        """Let go of what the client holds (a channel)."""
+
+
+class ParticipantClient(Participant):
+    """One participant over one long-lived gRPC channel."""
 
     def __init__(
         self,
@@ -184,7 +217,6 @@ class ParticipantClient:
         await self._call("Cancel", pb.CancelRequest(reservation_id=reservation_id, trip_id=trip_id))
 
     async def catalog(self) -> list[CatalogEntry]:
-        """Every resource on sale, with its first and last date."""
         entries: list[CatalogEntry] = []
         token = ""
         while True:
@@ -199,31 +231,41 @@ class ParticipantClient:
             if not token:
                 return entries
 
+    async def close(self) -> None:
+        await self.channel.close()
+
 
 class Participants:
-    """The three participant clients, one channel each, created once."""
+    """One participant per leg kind, created once."""
 
-    def __init__(
-        self,
-        addresses: dict[LegKind, str],
+    def __init__(self, participants: Mapping[LegKind, Participant]) -> None:
+        self._participants = dict(participants)
+
+    @classmethod
+    def connect(
+        cls,
+        addresses: Mapping[LegKind, str],
         *,
         timeout: float,
         metrics: CoordinatorMetrics | None = None,
-    ) -> None:
+    ) -> Participants:
+        """gRPC clients, one long-lived channel each (UNAVAILABLE retried by the channel)."""
         service = pb.DESCRIPTOR.services_by_name["Participant"].full_name
-        self._clients = {
-            kind: ParticipantClient(
-                kind,
-                rpc.channel(address, retry_services=[service]),
-                timeout=timeout,
-                metrics=metrics,
-            )
-            for kind, address in addresses.items()
-        }
+        return cls(
+            {
+                kind: ParticipantClient(
+                    kind,
+                    rpc.channel(address, retry_services=[service]),
+                    timeout=timeout,
+                    metrics=metrics,
+                )
+                for kind, address in addresses.items()
+            }
+        )
 
-    def __getitem__(self, kind: LegKind) -> ParticipantClient:
-        return self._clients[kind]
+    def __getitem__(self, kind: LegKind) -> Participant:
+        return self._participants[kind]
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.channel.close()
+        for participant in self._participants.values():
+            await participant.close()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripEvent, TripStatus
+from coordinator.domain import (
+    Attention,
+    Decision,
+    LegKind,
+    LegStatus,
+    Protocol,
+    Trip,
+    TripEvent,
+    TripStatus,
+)
 from tripmesh.runtime.rpc import timestamp
 from tripmesh.v1 import coordinator_pb2 as pb
 
@@ -21,6 +30,12 @@ STATUS = {
     TripStatus.RESOLVED: pb.TRIP_STATUS_RESOLVED,
 }
 STATUS_FROM = {v: k for k, v in STATUS.items()}
+ATTENTION = {
+    None: pb.ATTENTION_UNSPECIFIED,
+    Attention.PHASE2_SLOW: pb.ATTENTION_PHASE2_SLOW,
+    Attention.PHASE2_REJECTED: pb.ATTENTION_PHASE2_REJECTED,
+    Attention.COMPENSATION_FAILED: pb.ATTENTION_COMPENSATION_FAILED,
+}
 DECISION = {
     None: pb.DECISION_PENDING,
     Decision.COMMIT: pb.DECISION_COMMIT,
@@ -98,4 +113,6 @@ def trip_to_proto(trip: Trip, events: Sequence[TripEvent] = ()) -> pb.Trip:
             ),
         ),
         events=[event_to_proto(e) for e in events],
+        attention=ATTENTION[trip.attention],
+        attention_detail=trip.attention_detail,
     )

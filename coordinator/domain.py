@@ -8,8 +8,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
+from tripmesh import PARTICIPANTS
 from tripmesh.runtime.errors import TripmeshError
 
 
@@ -34,6 +36,19 @@ class TripStatus(enum.Enum):
         return self in (TripStatus.CONFIRMED, TripStatus.ABORTED, TripStatus.RESOLVED)
 
 
+class Attention(enum.Enum):
+    """Why a trip needs a person: set exactly while its status is NEEDS_ATTENTION."""
+
+    PHASE2_SLOW = "phase2_slow"  # 2PC: decision not acknowledged within policy; still sent
+    PHASE2_REJECTED = "phase2_rejected"  # 2PC: a participant refused the logged decision
+    COMPENSATION_FAILED = "compensation_failed"  # saga: a Cancel failed past its policy
+
+    @property
+    def still_driven(self) -> bool:
+        """True when the coordinator keeps driving the trip itself (after a restart too)."""
+        return self is Attention.PHASE2_SLOW
+
+
 class Decision(enum.Enum):
     """A 2PC decision as logged. No row means PENDING; presumed abort covers the rest."""
 
@@ -48,7 +63,7 @@ class LegKind(enum.Enum):
 
 
 # The order in which a saga takes its steps; compensation runs it backwards.
-LEG_ORDER = (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
+LEG_ORDER = tuple(LegKind(name) for name in PARTICIPANTS)
 
 
 class LegStatus(enum.Enum):
@@ -132,9 +147,13 @@ class Trip:
     status: TripStatus
     decision: Decision | None
     legs: tuple[Leg, ...]
+    #: Why the trip did not (or not yet) confirm; empty for a confirmed trip.
     failure_reason: str
     created_at: float
     updated_at: float
+    #: Why it needs a person, and the particulars; set exactly while NEEDS_ATTENTION.
+    attention: Attention | None = None
+    attention_detail: str = ""
 
     @property
     def protocol(self) -> Protocol:
@@ -148,12 +167,11 @@ class Trip:
 class TripEvent:
     """One line of a trip's timeline."""
 
-    trip_id: str
-    at: float
     kind: str  # created, step, outcome, decision, compensation, recovery, finished ...
-    leg: str
-    detail: str
+    leg: str = ""
+    detail: str = ""
     actor: str = "coordinator"  # or the operator who acted
+    at: float = field(default_factory=time.time)  # when it happened
 
 
 def reservation_id(trip_id: str, kind: LegKind) -> str:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.clients import Participants, RetryPolicy
-from coordinator.domain import Protocol, Trip
+from coordinator.domain import Protocol, Trip, TripEvent
 from coordinator.journal import TripJournal
-from coordinator.log import Event, TripLog
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.store import TripStore
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class TripEngine(abc.ABC):
 
     def __init__(
         self,
-        log: TripLog,
+        store: TripStore,
         participants: Participants,
         policies: Policies,
         metrics: CoordinatorMetrics | None = None,
     ) -> None:
-        self.log = log
+        self.store = store
         self.participants = participants
         self.policies = policies
         self.metrics = metrics or CoordinatorMetrics()
@@ -51,7 +51,7 @@ class TripEngine(abc.ABC):
         """
 
         async def note(message: str) -> object:
-            return await journal.write(Event("retry", leg, f"{step} {message}"))
+            return await journal.write(TripEvent("retry", leg, f"{step} {message}"))
 
         return {"retries": self.metrics.retries.labels(leg, step), "note": note}
 

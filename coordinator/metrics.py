@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from coordinator.domain import TripStatus
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -74,25 +76,29 @@ class CoordinatorMetrics:
             "tripmesh_operator_actions", "Operator actions taken.", ["action"], registry=r
         )
 
-    def watch_log(self, counts: Callable[[], dict[str, int]], in_doubt: Callable[[], int]) -> None:
-        """Export trip counts read from the log at every scrape."""
+    def watch_store(
+        self, counts: Callable[[], dict[TripStatus, int]], in_doubt: Callable[[], int]
+    ) -> None:
+        """Export trip counts read from the trip store at every scrape."""
         self.registry.register(TripCounts(counts, in_doubt))
 
 
 class TripCounts(Collector):
-    """tripmesh_trips{status} and tripmesh_trips_in_doubt, read from the log when scraped."""
+    """tripmesh_trips{status} and tripmesh_trips_in_doubt, read from the store when scraped."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]], in_doubt: Callable[[], int]) -> None:
+    def __init__(
+        self, counts: Callable[[], dict[TripStatus, int]], in_doubt: Callable[[], int]
+    ) -> None:
         self.counts = counts
         self.in_doubt = in_doubt
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         trips = GaugeMetricFamily(
-            "tripmesh_trips", "Trips in the log by status.", labels=["status"]
+            "tripmesh_trips", "Trips in the trip store by status.", labels=["status"]
         )
         counts = self.counts()
-        for status in ("pending", "confirmed", "aborted", "needs_attention", "resolved"):
-            trips.add_metric([status], counts.get(status, 0))
+        for status in TripStatus:
+            trips.add_metric([status.value], counts.get(status, 0))
         yield trips
         yield GaugeMetricFamily(
             "tripmesh_trips_in_doubt",

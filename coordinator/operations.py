@@ -2,6 +2,11 @@
 
 Each action names who acted and why, and both go into the trip's timeline.
 No action deletes a trip or rewrites its history; each only moves it on.
+
+Every action first claims the trip (nothing else may start driving it while
+the action runs; a trip being driven right now is refused), and only then
+loads it: the trip an action judges and writes is the trip as it stands, never
+a copy a driver has overtaken since.
 """
 
 from __future__ import annotations
@@ -9,8 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripStatus
-from coordinator.log import Event
+from coordinator.domain import (
+    CoordinatorError,
+    Decision,
+    Protocol,
+    Trip,
+    TripEvent,
+    TripStatus,
+)
+from coordinator.journal import TripJournal
 from coordinator.service import TripService
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
@@ -37,12 +49,8 @@ def _refuse(trip: Trip, action: str, why: str) -> CoordinatorError:
 class OperatorActions:
     def __init__(self, service: TripService) -> None:
         self.service = service
-        self.log = service.log
+        self.store = service.store
         self.metrics = service.metrics
-
-    async def _load(self, trip_id: str, operator: str, reason: str) -> Trip:
-        _require(trip_id, operator, reason)
-        return await self.service.get(trip_id)
 
     async def _drive_and_wait(self, trip: Trip, wait: float) -> Trip:
         task = self.service.drive(trip)
@@ -51,21 +59,22 @@ class OperatorActions:
         return await self.service.get(trip.trip_id)
 
     def _stuck(self, trip: Trip) -> bool:
-        """Needs a person: NEEDS_ATTENTION, or PENDING with nothing driving it."""
-        return trip.status is TripStatus.NEEDS_ATTENTION or (
-            trip.status is TripStatus.PENDING and not self.service.is_driven(trip.trip_id)
-        )
+        """Needs a person: NEEDS_ATTENTION, or PENDING with nothing driving it.
+
+        Called with the trip claimed, so "nothing driving it" is this process's word.
+        """
+        return trip.status in (TripStatus.NEEDS_ATTENTION, TripStatus.PENDING)
 
     async def retry(self, trip_id: str, operator: str, reason: str, *, wait: float) -> Trip:
         """Drive the trip again from where it stands."""
-        trip = await self._load(trip_id, operator, reason)
+        _require(trip_id, operator, reason)
         with self.service.claim(trip_id):
+            trip = await self.service.get(trip_id)
             if not self._stuck(trip):
                 raise _refuse(trip, "retry", "; only a trip that needs attention can be retried")
-            trip = await self.log.record(
-                trip,
+            trip = await TripJournal(self.store, trip).write(
+                TripEvent("operator-retry", detail=reason, actor=operator),
                 status=TripStatus.PENDING,
-                events=(Event("operator-retry", detail=reason, actor=operator),),
             )
             self.metrics.operator_actions.labels("retry").inc()
             return await self._drive_and_wait(trip, wait)
@@ -74,8 +83,9 @@ class OperatorActions:
         self, trip_id: str, operator: str, reason: str, *, wait: float
     ) -> Trip:
         """Give the trip up: compensate (saga) or abort (undecided 2PC)."""
-        trip = await self._load(trip_id, operator, reason)
+        _require(trip_id, operator, reason)
         with self.service.claim(trip_id):
+            trip = await self.service.get(trip_id)
             if not self._stuck(trip):
                 raise _refuse(trip, "compensate", "; only a trip that needs attention can be")
             if trip.decision is Decision.COMMIT:
@@ -85,25 +95,24 @@ class OperatorActions:
                     else "every step is confirmed"
                 )
                 raise _refuse(trip, "compensate", f" and {what}: retry it instead")
-            trip = await self.log.record(
-                trip,
+            trip = await TripJournal(self.store, trip).write(
+                TripEvent("operator-compensation", detail=reason, actor=operator),
                 status=TripStatus.PENDING,
                 decision=Decision.ABORT,
                 failure_reason=f"compensation forced by {operator}: {reason}",
-                events=(Event("operator-compensation", detail=reason, actor=operator),),
             )
             self.metrics.operator_actions.labels("force_compensation").inc()
             return await self._drive_and_wait(trip, wait)
 
     async def mark_resolved(self, trip_id: str, operator: str, reason: str) -> Trip:
-        """After a repair by hand: the trip is RESOLVED (and stays in the log)."""
-        trip = await self._load(trip_id, operator, reason)
+        """After a repair by hand: the trip is RESOLVED (and stays in the store)."""
+        _require(trip_id, operator, reason)
         with self.service.claim(trip_id):
+            trip = await self.service.get(trip_id)
             if trip.status is not TripStatus.NEEDS_ATTENTION:
                 raise _refuse(trip, "resolve", "; only a trip that needs attention can be")
             self.metrics.operator_actions.labels("mark_resolved").inc()
-            return await self.log.record(
-                trip,
+            return await TripJournal(self.store, trip).write(
+                TripEvent("operator-resolved", detail=reason, actor=operator),
                 status=TripStatus.RESOLVED,
-                events=(Event("operator-resolved", detail=reason, actor=operator),),
             )

@@ -26,23 +26,24 @@ from functools import partial
 
 from coordinator.clients import (
     OutcomeUnknown,
-    ParticipantClient,
+    Participant,
     ParticipantRejected,
     StepReply,
     retry,
 )
 from coordinator.domain import (
+    Attention,
     Decision,
     LegKind,
     LegRequest,
     LegStatus,
     Protocol,
     Trip,
+    TripEvent,
     TripStatus,
 )
 from coordinator.engine import TripEngine
-from coordinator.journal import TripJournal
-from coordinator.log import Event, LegUpdate
+from coordinator.journal import LegUpdate, TripJournal
 from tripmesh.runtime import failpoints
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SagaStep:
     leg: LegKind
-    action: Callable[[ParticipantClient, str, str, LegRequest], Awaitable[StepReply]]
-    compensation: Callable[[ParticipantClient, str, str], Awaitable[None]]
+    action: Callable[[Participant, str, str, LegRequest], Awaitable[StepReply]]
+    compensation: Callable[[Participant, str, str], Awaitable[None]]
 
 
 def reserve(
-    client: ParticipantClient, reservation_id: str, trip_id: str, leg: LegRequest
+    client: Participant, reservation_id: str, trip_id: str, leg: LegRequest
 ) -> Awaitable[StepReply]:
     return client.reserve(reservation_id, trip_id, leg)
 
 
-def cancel(client: ParticipantClient, reservation_id: str, trip_id: str) -> Awaitable[None]:
+def cancel(client: Participant, reservation_id: str, trip_id: str) -> Awaitable[None]:
     return client.cancel(reservation_id, trip_id)
 
 
@@ -69,8 +70,6 @@ TRIP_SAGA: tuple[SagaStep, ...] = tuple(
     SagaStep(kind, reserve, cancel) for kind in (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
 )
 
-# What a NEEDS_ATTENTION reason adds to the trip's cause; recovery strips it again.
-_ATTENTION = "; compensation of "
 # Legs that may hold units and so need compensating.
 _MAY_HOLD = (LegStatus.CONFIRMED, LegStatus.IN_FLIGHT)
 # The same when compensating a trip recovered from the log: a step's progress
@@ -85,18 +84,17 @@ class Saga(TripEngine):
     steps = TRIP_SAGA
 
     async def book(self, trip: Trip) -> Trip:
-        return await self._forward(TripJournal(self.log, trip))
+        return await self._forward(TripJournal(self.store, trip))
 
     async def recover(self, trip: Trip) -> Trip:
-        journal = TripJournal(self.log, trip)
+        journal = TripJournal(self.store, trip)
         direction = "compensate" if trip.decision is Decision.ABORT else "resume"
-        journal.note(Event("recovery", detail=direction))
+        journal.note(TripEvent("recovery", detail=direction))
         if trip.decision is Decision.ABORT:
-            reason = trip.failure_reason.split(_ATTENTION)[0]
-            return await self._compensate(journal, reason, _MAY_HOLD_AFTER_RECOVERY)
+            return await self._compensate(journal, trip.failure_reason, _MAY_HOLD_AFTER_RECOVERY)
         if trip.decision is Decision.COMMIT:
             return await journal.write(
-                Event("finished", detail="confirmed"), status=TripStatus.CONFIRMED
+                TripEvent("finished", detail="confirmed"), status=TripStatus.CONFIRMED
             )
         return await self._forward(journal)
 
@@ -108,7 +106,7 @@ class Saga(TripEngine):
                 continue
             if leg.status is LegStatus.NOT_STARTED:
                 journal.note(
-                    Event("step", step.leg.value, "reserve"),
+                    TripEvent("step", step.leg.value, "reserve"),
                     legs={step.leg: LegUpdate(LegStatus.IN_FLIGHT)},
                 )
             client = self.participants[step.leg]
@@ -138,11 +136,11 @@ class Saga(TripEngine):
                 reason = f"{step.leg.value}: {reply.reason}"
                 return await self._start_compensation(journal, step.leg, LegStatus.REFUSED, reason)
             journal.note(
-                Event("outcome", step.leg.value, "confirmed"),
+                TripEvent("outcome", step.leg.value, "confirmed"),
                 legs={step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)},
             )
         return await journal.write(
-            Event("finished", detail="confirmed"),
+            TripEvent("finished", detail="confirmed"),
             status=TripStatus.CONFIRMED,
             decision=Decision.COMMIT,
         )
@@ -152,8 +150,8 @@ class Saga(TripEngine):
     ) -> Trip:
         # Durable before the first Cancel: recovery then compensates instead of resuming.
         await journal.write(
-            Event("outcome", failed.value, f"{status.value}: {reason}"),
-            Event("decision", detail="abort: compensate in reverse order"),
+            TripEvent("outcome", failed.value, f"{status.value}: {reason}"),
+            TripEvent("decision", detail="abort: compensate in reverse order"),
             decision=Decision.ABORT,
             legs={failed: LegUpdate(status, reason)},
             failure_reason=reason,
@@ -186,12 +184,13 @@ class Saga(TripEngine):
                     extra={"trip_id": trip_id, "leg": step.leg.value},
                 )
                 return await journal.write(
-                    Event("attention", step.leg.value, exc.message),
+                    TripEvent("attention", step.leg.value, exc.message),
                     status=TripStatus.NEEDS_ATTENTION,
-                    failure_reason=f"{reason}{_ATTENTION}{step.leg.value} failed: {exc.message}",
+                    attention=Attention.COMPENSATION_FAILED,
+                    attention_detail=f"compensation of {step.leg.value} failed: {exc.message}",
                 )
             journal.note(
-                Event("compensation", step.leg.value, "cancelled"),
+                TripEvent("compensation", step.leg.value, "cancelled"),
                 legs={step.leg: LegUpdate(LegStatus.CANCELLED, leg.reason)},
             )
             self.metrics.compensations.labels(step.leg.value).inc()
@@ -199,7 +198,7 @@ class Saga(TripEngine):
             if acknowledged == 1:
                 failpoints.hit("saga.mid_compensation")
         return await journal.write(
-            Event("finished", detail="aborted"),
+            TripEvent("finished", detail="aborted"),
             status=TripStatus.ABORTED,
-            failure_reason=reason,  # the cause, without a compensation failure since mended
+            failure_reason=reason,
         )

@@ -4,10 +4,10 @@ Configuration (flags override the environment):
 
 | variable | default | meaning |
 |---|---|---|
-| TRIPMESH_LISTEN | 127.0.0.1:50050 | where to listen (Coordinator, Operator, Decisions) |
+| TRIPMESH_LISTEN | 127.0.0.1:15050 | where to listen (Coordinator, Operator, Decisions) |
 | TRIPMESH_ADMIN_LISTEN | 127.0.0.1:9100 | the admin HTTP port: /metrics, the operator page, /api (empty: off) |
-| TRIPMESH_DATA_DIR | .data | the log is DATA_DIR/coordinator.db |
-| TRIPMESH_FLIGHT / _HOTEL / _CAR | 127.0.0.1:60051 / 60052 / 60053 | participants (their Toxiproxy proxies) |
+| TRIPMESH_DATA_DIR | .data | the trip store is DATA_DIR/coordinator.db |
+| TRIPMESH_FLIGHT / _HOTEL / _CAR | 127.0.0.1:16051 / 16052 / 16053 | participants (their Toxiproxy proxies) |
 | TRIPMESH_DEFAULT_PROTOCOL | saga | 2pc or saga, for requests that do not say |
 | TRIPMESH_RPC_TIMEOUT | 2.0 | deadline of each participant call, seconds |
 | TRIPMESH_STEP_GIVE_UP | 5 | seconds a vote or saga step is retried before aborting |
@@ -31,13 +31,15 @@ from coordinator.catalog import Catalog
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import LegKind, Protocol
 from coordinator.engine import Policies
-from coordinator.log import TripLog
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.operations import OperatorActions
 from coordinator.saga import Saga
 from coordinator.service import TripService
 from coordinator.servicer import CoordinatorServicer, DecisionsServicer, OperatorServicer
+from coordinator.store.sqlite import SqliteTripStore
 from coordinator.twopc import TwoPhaseCommit
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh import layout as layouts
 from tripmesh.runtime import failpoints, logs, rpc
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -61,13 +63,27 @@ class CoordinatorConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> CoordinatorConfig:
         env = os.environ
+        # Defaults: the mesh's declared layout (tripmesh/mesh/processes.json).
+        declared = layouts.load(environ={})
         p = argparse.ArgumentParser(prog="python -m coordinator.server")
-        p.add_argument("--listen", default=env.get("TRIPMESH_LISTEN", "127.0.0.1:50050"))
-        p.add_argument("--admin-listen", default=env.get("TRIPMESH_ADMIN_LISTEN", "127.0.0.1:9100"))
+        p.add_argument(
+            "--listen", default=env.get("TRIPMESH_LISTEN", declared.address(layouts.COORDINATOR))
+        )
+        p.add_argument(
+            "--admin-listen",
+            default=env.get(
+                "TRIPMESH_ADMIN_LISTEN", declared.address(layouts.admin_name(layouts.COORDINATOR))
+            ),
+        )
         p.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
-        p.add_argument("--flight", default=env.get("TRIPMESH_FLIGHT", "127.0.0.1:60051"))
-        p.add_argument("--hotel", default=env.get("TRIPMESH_HOTEL", "127.0.0.1:60052"))
-        p.add_argument("--car", default=env.get("TRIPMESH_CAR", "127.0.0.1:60053"))
+        for kind in PARTICIPANTS:
+            p.add_argument(
+                f"--{kind}",
+                default=env.get(
+                    f"TRIPMESH_{kind.upper()}",
+                    declared.address(layouts.proxy_name(layouts.COORDINATOR, kind)),
+                ),
+            )
         p.add_argument(
             "--default-protocol",
             choices=[x.value for x in Protocol],
@@ -90,11 +106,16 @@ class CoordinatorConfig:
             default=float(env.get("TRIPMESH_KEY_RETENTION_HOURS", 72)),
         )
         a = p.parse_args(argv)
+        try:
+            layouts.check_listen(a.listen, "--listen")
+            layouts.check_listen(a.admin_listen, "--admin-listen")
+        except layouts.LayoutError as exc:
+            p.error(exc.message)
         return cls(
             listen=a.listen,
             admin_listen=a.admin_listen,
             data_dir=Path(a.data_dir),
-            participants={LegKind.FLIGHT: a.flight, LegKind.HOTEL: a.hotel, LegKind.CAR: a.car},
+            participants={kind: getattr(a, kind.value) for kind in LegKind},
             default_protocol=Protocol(a.default_protocol),
             rpc_timeout=a.rpc_timeout,
             policies=Policies(
@@ -109,21 +130,23 @@ class CoordinatorConfig:
 
 async def serve(config: CoordinatorConfig) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    trip_log = TripLog(config.data_dir / "coordinator.db")
+    store = SqliteTripStore(config.data_dir / "coordinator.db")
     metrics = CoordinatorMetrics()
-    participants = Participants(config.participants, timeout=config.rpc_timeout, metrics=metrics)
+    participants = Participants.connect(
+        config.participants, timeout=config.rpc_timeout, metrics=metrics
+    )
     catalog = Catalog(participants)
     engines = {
         engine.protocol: engine
         for engine in (
-            TwoPhaseCommit(trip_log, participants, config.policies, metrics),
-            Saga(trip_log, participants, config.policies, metrics),
+            TwoPhaseCommit(store, participants, config.policies, metrics),
+            Saga(store, participants, config.policies, metrics),
         )
     }
-    service = TripService(trip_log, engines, catalog, metrics=metrics)
+    service = TripService(store, engines, catalog, metrics=metrics)
     admin = None
     if config.admin_listen:
-        admin = AdminServer(config.admin_listen, trip_log.db.path, metrics, config.participants)
+        admin = AdminServer(config.admin_listen, store, metrics, config.participants)
         log.info("admin (metrics, operator page) on http://%s/", config.admin_listen)
     names = coordinator_pb2.DESCRIPTOR.services_by_name
     running = await rpc.start_server(
@@ -157,10 +180,13 @@ async def serve(config: CoordinatorConfig) -> None:
         ),
         name="housekeeping",
     )
+    failure = rpc.StorageFailure()
+    store.on_failure(failure)
     await running.set_serving(True)
     log.info("coordinator serving on port %d", running.port)
+    failed = False
     try:
-        await rpc.serve_until_signalled(running, grace=config.grace)
+        failed = await rpc.serve_until_signalled(running, grace=config.grace, failure=failure)
     finally:
         for task in (recovery, housekeeping):
             task.cancel()
@@ -170,7 +196,9 @@ async def serve(config: CoordinatorConfig) -> None:
         await participants.close()
         if admin is not None:
             admin.close()
-        trip_log.close()
+        store.close()
+    if failed:
+        raise SystemExit(rpc.EXIT_STORAGE_FAILED)
 
 
 def main(argv: list[str] | None = None) -> None:

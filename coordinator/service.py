@@ -1,7 +1,7 @@
 """Trips as a service: idempotent booking, lookups, decisions, recovery.
 
 Each trip in progress is driven by one asyncio task, kept in `_active` only
-while it runs (bounded by `max_in_flight`); everything else lives in the log.
+while it runs (bounded by `max_in_flight`); everything else lives in the trip store.
 A client that stops waiting does not stop its trip.
 """
 
@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterator, Mapping
 
 from coordinator.catalog import Catalog
-from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest
+from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest, TripStatus
 from coordinator.engine import TripEngine
-from coordinator.log import TripLog
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.store import TripStore
 from tripmesh.runtime import logs
 from tripmesh.runtime.errors import ErrorKind
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class TripService:
     def __init__(
         self,
-        log_: TripLog,
+        store: TripStore,
         engines: Mapping[Protocol, TripEngine],
         catalog: Catalog,
         *,
@@ -35,7 +35,7 @@ class TripService:
         recovery_concurrency: int = 64,
         metrics: CoordinatorMetrics | None = None,
     ) -> None:
-        self.log = log_
+        self.store = store
         self.engines = engines
         self.catalog = catalog
         self.metrics = metrics or CoordinatorMetrics()
@@ -45,10 +45,6 @@ class TripService:
         self._claimed: set[str] = set()
         self._recovery_slots = asyncio.Semaphore(recovery_concurrency)
         self.last_recovery_seconds: float | None = None
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._active)
 
     async def book(
         self, request: TripRequest, *, wait: float, correlation_id: str = ""
@@ -62,7 +58,7 @@ class TripService:
             raise CoordinatorError(
                 f"{len(self._active)} trips in flight; try again shortly", kind=ErrorKind.EXHAUSTED
             )
-        trip, replayed = await self.log.create(request)
+        trip, replayed = await self.store.create(request)
         logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
         if not replayed:
             self.metrics.trips_started.labels(trip.protocol.value).inc()
@@ -75,19 +71,19 @@ class TripService:
             await asyncio.wait((task,), timeout=wait)  # never cancels the trip's task
         if task.done() and not task.cancelled() and (final := task.result()) is not None:
             return final, replayed  # as its driver wrote it last
-        current = await self.log.get(trip.trip_id)
+        current = await self.store.get(trip.trip_id)
         assert current is not None
         return current, replayed
 
     async def get(self, trip_id: str) -> Trip:
-        trip = await self.log.get(trip_id)
+        trip = await self.store.get(trip_id)
         if trip is None:
             raise CoordinatorError(f"no trip {trip_id!r}", kind=ErrorKind.NOT_FOUND)
         return trip
 
     async def decision(self, trip_id: str) -> Decision | None:
         """The answer to a prepared participant; None means not decided yet."""
-        known, decision = await self.log.decision(trip_id)
+        known, decision = await self.store.decision(trip_id)
         if not known:
             return Decision.ABORT  # presumed abort
         return decision
@@ -121,7 +117,7 @@ class TripService:
             self._active.pop(trip.trip_id, None)
 
     def _finished(self, trip: Trip) -> None:
-        if trip.status.terminal or trip.status.value == "needs_attention":
+        if trip.status.terminal or trip.status is TripStatus.NEEDS_ATTENTION:
             protocol = trip.protocol.value
             self.metrics.trips_finished.labels(protocol, trip.status.value).inc()
             self.metrics.trip_duration.labels(protocol).observe(trip.updated_at - trip.created_at)
@@ -152,10 +148,10 @@ class TripService:
     async def resume_unfinished(self) -> list[asyncio.Task[Trip | None]]:
         """Start a recovery task for every unfinished trip that no task is driving."""
         resumed = []
-        for trip_id in await self.log.unfinished():
+        for trip_id in await self.store.unfinished():
             if self.is_driven(trip_id):
                 continue
-            trip = await self.log.get(trip_id)
+            trip = await self.store.get(trip_id)
             if trip is None or self.is_driven(trip_id):
                 continue
             self._start(trip, recovering=True)
@@ -182,7 +178,7 @@ class TripService:
             await asyncio.sleep(sweep_every)
             try:
                 await self.resume_unfinished()
-                purged = await self.log.purge_keys(key_retention)
+                purged = await self.store.purge_keys(key_retention)
                 if purged:
                     log.info(
                         "purged %d idempotency keys older than %.0fh", purged, key_retention / 3600

@@ -20,6 +20,14 @@ from tripmesh.v1 import coordinator_pb2_grpc
 _MAX_PAGE = 500
 
 
+def wait_within_deadline(context: grpc.aio.ServicerContext, max_wait: float) -> float:
+    """How long to wait for a trip: answer a little before the client's deadline, so that
+    it gets the trip (perhaps still PENDING), not a timeout."""
+    remaining = context.time_remaining()
+    wait = max_wait if remaining is None else min(max_wait, remaining * 0.9 - 0.05)
+    return max(0.0, wait)
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
         self, service: TripService, *, default_protocol: Protocol, max_wait: float
@@ -34,13 +42,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         trip_request = trip_request_from_proto(
             request, default_protocol=self.default_protocol, today=dt.datetime.now(dt.UTC).date()
         )
-        remaining = context.time_remaining()
-        # Answer a little before the client's deadline, so it gets the trip, not a timeout.
-        wait = self.max_wait if remaining is None else min(self.max_wait, remaining * 0.9 - 0.05)
         metadata = dict(context.invocation_metadata() or ())
         trip, replayed = await self.service.book(
             trip_request,
-            wait=max(0.0, wait),
+            wait=wait_within_deadline(context, self.max_wait),
             correlation_id=str(metadata.get(logs.CORRELATION_ID_KEY, "")),
         )
         return pb.BookTripResponse(trip=trip_to_proto(trip), replayed=replayed)
@@ -51,7 +56,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if not request.trip_id:
             raise CoordinatorError.invalid(FieldViolation("trip_id", "is required"))
         trip = await self.service.get(request.trip_id)
-        return trip_to_proto(trip, await self.service.log.events(trip.trip_id))
+        return trip_to_proto(trip, await self.service.store.events(trip.trip_id))
 
     async def ListTrips(
         self, request: pb.ListTripsRequest, context: grpc.aio.ServicerContext
@@ -66,7 +71,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             problems.append(FieldViolation("protocol", f"unknown protocol {request.protocol}"))
         if problems:
             raise CoordinatorError.invalid(*problems)
-        trips, last = await self.service.log.list_trips(
+        trips, last = await self.service.store.list_trips(
             status=STATUS_FROM.get(request.status),
             protocol=PROTOCOL_FROM.get(request.protocol),
             before=before,
@@ -84,16 +89,11 @@ class OperatorServicer(coordinator_pb2_grpc.OperatorServicer):
         self.max_wait = max_wait
 
     def _wait(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return (
-            self.max_wait
-            if remaining is None
-            else max(0.0, min(self.max_wait, remaining * 0.9 - 0.05))
-        )
+        return wait_within_deadline(context, self.max_wait)
 
     async def _answer(self, trip_id: str) -> pb.Trip:
         trip = await self.actions.service.get(trip_id)
-        return trip_to_proto(trip, await self.actions.log.events(trip_id))
+        return trip_to_proto(trip, await self.actions.store.events(trip_id))
 
     async def RetryTrip(
         self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext

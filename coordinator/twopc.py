@@ -20,17 +20,18 @@ import logging
 from coordinator.clients import OutcomeUnknown, ParticipantRejected, StepReply, retry
 from coordinator.domain import (
     LEG_ORDER,
+    Attention,
     Decision,
     Leg,
     LegKind,
     LegStatus,
     Protocol,
     Trip,
+    TripEvent,
     TripStatus,
 )
 from coordinator.engine import TripEngine
-from coordinator.journal import TripJournal
-from coordinator.log import PHASE2_REJECTED, Event, LegUpdate
+from coordinator.journal import LegUpdate, TripJournal
 from tripmesh.runtime import failpoints
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class TwoPhaseCommit(TripEngine):
     protocol = Protocol.TWO_PHASE_COMMIT
 
     async def book(self, trip: Trip) -> Trip:
-        journal = TripJournal(self.log, trip)
+        journal = TripJournal(self.store, trip)
         votes = await asyncio.gather(*(self._vote(journal, kind) for kind in LEG_ORDER))
         failpoints.hit("2pc.before_decision")
         legs = {kind: update for kind, update, _ in votes}
@@ -50,10 +51,10 @@ class TwoPhaseCommit(TripEngine):
         decision = Decision.ABORT if reasons else Decision.COMMIT
         await journal.write(
             *(
-                Event("vote", k.value, f"{u.status.value} {u.reason}".strip())
+                TripEvent("vote", k.value, f"{u.status.value} {u.reason}".strip())
                 for k, u in legs.items()
             ),
-            Event("decision", detail=decision.value),
+            TripEvent("decision", detail=decision.value),
             decision=decision,
             legs=legs,
             failure_reason="; ".join(reasons) if reasons else None,
@@ -62,15 +63,15 @@ class TwoPhaseCommit(TripEngine):
         return await self._phase2(journal)
 
     async def recover(self, trip: Trip) -> Trip:
-        journal = TripJournal(self.log, trip)
+        journal = TripJournal(self.store, trip)
         if trip.decision is None:
             await journal.write(
-                Event("recovery", detail="undecided: presumed abort"),
+                TripEvent("recovery", detail="undecided: presumed abort"),
                 decision=Decision.ABORT,
                 failure_reason="coordinator restarted before deciding (presumed abort)",
             )
         else:
-            journal.note(Event("recovery", detail=f"resume phase 2: {trip.decision.value}"))
+            journal.note(TripEvent("recovery", detail=f"resume phase 2: {trip.decision.value}"))
         return await self._phase2(journal)
 
     async def _vote(self, journal: TripJournal, kind: LegKind) -> tuple[LegKind, LegUpdate, str]:
@@ -114,7 +115,7 @@ class TwoPhaseCommit(TripEngine):
             # Only noted: recovery sends the decision again to every leg not
             # logged as settled, and Commit and Abort are idempotent.
             journal.note(
-                Event("acknowledged", leg.kind.value, decision.value),
+                TripEvent("acknowledged", leg.kind.value, decision.value),
                 legs={leg.kind: LegUpdate(done, leg.reason if done is LegStatus.RELEASED else "")},
             )
             acknowledged += 1
@@ -134,8 +135,13 @@ class TwoPhaseCommit(TripEngine):
                     extra={"trip_id": trip.trip_id},
                 )
                 await journal.write(
-                    Event("attention", detail="phase 2 not acknowledged; still retrying"),
+                    TripEvent("attention", detail="phase 2 not acknowledged; still retrying"),
                     status=TripStatus.NEEDS_ATTENTION,
+                    attention=Attention.PHASE2_SLOW,
+                    attention_detail=(
+                        f"phase 2 ({decision.value}) not acknowledged after"
+                        f" {self.policies.phase2_attention_after:.0f}s; still retrying"
+                    ),
                 )
                 await everyone
         except ParticipantRejected as exc:
@@ -143,9 +149,10 @@ class TwoPhaseCommit(TripEngine):
             # it already applied the other one): a bug or a wiped database.
             log.error("2PC phase 2 rejected: %s", exc.message, extra={"trip_id": trip.trip_id})
             return await journal.write(
-                Event("attention", detail=exc.message),
+                TripEvent("attention", detail=exc.message),
                 status=TripStatus.NEEDS_ATTENTION,
-                failure_reason=f"{PHASE2_REJECTED}{exc.message}",
+                attention=Attention.PHASE2_REJECTED,
+                attention_detail=f"phase 2 ({decision.value}) rejected: {exc.message}",
             )
         final = TripStatus.CONFIRMED if decision is Decision.COMMIT else TripStatus.ABORTED
-        return await journal.write(Event("finished", detail=final.value), status=final)
+        return await journal.write(TripEvent("finished", detail=final.value), status=final)

@@ -46,12 +46,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chaos.launcher import ROOT, Mesh
 from loadtest import contention, profiling, report
 from loadtest.driver import CpuMeter, Result, channels, closed_loop, rss_kib, run_count
 from loadtest.echo import echo_server
 from loadtest.meshes import isolated_mesh
 from loadtest.trips import bench_catalog, bench_request
+from tripmesh.mesh.mesh import ROOT, Mesh
 from tripmesh.runtime import rpc
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc

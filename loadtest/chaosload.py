@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from chaos.launcher import ROOT, SERVING, grpc_health
-from chaos.layout import Layout
 from loadtest import run as load
 from loadtest.trips import CHOICES
+from tripmesh.mesh.layout import Layout
+from tripmesh.mesh.mesh import ROOT, SERVING, grpc_health
 
 LAST_OFFSET = 25  # chaos runs put 30 days on sale; trips last up to 4 nights
 
@@ -40,7 +40,7 @@ def _wait_for_mesh(folder: Path, chaos: subprocess.Popen[bytes], timeout: float)
             raise SystemExit(
                 f"the chaos run ended before its mesh was up (exit {chaos.returncode})"
             )
-        for found in folder.glob("*/mesh/mesh.json"):
+        for found in folder.glob("*/mesh/layout.json"):
             layout = Layout.from_json(json.loads(found.read_text()))
             if grpc_health(layout.client_address) == SERVING:
                 return layout

@@ -19,9 +19,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from chaos.launcher import ROOT
-from chaos.layout import free_port
-from chaos.toxiproxy import Toxiproxy
+from tripmesh.mesh.layout import free_port
+from tripmesh.mesh.mesh import ROOT
+from tripmesh.mesh.toxiproxy import Toxiproxy
 from tripmesh.runtime import rpc
 
 ECHO_PROXY = "bench-echo"

@@ -1,6 +1,6 @@
 """Locust: customers booking trips over gRPC through the client-to-coordinator proxy.
 
-    locust -f loadtest/locustfile.py --host 127.0.0.1:60050 --protocol saga --shape black-friday
+    locust -f loadtest/locustfile.py --host 127.0.0.1:16050 --protocol saga --shape black-friday
 
 Each user is a customer with one long-lived channel. It books a trip from the
 seeded mix in `loadtest.trips` (hot deal, spread-out trips, doomed trips that
@@ -50,6 +50,8 @@ from locust.util.timespan import parse_timespan
 
 from loadtest.shapes import black_friday, steady
 from loadtest.trips import CHOICES, TripMix
+from tripmesh.mesh import layout as layouts
+from tripmesh.runtime.names import TRIP_STATUS_NAMES
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
@@ -62,12 +64,7 @@ RETRYABLE = {
 MAX_ATTEMPTS = 5
 POLL_EVERY = 0.25
 POLL_FOR = 30.0
-STATUS = {
-    pb.TRIP_STATUS_PENDING: "pending",
-    pb.TRIP_STATUS_CONFIRMED: "confirmed",
-    pb.TRIP_STATUS_ABORTED: "aborted",
-    pb.TRIP_STATUS_NEEDS_ATTENTION: "needs_attention",
-}
+STATUS = TRIP_STATUS_NAMES
 RUN_TAG = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
 _user_numbers = itertools.count()
 
@@ -176,7 +173,7 @@ def _think(user: User) -> float:
 class TripCustomer(User):
     """A customer: one channel for its life, a trip at a time."""
 
-    host = os.environ.get("TRIPMESH_COORDINATOR", "127.0.0.1:60050")
+    host = os.environ.get("TRIPMESH_COORDINATOR") or layouts.load().client_address
     wait_time = _think
 
     def on_start(self) -> None:

@@ -14,8 +14,8 @@ import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from chaos.launcher import ROOT, Mesh
-from chaos.layout import free_layout
+from tripmesh.mesh.layout import free_layout
+from tripmesh.mesh.mesh import ROOT, Mesh
 
 
 def running_mesh() -> Mesh | None:

@@ -28,9 +28,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from chaos.launcher import ROOT
 from loadtest.meshes import isolated_mesh, running_mesh
 from loadtest.trips import CHOICES, peak_catalog
+from tripmesh.mesh.mesh import ROOT
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 

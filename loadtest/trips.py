@@ -15,11 +15,11 @@ mix is seeded and pure (`TripMix.plan` depends only on its random generator):
 from __future__ import annotations
 
 import datetime as dt
-import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from services.catalog import SeedResource, write_catalog_file
 from tripmesh.v1 import coordinator_pb2 as pb
 
 PROTOCOLS = {"2pc": pb.PROTOCOL_TWO_PHASE_COMMIT, "saga": pb.PROTOCOL_SAGA}
@@ -100,18 +100,13 @@ class Planned:
     request: pb.BookTripRequest
 
 
-def write_combined_catalog(path: Path, resources: list[dict[str, object]], days: int = 60) -> Path:
+def write_combined_catalog(path: Path, resources: list[SeedResource], days: int = 60) -> Path:
     """One catalog file for every service (TRIPMESH_CATALOG is one file for all three).
 
     Each service seeds every resource of the file, so ids must be unique across
     kinds; a flight id in the hotel's books is never asked for, so it is harmless.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    start = dt.datetime.now(dt.UTC).date().isoformat()
-    path.write_text(
-        json.dumps({"start_date": start, "days": days, "resources": resources}, indent=1)
-    )
-    return path
+    return write_catalog_file(path, resources, dt.datetime.now(dt.UTC).date(), days)
 
 
 def peak_catalog(path: Path, scale: int = 20) -> Path:
@@ -122,7 +117,7 @@ def peak_catalog(path: Path, scale: int = 20) -> Path:
     """
     from services import car, flight, hotel
 
-    resources: list[dict[str, object]] = []
+    resources: list[SeedResource] = []
     for kind in (flight.KIND, hotel.KIND, car.KIND):
         for r in kind.seed:
             capacity = r.capacity * scale
@@ -130,15 +125,7 @@ def peak_catalog(path: Path, scale: int = 20) -> Path:
                 capacity = r.capacity
             elif r.resource_id == DOOMED.cars[0]:
                 capacity = DOOMED_CARS - 1
-            resources.append(
-                {
-                    "resource_id": r.resource_id,
-                    "name": r.name,
-                    "price_cents": r.price_cents,
-                    "capacity": capacity,
-                    "attributes": r.attributes,
-                }
-            )
+            resources.append(replace(r, capacity=capacity))
     return write_combined_catalog(path, resources)
 
 
@@ -153,8 +140,8 @@ DOOMED_VAN = "DOOM-VAN"  # fewer than DOOMED_CARS: every trip asking for it is r
 def bench_catalog(path: Path) -> Path:
     """Flights BF0.., hotels BH0.., cars BC0.. that never sell out; the contention resources."""
 
-    def entry(resource_id: str, capacity: int) -> dict[str, object]:
-        return {"resource_id": resource_id, "price_cents": 10_000, "capacity": capacity}
+    def entry(resource_id: str, capacity: int) -> SeedResource:
+        return SeedResource(resource_id, resource_id, 10_000, capacity)
 
     big = 10_000_000
     resources = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,38 @@ class Availability:
     available: int  # the fewest units free on any requested date
 
 
+# A catalog file (TRIPMESH_CATALOG, --catalog) is JSON:
+#   {"start_date": "YYYY-MM-DD", "days": N,
+#    "resources": [{"resource_id", "name", "price_cents", "capacity", "attributes"}, ...]}
+# start_date and days are optional (default: today, --seed-days). These two
+# functions are the only code that knows the format.
+
+
+def write_catalog_file(
+    path: Path, resources: Iterable[SeedResource], start: dt.date, days: int
+) -> Path:
+    """Write a catalog file that `load_catalog_file` reads back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {
+        "start_date": start.isoformat(),
+        "days": days,
+        "resources": [
+            {
+                "resource_id": r.resource_id,
+                "name": r.name,
+                "price_cents": r.price_cents,
+                "capacity": r.capacity,
+                "attributes": r.attributes,
+            }
+            for r in resources
+        ],
+    }
+    path.write_text(json.dumps(body, indent=1) + "\n")
+    return path
+
+
 def load_catalog_file(path: Path) -> tuple[tuple[SeedResource, ...], dt.date | None, int | None]:
-    """Read a catalog JSON file: {"resources": [...], "start_date": ..., "days": ...}."""
+    """Read a catalog file (the format above)."""
     data: dict[str, Any] = json.loads(path.read_text())
     resources = tuple(
         SeedResource(
@@ -121,4 +152,4 @@ async def search(
             for r in rows
         ]
 
-    return await store.db.run(job)
+    return await store.db.read(job)

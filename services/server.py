@@ -4,10 +4,10 @@ Configuration (flags override the environment):
 
 | variable | default | meaning |
 |---|---|---|
-| TRIPMESH_LISTEN | 127.0.0.1:50051 (flight), :50052 (hotel), :50053 (car) | where to listen |
+| TRIPMESH_LISTEN | 127.0.0.1:15051 (flight), :15052 (hotel), :15053 (car) | where to listen |
 | TRIPMESH_METRICS_LISTEN | 127.0.0.1:9101 (flight), :9102 (hotel), :9103 (car) | Prometheus /metrics (empty: off) |
 | TRIPMESH_DATA_DIR | .data | the database is DATA_DIR/<kind>.db |
-| TRIPMESH_DECISIONS | 127.0.0.1:60055 (flight), :60056 (hotel), :60057 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
+| TRIPMESH_DECISIONS | 127.0.0.1:16054 (flight), :16055 (hotel), :16056 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
 | TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
 | TRIPMESH_SEED_DAYS | 60 | how many dates are put on sale, from today |
 | TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared hold waits before we ask about it |
@@ -33,6 +33,7 @@ from services.participant.metrics import ParticipantMetrics
 from services.participant.resolver import InDoubtResolver
 from services.participant.servicer import ParticipantServicer
 from services.participant.store import ParticipantStore
+from tripmesh.mesh import layout as layouts
 from tripmesh.runtime import failpoints, logs, rpc
 from tripmesh.v1 import (
     catalog_pb2,
@@ -45,9 +46,6 @@ from tripmesh.v1 import (
 log = logging.getLogger(__name__)
 
 KINDS: dict[str, CatalogKind] = {"flight": flight.KIND, "hotel": hotel.KIND, "car": car.KIND}
-DEFAULT_PORTS = {"flight": 50051, "hotel": 50052, "car": 50053}
-DEFAULT_DECISION_PORTS = {"flight": 60055, "hotel": 60056, "car": 60057}
-DEFAULT_METRICS_PORTS = {"flight": 9101, "hotel": 9102, "car": 9103}
 
 
 @dataclass(frozen=True)
@@ -78,16 +76,26 @@ class ServiceConfig:
             "--resolve-after", type=float, default=float(env.get("TRIPMESH_RESOLVE_AFTER", 5))
         )
         args = parser.parse_args(argv)
+        # Defaults: the mesh's declared layout (tripmesh/mesh/processes.json).
+        declared = layouts.load(environ={})
+        listen = args.listen or declared.address(args.kind)
+        metrics_listen = (
+            declared.address(layouts.admin_name(args.kind))
+            if args.metrics_listen is None
+            else args.metrics_listen
+        )
+        try:
+            layouts.check_listen(listen, "--listen")
+            layouts.check_listen(metrics_listen, "--metrics-listen")
+        except layouts.LayoutError as exc:
+            parser.error(exc.message)
         return cls(
             kind=args.kind,
-            listen=args.listen or f"127.0.0.1:{DEFAULT_PORTS[args.kind]}",
-            metrics_listen=(
-                f"127.0.0.1:{DEFAULT_METRICS_PORTS[args.kind]}"
-                if args.metrics_listen is None
-                else args.metrics_listen
-            ),
+            listen=listen,
+            metrics_listen=metrics_listen,
             data_dir=Path(args.data_dir),
-            decisions=args.decisions or f"127.0.0.1:{DEFAULT_DECISION_PORTS[args.kind]}",
+            decisions=args.decisions
+            or declared.address(layouts.proxy_name(args.kind, layouts.COORDINATOR)),
             catalog=Path(args.catalog) if args.catalog else None,
             seed_days=args.seed_days,
             resolve_after=args.resolve_after,
@@ -146,16 +154,21 @@ async def serve(config: ServiceConfig) -> None:
         metrics=metrics,
     )
     resolving = asyncio.create_task(resolver.run_forever(), name="in-doubt resolver")
+    failure = rpc.StorageFailure()
+    store.db.on_writer_death(failure)
     await running.set_serving(True)
     log.info("%s service serving on port %d", config.kind, running.port)
+    failed = False
     try:
-        await rpc.serve_until_signalled(running, grace=config.grace)
+        failed = await rpc.serve_until_signalled(running, grace=config.grace, failure=failure)
     finally:
         resolving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await resolving
         await decisions_channel.close()
         store.close()
+    if failed:
+        raise SystemExit(rpc.EXIT_STORAGE_FAILED)
 
 
 def main(argv: list[str] | None = None) -> None:

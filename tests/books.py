@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +11,8 @@ from typing import TypeVar
 
 import grpc
 
-from chaos.audit import paged
+from services.catalog import SeedResource, write_catalog_file
+from tripmesh.runtime.paging import paged
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
@@ -27,29 +27,13 @@ def day(offset: int) -> str:
 
 def write_catalog(folder: Path, capacities: dict[str, dict[str, int]], days: int = 10) -> Path:
     """Catalog files for each kind: {"flight": {"F1": 50}, ...}, on sale `days` dates from today."""
-    folder.mkdir(parents=True, exist_ok=True)
+    attributes = {"origin": "JFK", "destination": "NRT", "city": "Tokyo", "location": "NRT"}
     for kind, resources in capacities.items():
-        (folder / f"{kind}.json").write_text(
-            json.dumps(
-                {
-                    "start_date": TODAY.isoformat(),
-                    "days": days,
-                    "resources": [
-                        {
-                            "resource_id": rid,
-                            "price_cents": 10_000,
-                            "capacity": cap,
-                            "attributes": {
-                                "origin": "JFK",
-                                "destination": "NRT",
-                                "city": "Tokyo",
-                                "location": "NRT",
-                            },
-                        }
-                        for rid, cap in resources.items()
-                    ],
-                }
-            )
+        write_catalog_file(
+            folder / f"{kind}.json",
+            [SeedResource(rid, rid, 10_000, cap, attributes) for rid, cap in resources.items()],
+            TODAY,
+            days,
         )
     return folder
 

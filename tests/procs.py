@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chaos.layout import free_port
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh.layout import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("flight", "hotel", "car")
 
 
 def wait_serving(
@@ -114,7 +114,7 @@ class Cluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.admin_address = f"127.0.0.1:{free_port()}"
         coordinator_address = f"127.0.0.1:{free_port()}"
-        for kind in KINDS:
+        for kind in PARTICIPANTS:
             address = f"127.0.0.1:{free_port()}"
             argv = [
                 sys.executable,
@@ -188,3 +188,19 @@ class Cluster:
         for proc in procs:
             if proc is not None:
                 proc.stop()
+
+
+def long_folder(base: Path, length: int) -> Path:
+    """A folder under `base` whose absolute path is `length` characters long."""
+    base = base.resolve()
+    need = length - len(str(base)) - 1
+    assert need > 10, "tmp_path is already too long for this test"
+    parts, left = [], need
+    while left > 0:
+        part = min(left, 60)
+        if left - part == 1:  # a separator needs room for at least one character after it
+            part -= 1
+        parts.append("p" * part)
+        left -= part + 1
+    folder = base.joinpath(*parts)
+    return folder

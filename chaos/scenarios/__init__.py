@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chaos.nemesis import Fault
+from tripmesh import PARTICIPANTS
 
 Schedule = Callable[[random.Random, float], list[Fault]]
 Environment = Callable[[str, Path], dict[str, dict[str, str]]]
 
-KINDS = ("flight", "hotel", "car")
-COORDINATOR_EDGES = tuple(f"coordinator-to-{k}" for k in KINDS)
-DECISION_EDGES = tuple(f"{k}-to-coordinator" for k in KINDS)
+COORDINATOR_EDGES = tuple(f"coordinator-to-{k}" for k in PARTICIPANTS)
+DECISION_EDGES = tuple(f"{k}-to-coordinator" for k in PARTICIPANTS)
 CLIENT_EDGE = "client-to-coordinator"
 ALL_EDGES = (CLIENT_EDGE, *COORDINATOR_EDGES, *DECISION_EDGES)
 NO_LOSS = "No packet loss was modelled in this scenario."

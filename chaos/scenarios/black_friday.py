@@ -6,9 +6,16 @@ import random
 from pathlib import Path
 
 from chaos.nemesis import Fault
-from chaos.scenarios import ALL_EDGES, COORDINATOR_EDGES, KINDS, Scenario, failpoints, windows
+from chaos.scenarios import (
+    ALL_EDGES,
+    COORDINATOR_EDGES,
+    Scenario,
+    failpoints,
+    windows,
+)
 from chaos.scenarios.flaky_network import LOSS_MODEL
 from chaos.scenarios.geo_latency import ROUND_TRIP_MS
+from tripmesh import PARTICIPANTS
 
 
 def schedule(rng: random.Random, duration: float) -> list[Fault]:
@@ -37,9 +44,9 @@ def schedule(rng: random.Random, duration: float) -> list[Fault]:
         elif roll < 0.55:
             faults.append(Fault(start, length, "disable", rng.choice(COORDINATOR_EDGES)))
         elif roll < 0.75:
-            faults.append(Fault(start, length, "kill", rng.choice(KINDS)))
+            faults.append(Fault(start, length, "kill", rng.choice(PARTICIPANTS)))
         elif roll < 0.85:
-            faults.append(Fault(start, min(length, 1.5), "pause", rng.choice(KINDS)))
+            faults.append(Fault(start, min(length, 1.5), "pause", rng.choice(PARTICIPANTS)))
         elif roll < 0.95:
             faults.append(
                 Fault(start, length, "bandwidth", rng.choice(COORDINATOR_EDGES), {"rate": 16})

@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 
 from chaos.nemesis import Fault
-from chaos.scenarios import KINDS, Scenario, windows
+from chaos.scenarios import Scenario, windows
+from tripmesh import PARTICIPANTS
 
 
 def schedule(rng: random.Random, duration: float) -> list[Fault]:
     return [
-        Fault(start, length, "kill", rng.choice(KINDS))
+        Fault(start, length, "kill", rng.choice(PARTICIPANTS))
         for start, length in windows(rng, duration, every=(1.5, 3.0), length=(0.5, 2.0))
     ]
 

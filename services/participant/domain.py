@@ -45,10 +45,6 @@ class Hold:
     def dates(self) -> list[str]:
         return [(self.start_date + dt.timedelta(days=i)).isoformat() for i in range(self.days)]
 
-    @property
-    def end_date(self) -> dt.date:
-        return self.start_date + dt.timedelta(days=self.days - 1)
-
     @classmethod
     def parse(
         cls, resource_id: str, start_date: str, days: int, quantity: int, *, prefix: str = "hold"

@@ -32,6 +32,7 @@ from services.participant.domain import (
     not_found,
     wrong_state,
 )
+from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
@@ -112,16 +113,16 @@ class ParticipantStore:
 
     # -- audit -------------------------------------------------------------
     async def inventory(self, resource_id: str, first: str, last: str) -> list[InventoryDay]:
-        return await self.db.run(lambda c: read_inventory(c, self.kind, resource_id, first, last))
+        return await self.db.read(lambda c: read_inventory(c, self.kind, resource_id, first, last))
 
     async def reservations(
         self, *, after: int, limit: int, status: ReservationStatus | None, trip_id: str
     ) -> tuple[list[Reservation], int | None]:
-        return await self.db.run(lambda c: read_reservations(c, after, limit, status, trip_id))
+        return await self.db.read(lambda c: read_reservations(c, after, limit, status, trip_id))
 
     async def totals(self) -> list[tuple[str, int, int, int, int]]:
         """(resource, capacity, available, held, confirmed) summed over every date."""
-        return await self.db.run(
+        return await self.db.read(
             lambda c: [
                 tuple(r)
                 for r in c.execute(
@@ -134,7 +135,7 @@ class ParticipantStore:
     async def in_doubt(self, older_than: float) -> list[Reservation]:
         """Prepared holds untouched for `older_than` seconds: ask the coordinator about them."""
         cutoff = time.time() - older_than
-        return await self.db.run(
+        return await self.db.read(
             lambda c: [
                 row_to_reservation(r)
                 for r in c.execute(
@@ -146,7 +147,7 @@ class ParticipantStore:
         )
 
     async def resources(self, *, after: str, limit: int) -> list[Resource]:
-        return await self.db.run(lambda c: read_resources(c, after, limit))
+        return await self.db.read(lambda c: read_resources(c, after, limit))
 
 
 def _load(conn: sqlite3.Connection, reservation_id: str) -> Reservation | None:
@@ -173,6 +174,7 @@ def _take(
     protocol: Protocol,
 ) -> StepResult:
     """Prepare (2PC: available -> held) or Reserve (saga: available -> confirmed)."""
+    failpoints.hit("participant.take")
     existing = _load(conn, reservation_id)
     if existing is not None:
         _check_protocol(existing, protocol)

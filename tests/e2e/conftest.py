@@ -1,8 +1,8 @@
 """The mesh exactly as `make up` runs it, on free ports and in a temporary folder.
 
-`make up` runs `python -m chaos.mesh up`; so do these fixtures, with every
+`make up` runs `python -m tripmesh.mesh up`; so do these fixtures, with every
 port moved through TRIPMESH_PORT_<NAME> so that a mesh started by `make up`
-on this machine is never touched. Teardown is `python -m chaos.mesh down`,
+on this machine is never touched. Teardown is `python -m tripmesh.mesh down`,
 and it fails if any process it started is still alive afterwards.
 """
 
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from chaos import layout as layouts
-from chaos.launcher import Mesh, MeshError, find_toxiproxy
-from chaos.supervise import pid_alive
-from chaos.toxiproxy import Toxiproxy
 from tests.books import Books
 from tests.procs import ROOT, free_port
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh import layout as layouts
+from tripmesh.mesh.mesh import Mesh, MeshError, find_toxiproxy
+from tripmesh.mesh.supervise import pid_alive
+from tripmesh.mesh.toxiproxy import Toxiproxy
 
 
 @dataclass
@@ -43,9 +44,9 @@ class RunningMesh:
 def run_launcher(
     command: str, data_dir: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m chaos.mesh COMMAND --data-dir DATA_DIR`, as the Makefile runs it."""
+    """`python -m tripmesh.mesh COMMAND --data-dir DATA_DIR`, as the Makefile runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "chaos.mesh", command, "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "tripmesh.mesh", command, "--data-dir", str(data_dir)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -92,7 +93,7 @@ def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMe
     env = isolated_env()
     mesh = start(data_dir, env)
     lay = mesh.layout
-    books = Books.open(lay.client_address, {k: lay.address(k) for k in layouts.KINDS})
+    books = Books.open(lay.client_address, {k: lay.address(k) for k in PARTICIPANTS})
     toxiproxy = Toxiproxy(lay.host, lay.ports[layouts.TOXIPROXY])
     try:
         yield RunningMesh(data_dir, env, mesh, toxiproxy, books)

@@ -20,10 +20,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from chaos.layout import TOXIPROXY, free_port
-from chaos.toxiproxy import Toxiproxy
 from tests.books import Books, day, eventually, trip_request
 from tests.e2e.conftest import RunningMesh, isolated_env, run_launcher, start, stop_and_check
+from tripmesh.mesh.layout import TOXIPROXY, free_port
+from tripmesh.mesh.toxiproxy import Toxiproxy
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import participant_pb2 as ppb
 

@@ -168,7 +168,11 @@ def assert_detail_matches(shown: dict[str, Any], trip: cpb.Trip) -> None:
         for leg in trip.legs
     ]
     assert shown["decision"] == cpb.Decision.Name(trip.decision).removeprefix("DECISION_").lower()
-    assert shown["failure"] == trip.failure_reason
+    # The cause, then why the trip needs a person (a field of its own) while it does.
+    attention = trip.attention_detail and f"needs attention: {trip.attention_detail}"
+    assert shown["failure"] == "; ".join(filter(None, [trip.failure_reason, attention]))
+    if trip.status == cpb.TRIP_STATUS_NEEDS_ATTENTION:
+        assert trip.attention == cpb.ATTENTION_COMPENSATION_FAILED and attention
 
 
 def book_three(cluster: Cluster, books: Books) -> tuple[str, str, str]:

@@ -20,7 +20,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tests.books import Books, day, write_catalog
-from tests.procs import KINDS, Cluster
+from tests.procs import PARTICIPANTS, Cluster
 from tripmesh.runtime.database import connect
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import participant_pb2 as ppb
@@ -337,8 +337,8 @@ def read_written(mesh: Mesh) -> Written:
     return Written(
         list(trips),
         log_rows,
-        {kind: books.reservations(kind) for kind in KINDS},
-        {kind: books.inventory(kind, RESOURCES[kind]) for kind in KINDS},
+        {kind: books.reservations(kind) for kind in PARTICIPANTS},
+        {kind: books.inventory(kind, RESOURCES[kind]) for kind in PARTICIPANTS},
     )
 
 
@@ -394,7 +394,7 @@ def test_nothing_is_written_anywhere(sent: Sent) -> None:
     assert written.trips == []
     assert set(written.log_rows) >= {"trips", "legs", "idempotency_keys", "events"}
     assert {t: n for t, n in written.log_rows.items() if n and t != "sqlite_sequence"} == {}
-    assert written.reservations == {kind: [] for kind in KINDS}
+    assert written.reservations == {kind: [] for kind in PARTICIPANTS}
     for kind, days in written.inventory.items():
         assert [d.date for d in days] == [day(i) for i in range(SALE_DAYS)], kind
         for d in days:

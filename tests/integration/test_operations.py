@@ -207,7 +207,9 @@ def _stuck_saga(make_cluster):
 
 def test_a_stuck_saga_needs_attention_and_an_operator_retry_finishes_it(make_cluster) -> None:
     cluster, books, trip = _stuck_saga(make_cluster)
-    assert "compensation of hotel failed" in trip.failure_reason
+    assert trip.attention == cpb.ATTENTION_COMPENSATION_FAILED
+    assert "compensation of hotel failed" in trip.attention_detail
+    assert trip.failure_reason.startswith("car: ")  # the cause, apart from the attention
     assert books.totals("flight", "FX") == (0, 1)  # still confirmed: a person must look
     metrics = scrape(cluster.admin_address)
     assert total(metrics, "tripmesh_compensation_failures_total", participant="hotel") == 1

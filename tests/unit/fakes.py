@@ -1,10 +1,13 @@
-"""Fakes for unit tests only: they subclass the real client interfaces."""
+"""Fakes for unit tests only: they implement the real ports (`Participant`)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from coordinator.clients import (
+    CatalogEntry,
     OutcomeUnknown,
-    ParticipantClient,
+    Participant,
     ParticipantRejected,
     Participants,
     StepReply,
@@ -12,7 +15,7 @@ from coordinator.clients import (
 from coordinator.domain import LEG_ORDER, LegKind, LegRequest
 
 
-class FakeParticipant(ParticipantClient):
+class FakeParticipant(Participant):
     """Records every call; `behaviour[method]` returns a reply or raises, per call."""
 
     def __init__(self, kind: LegKind) -> None:
@@ -22,6 +25,7 @@ class FakeParticipant(ParticipantClient):
         self.unknown: set[str] = set()  # methods whose outcome is unknown (timeouts)
         self.reject: set[str] = set()  # methods rejected definitely
         self.held: set[str] = set()
+        self.delay = 0.0  # seconds each call takes (lets concurrent calls overlap)
 
     def _enter(self, method: str, reservation_id: str) -> None:
         self.calls.append((method, reservation_id))
@@ -54,11 +58,15 @@ class FakeParticipant(ParticipantClient):
         self._enter("cancel", reservation_id)
         self.held.discard(reservation_id)
 
+    async def catalog(self) -> list[CatalogEntry]:
+        await asyncio.sleep(self.delay)
+        self._enter("catalog", "")
+        return [CatalogEntry("X", "2030-01-01", "2030-12-31")]
+
 
 class FakeParticipants(Participants):
+    """One fake per leg kind, reachable as `fakes[kind]` to arrange and inspect."""
+
     def __init__(self) -> None:
         self.fakes = {kind: FakeParticipant(kind) for kind in LEG_ORDER}
-        self._clients = dict(self.fakes)  # type: ignore[arg-type]
-
-    async def close(self) -> None:
-        return None
+        super().__init__(self.fakes)

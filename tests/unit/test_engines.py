@@ -9,6 +9,7 @@ import pytest
 
 from coordinator.clients import RetryPolicy
 from coordinator.domain import (
+    Attention,
     Decision,
     LegKind,
     LegRequest,
@@ -18,8 +19,8 @@ from coordinator.domain import (
     TripStatus,
 )
 from coordinator.engine import Policies
-from coordinator.log import TripLog
 from coordinator.saga import Saga
+from coordinator.store.sqlite import SqliteTripStore
 from coordinator.twopc import TwoPhaseCommit
 from tests.unit.fakes import FakeParticipants
 
@@ -38,16 +39,16 @@ def _request(protocol: Protocol, key: str = "k") -> TripRequest:
 
 def _run(tmp_path: Path, protocol: Protocol, arrange, recover: bool = False):
     async def go():
-        log = TripLog(tmp_path / "log.db")
+        store = SqliteTripStore(tmp_path / "log.db")
         fakes = FakeParticipants()
         arrange(fakes.fakes)
         engine = (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(
-            log, fakes, FAST
+            store, fakes, FAST
         )
-        trip, _ = await log.create(_request(protocol))
+        trip, _ = await store.create(_request(protocol))
         trip = await (engine.recover(trip) if recover else engine.book(trip))
-        events = await log.events(trip.trip_id)
-        log.close()
+        events = await store.events(trip.trip_id)
+        store.close()
         return trip, fakes.fakes, events
 
     return asyncio.run(go())
@@ -89,7 +90,9 @@ def test_saga_compensation_failing_past_policy_needs_attention(tmp_path: Path) -
 
     trip, _, events = _run(tmp_path, Protocol.SAGA, arrange)
     assert trip.status is TripStatus.NEEDS_ATTENTION
-    assert "compensation of flight failed" in trip.failure_reason
+    assert trip.attention is Attention.COMPENSATION_FAILED
+    assert "compensation of flight failed" in trip.attention_detail
+    assert trip.failure_reason == "car: sold out"  # the cause, as a field of its own
     assert trip.leg(LegKind.HOTEL).status is LegStatus.CANCELLED
     assert trip.leg(LegKind.FLIGHT).status is LegStatus.CONFIRMED
     assert events[-1].kind == "attention"
@@ -127,18 +130,18 @@ def test_2pc_recovery_of_an_undecided_trip_presumes_abort(tmp_path: Path) -> Non
 
 def test_2pc_phase2_outlasting_policy_shows_attention_and_keeps_trying(tmp_path: Path) -> None:
     async def go():
-        log = TripLog(tmp_path / "log.db")
+        store = SqliteTripStore(tmp_path / "log.db")
         fakes = FakeParticipants()
         fakes.fakes[LegKind.CAR].unknown = {"commit"}
-        engine = TwoPhaseCommit(log, fakes, FAST)
-        trip, _ = await log.create(_request(Protocol.TWO_PHASE_COMMIT))
+        engine = TwoPhaseCommit(store, fakes, FAST)
+        trip, _ = await store.create(_request(Protocol.TWO_PHASE_COMMIT))
         running = asyncio.create_task(engine.book(trip))
-        while (await log.get(trip.trip_id)).status is not TripStatus.NEEDS_ATTENTION:
+        while (await store.get(trip.trip_id)).status is not TripStatus.NEEDS_ATTENTION:
             await asyncio.sleep(0.01)
         assert not running.done()  # still retrying: a prepared car may not be given up on
         fakes.fakes[LegKind.CAR].unknown = set()
         final = await asyncio.wait_for(running, 5)
-        log.close()
+        store.close()
         return final
 
     assert asyncio.run(go()).status is TripStatus.CONFIRMED
@@ -147,13 +150,13 @@ def test_2pc_phase2_outlasting_policy_shows_attention_and_keeps_trying(tmp_path:
 @pytest.mark.parametrize("protocol", list(Protocol))
 def test_log_replays_a_key_and_refuses_other_parameters(tmp_path: Path, protocol: Protocol) -> None:
     async def go():
-        log = TripLog(tmp_path / "log.db")
-        first, replayed_first = await log.create(_request(protocol))
-        again, replayed = await log.create(_request(protocol))
+        store = SqliteTripStore(tmp_path / "log.db")
+        first, replayed_first = await store.create(_request(protocol))
+        again, replayed = await store.create(_request(protocol))
         other = TripRequest("k", "someone-else", protocol, *(_request(protocol).flight,) * 3)
         with pytest.raises(Exception) as caught:
-            await log.create(other)
-        log.close()
+            await store.create(other)
+        store.close()
         return first, replayed_first, again, replayed, caught.value
 
     first, replayed_first, again, replayed, error = asyncio.run(go())
@@ -165,23 +168,12 @@ def test_log_replays_a_key_and_refuses_other_parameters(tmp_path: Path, protocol
 def test_catalog_never_says_not_found_when_it_could_not_ask() -> None:
     """Concurrent lookups while the flight service is down: UNAVAILABLE for all, then found."""
     from coordinator.catalog import Catalog
-    from coordinator.clients import CatalogEntry, OutcomeUnknown
     from coordinator.domain import CoordinatorError
 
     fakes = FakeParticipants()
-    flight_down = {"now": True}
-
-    def catalog_of(kind: LegKind):
-        async def catalog() -> list[CatalogEntry]:
-            await asyncio.sleep(0.01)
-            if kind is LegKind.FLIGHT and flight_down["now"]:
-                raise OutcomeUnknown("flight.ListResources: UNAVAILABLE")
-            return [CatalogEntry("X", "2030-01-01", "2030-12-31")]
-
-        return catalog
-
-    for kind, fake in fakes.fakes.items():
-        fake.catalog = catalog_of(kind)  # type: ignore[method-assign]
+    for fake in fakes.fakes.values():
+        fake.delay = 0.01  # the five lookups overlap
+    fakes.fakes[LegKind.FLIGHT].unknown = {"catalog"}  # the flight service is down
 
     async def go() -> list[object]:
         cat = Catalog(fakes, refresh_every=5.0)
@@ -189,7 +181,7 @@ def test_catalog_never_says_not_found_when_it_could_not_ask() -> None:
         first = await asyncio.gather(
             *(cat.check(request) for _ in range(5)), return_exceptions=True
         )
-        flight_down["now"] = False
+        fakes.fakes[LegKind.FLIGHT].unknown = set()
         return [*first, await cat.check(request)]
 
     outcomes = asyncio.run(go())

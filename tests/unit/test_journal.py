@@ -1,6 +1,6 @@
-"""How often the engines write the trip log, and that what they skip is never needed.
+"""How often the engines write the trip store, and that what they skip is never needed.
 
-A real trip log (temp SQLite file) that also keeps, after each write, the trip
+A real trip store (temp SQLite file) that also keeps, after each write, the trip
 as the file then has it; fake participants.
 """
 
@@ -12,32 +12,37 @@ from pathlib import Path
 import pytest
 
 from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripStatus
-from coordinator.log import Change, TripLog, load_trip
+from coordinator.journal import Change, TripJournal
 from coordinator.saga import Saga
+from coordinator.store.sqlite import SqliteTripStore
 from coordinator.twopc import TwoPhaseCommit
 from tests.unit.fakes import FakeParticipants
 from tests.unit.test_engines import FAST, _request
 
 
-class WatchedLog(TripLog):
-    """A real log that remembers the trip as written after each write."""
+class WatchedStore(SqliteTripStore):
+    """A real store that remembers the trip as the file has it after each write."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.written: list[Trip] = []
 
-    async def persist(self, trip_id: str, change: Change, now: float) -> None:
-        await super().persist(trip_id, change, now)
-        self.written.append(await self.db.run(lambda c: load_trip(c, trip_id)))
+    async def write(self, trip_id: str, change: Change, now: float) -> None:
+        await super().write(trip_id, change, now)
+        trip = await self.get(trip_id)
+        assert trip is not None
+        self.written.append(trip)
 
 
-def _engine(protocol: Protocol, log: TripLog, fakes: FakeParticipants) -> Saga | TwoPhaseCommit:
-    return (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(log, fakes, FAST)
+def _engine(
+    protocol: Protocol, store: SqliteTripStore, fakes: FakeParticipants
+) -> Saga | TwoPhaseCommit:
+    return (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(store, fakes, FAST)
 
 
 def _book(tmp_path: Path, protocol: Protocol, arrange=lambda f: None, recover: bool = False):
     async def go():
-        log = WatchedLog(tmp_path / "log.db")
+        log = WatchedStore(tmp_path / "log.db")
         fakes = FakeParticipants()
         arrange(fakes.fakes)
         trip, _ = await log.create(_request(protocol))
@@ -132,14 +137,14 @@ def test_a_saga_aborted_from_the_log_cancels_legs_the_log_never_saw_taken(tmp_pa
     the log still says NOT_STARTED for them (progress is only noted). Every leg is cancelled."""
 
     async def go():
-        log = TripLog(tmp_path / "log.db")
+        log = SqliteTripStore(tmp_path / "log.db")
         fakes = FakeParticipants()
         trip, _ = await log.create(_request(Protocol.SAGA))
         for kind in (LegKind.FLIGHT, LegKind.HOTEL):  # what the lost driver had done
             await fakes[kind].reserve(
                 trip.leg(kind).reservation_id, trip.trip_id, trip.request.leg(kind)
             )
-        trip = await log.record(trip, decision=Decision.ABORT, failure_reason="forced")
+        trip = await TripJournal(log, trip).write(decision=Decision.ABORT, failure_reason="forced")
         final = await Saga(log, fakes, FAST).recover(trip)
         log.close()
         return final, fakes.fakes

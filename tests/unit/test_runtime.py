@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tripmesh.runtime import failpoints
-from tripmesh.runtime.database import Database
+from tripmesh.runtime.database import Database, StorageUnavailable
 
 
 def test_failpoints_parse_and_refuse_unknown_names() -> None:
@@ -19,9 +21,26 @@ def test_failpoints_parse_and_refuse_unknown_names() -> None:
     assert armed == {"2pc.after_decision": 1, "participant.after_vote_yes": 3}
     with pytest.raises(ValueError, match="unknown failpoint"):
         failpoints.arm_from_env({"TRIPMESH_FAILPOINTS": "2pc.after_decisoin=crash"})
-    with pytest.raises(ValueError, match="only 'crash'"):
+    with pytest.raises(ValueError, match="unknown action 'sleep'"):
         failpoints.arm_from_env({"TRIPMESH_FAILPOINTS": "2pc.after_decision=sleep"})
+    with pytest.raises(ValueError, match="unknown action 'explode'"):
+        failpoints.arm_from_env({"TRIPMESH_FAILPOINTS": "2pc.after_decision=explode"})
+    armed = failpoints.arm_from_env(
+        {"TRIPMESH_FAILPOINTS": "coordinator.create_trip=raise@2,participant.take=sleep:0.5"}
+    )
+    assert armed == {"coordinator.create_trip": 2, "participant.take": 1}
     assert failpoints.arm_from_env({}) == {}
+
+
+def test_a_raise_failpoint_fires_on_its_hit_and_only_once() -> None:
+    failpoints.arm_from_env({"TRIPMESH_FAILPOINTS": "coordinator.create_trip=raise@2"})
+    try:
+        failpoints.hit("coordinator.create_trip")  # the first hit passes
+        with pytest.raises(failpoints.FailpointFired):
+            failpoints.hit("coordinator.create_trip")
+        failpoints.hit("coordinator.create_trip")  # fired once: disarmed
+    finally:
+        failpoints.arm_from_env({})
 
 
 def test_a_failing_job_leaves_no_trace_and_spares_its_batch(tmp_path: Path) -> None:
@@ -63,3 +82,100 @@ def test_a_fired_failpoint_is_not_armed_again_after_restart(tmp_path: Path) -> N
     (tmp_path / "2pc.after_decision.fired").touch()  # as `hit` leaves it before the kill
     assert set(failpoints.arm_from_env(env)) == {"saga.after_step_rpc"}
     failpoints.arm_from_env({})
+
+
+def test_a_dead_writer_fails_every_pending_and_later_call_at_once(tmp_path: Path) -> None:
+    db = Database(tmp_path / "t.db", "CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    causes: list[BaseException] = []
+    db.on_writer_death(causes.append)
+    entered, release = threading.Event(), threading.Event()
+
+    def blocker(c: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(5)
+        raise failpoints.FailpointFired("test")  # what no job handler may catch
+
+    async def go() -> tuple[list[object], float, object]:
+        first = asyncio.ensure_future(db.run(blocker))
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        queued = [asyncio.ensure_future(db.run(lambda c: 1)) for _ in range(3)]
+        await asyncio.sleep(0.01)  # they wait behind the batch in progress
+        started = time.monotonic()
+        release.set()
+        results = await asyncio.wait_for(
+            asyncio.gather(first, *queued, return_exceptions=True), timeout=1.0
+        )
+        elapsed = time.monotonic() - started
+        try:
+            await db.run(lambda c: 1)
+        except StorageUnavailable as exc:
+            later: object = exc
+        else:
+            later = None
+        return list(results), elapsed, later
+
+    results, elapsed, later = asyncio.run(go())
+    assert all(isinstance(r, StorageUnavailable) for r in results), results
+    assert all(r.kind.name == "UNAVAILABLE" for r in results)  # type: ignore[attr-defined]
+    assert elapsed < 1.0
+    assert isinstance(later, StorageUnavailable)
+    assert not db.writer_alive
+    assert len(causes) == 1 and isinstance(causes[0], failpoints.FailpointFired)
+    late: list[BaseException] = []
+    db.on_writer_death(late.append)  # registered after the death: told at once
+    assert late == causes
+    db.close()
+
+
+def test_a_storage_failure_is_unavailable_and_the_writer_goes_on(tmp_path: Path) -> None:
+    db = Database(tmp_path / "t.db", "CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+
+    def full(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO t VALUES (1)")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def go() -> list[object]:
+        return await asyncio.gather(
+            db.run(full),
+            db.run(lambda c: c.execute("INSERT INTO t VALUES (2)").rowcount),
+            return_exceptions=True,
+        )
+
+    failed, written = asyncio.run(go())
+    assert isinstance(failed, StorageUnavailable) and "disk is full" in failed.message
+    assert written == 1
+    assert db.writer_alive
+    assert db.run_sync(lambda c: [r[0] for r in c.execute("SELECT x FROM t")]) == [2]
+    db.close()
+
+
+def test_reads_never_wait_for_a_write_batch(tmp_path: Path) -> None:
+    db = Database(tmp_path / "t.db", "CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    db.run_sync(lambda c: c.execute("INSERT INTO t VALUES (1)"))
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_write(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO t VALUES (2)")
+        entered.set()
+        release.wait(5)  # the batch stays open, uncommitted, until released
+
+    async def go() -> tuple[list[int], float, list[int]]:
+        writing = asyncio.ensure_future(db.run(slow_write))
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        started = time.monotonic()
+        during = await asyncio.wait_for(
+            db.read(lambda c: [r[0] for r in c.execute("SELECT x FROM t ORDER BY x")]), 1.0
+        )
+        elapsed = time.monotonic() - started
+        release.set()
+        await writing
+        after = await db.read(lambda c: [r[0] for r in c.execute("SELECT x FROM t ORDER BY x")])
+        return during, elapsed, after
+
+    during, elapsed, after = asyncio.run(go())
+    assert during == [1]  # the snapshot before the open batch
+    assert elapsed < 0.5
+    assert after == [1, 2]  # a read after the write returned sees it
+    db.close()

@@ -1,13 +1,21 @@
-"""Named crash points, for chaos and recovery tests.
+"""Named fault points, for chaos, recovery and fault tests.
 
 Off unless the environment variable TRIPMESH_FAILPOINTS names some, e.g.::
 
     TRIPMESH_FAILPOINTS="2pc.after_decision=crash,participant.after_vote_yes=crash@2"
 
-`crash` sends SIGKILL to this very process (a real kill: no cleanup, no
-flush), `@N` makes it fire on the N-th hit instead of the first. The names a
-process knows are listed in FAILPOINTS; an unknown name in the variable is an
-error at start-up, so a typo cannot silently disable a test.
+Actions:
+
+- `crash` sends SIGKILL to this very process (a real kill: no cleanup, no flush);
+- `raise` raises `FailpointFired`, a BaseException, where the point is passed:
+  on a database's writer thread it is a fault the writer cannot handle, and
+  kills that thread (what the loud-fault tests inject);
+- `sleep:SECONDS` blocks the thread that passes the point (inside a database
+  job: holds its write batch open).
+
+`@N` makes it fire on the N-th hit instead of the first; each fires once. The
+names a process knows are listed in FAILPOINTS; an unknown name or action in
+the variable is an error at start-up, so a typo cannot silently disable a test.
 
 With TRIPMESH_FAILPOINT_DIR set, a failpoint that fires leaves a marker file
 there first, and is not armed again when the process restarts with the same
@@ -20,6 +28,8 @@ import logging
 import os
 import signal
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -30,14 +40,43 @@ FAILPOINTS = {
     "2pc.between_phase2": "coordinator: one participant acknowledged phase 2, others not yet",
     "saga.after_step_rpc": "coordinator: a saga step's RPC succeeded, its outcome is not logged",
     "saga.mid_compensation": "coordinator: one compensation acknowledged, others not yet",
+    "coordinator.create_trip": "coordinator: a new trip is being written (inside the write batch)",
     "participant.after_vote_yes": "participant: a yes vote is durable, the reply not sent",
     "participant.before_commit": "participant: a Commit arrived, nothing applied yet",
     "participant.before_cancel": "participant: a Cancel (compensation) arrived, nothing applied yet",
+    "participant.take": "participant: a Prepare or Reserve is being written (inside the batch)",
 }
 
+
+class FailpointFired(BaseException):
+    """Raised by a failpoint armed with `raise`: a fault nothing is meant to catch."""
+
+
+@dataclass
+class _Armed:
+    action: str  # crash, raise, sleep
+    hits_left: int
+    seconds: float = 0.0
+
+
 _lock = threading.Lock()
-_armed: dict[str, int] = {}
+_armed: dict[str, _Armed] = {}
 _marker_dir: Path | None = None
+
+
+def _parse(name: str, action: str, count: str) -> _Armed:
+    kind, _, argument = action.partition(":")
+    hits = int(count or 1)
+    if kind in ("crash", "raise") and not argument:
+        return _Armed(kind, hits)
+    if kind == "sleep":
+        try:
+            return _Armed(kind, hits, float(argument))
+        except ValueError:
+            pass
+    raise ValueError(
+        f"TRIPMESH_FAILPOINTS: {name}: unknown action {action!r} (crash, raise or sleep:SECONDS)"
+    )
 
 
 def arm_from_env(environ: dict[str, str] | None = None) -> dict[str, int]:
@@ -45,40 +84,43 @@ def arm_from_env(environ: dict[str, str] | None = None) -> dict[str, int]:
     env = environ if environ is not None else os.environ
     spec = env.get("TRIPMESH_FAILPOINTS", "")
     marker_dir = Path(env["TRIPMESH_FAILPOINT_DIR"]) if env.get("TRIPMESH_FAILPOINT_DIR") else None
-    armed: dict[str, int] = {}
+    armed: dict[str, _Armed] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, action = item.partition("=")
         action, _, count = action.partition("@")
         if name not in FAILPOINTS:
             raise ValueError(f"TRIPMESH_FAILPOINTS: unknown failpoint {name!r}")
-        if action != "crash":
-            raise ValueError(f"TRIPMESH_FAILPOINTS: {name}: only 'crash' is supported")
         if marker_dir is None or not (marker_dir / f"{name}.fired").exists():
-            armed[name] = int(count or 1)
+            armed[name] = _parse(name, action, count)
     global _marker_dir
     _marker_dir = marker_dir
     with _lock:
         _armed.clear()
         _armed.update(armed)
     if armed:
-        log.warning("failpoints armed: %s", armed)
-    return armed
+        log.warning("failpoints armed: %s", {n: a.action for n, a in armed.items()})
+    return {name: a.hits_left for name, a in armed.items()}
 
 
 def hit(name: str) -> None:
-    """Pass the failpoint `name`: kill this process if it is armed and due."""
+    """Pass the failpoint `name`: act if it is armed and due."""
     if not _armed:
         return
     with _lock:
-        left = _armed.get(name)
-        if left is None:
+        armed = _armed.get(name)
+        if armed is None:
             return
-        if left > 1:
-            _armed[name] = left - 1
+        if armed.hits_left > 1:
+            armed.hits_left -= 1
             return
         del _armed[name]
-    log.critical("failpoint %s: SIGKILL", name)
+    log.critical("failpoint %s: %s", name, armed.action)
     if _marker_dir is not None:
         _marker_dir.mkdir(parents=True, exist_ok=True)
         (_marker_dir / f"{name}.fired").touch()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if armed.action == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif armed.action == "raise":
+        raise FailpointFired(name)
+    else:
+        time.sleep(armed.seconds)

@@ -29,20 +29,17 @@ import requests
 from toxiproxy.api import APIConsumer, validate_response
 from toxiproxy.exceptions import InvalidToxic, NotFound, ProxyExists
 
-from chaos.errors import ChaosError
+from tripmesh.mesh.errors import MeshError
 
 DEFAULT_TIMEOUT = 5.0
 
 
-class ToxiproxyError(ChaosError):
+class ToxiproxyError(MeshError):
     """Anything that went wrong talking to Toxiproxy."""
 
 
 class ToxiproxyUnreachable(ToxiproxyError):
     """No answer from the API (not started yet, gone, or too slow)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=True)
 
 
 class ToxiproxyNotFound(ToxiproxyError):

@@ -1,11 +1,18 @@
-"""Where everything listens: the mesh's processes, its proxies and their ports.
+"""Where everything listens: the mesh's processes, the proxies derived from them, their ports.
 
-`chaos/proxies.json` is the one declaration: each process's default port and
-one Toxiproxy proxy per edge, named after it (`coordinator-to-hotel`). A
-`Layout` is that declaration with the ports actually used, which can be moved
-all at once (`--port-offset`, or TRIPMESH_PORT_OFFSET) or one by one
-(TRIPMESH_PORT_<NAME>, e.g. TRIPMESH_PORT_COORDINATOR_TO_HOTEL=61052), so that
-a test can run a whole mesh beside a running `make up`.
+`processes.json` beside this file is the one declaration: each process with
+its gRPC port, its admin HTTP port and the processes it dials. Every dialled
+edge gets a Toxiproxy proxy named after it (`coordinator-to-hotel`), and
+clients get `client-to-coordinator`. A `Layout` is that declaration with the
+ports actually used, which can be moved all at once (`--port-offset`, or
+TRIPMESH_PORT_OFFSET) or one by one (TRIPMESH_PORT_<NAME>, e.g.
+TRIPMESH_PORT_COORDINATOR_TO_HOTEL=16052), so that a test can run a whole mesh
+beside a running `make up`.
+
+No port may lie inside the kernel's ephemeral range
+(/proc/sys/net/ipv4/ip_local_port_range): while a process is down, an
+outgoing connection (Toxiproxy dialling it, for one) could be given its port,
+and the restarted process would fail to bind. Such a port is refused.
 """
 
 from __future__ import annotations
@@ -20,14 +27,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from chaos.errors import ChaosError
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh.errors import MeshError
 
-DECLARATION = Path(__file__).with_name("proxies.json")
-KINDS = ("flight", "hotel", "car")
+DECLARATION = Path(__file__).with_name("processes.json")
+COORDINATOR = "coordinator"
 TOXIPROXY = "toxiproxy"
+CLIENT = "client"
 
 
-class LayoutError(ChaosError):
+class LayoutError(MeshError):
     """The declaration or a port override does not make sense."""
 
 
@@ -53,10 +62,6 @@ class Layout:
         return f"{self.host}:{self.ports[name]}"
 
     @property
-    def processes(self) -> tuple[str, ...]:
-        return ("coordinator", *KINDS)
-
-    @property
     def client_address(self) -> str:
         """Where clients dial the coordinator: through its proxy."""
         return self.address("client-to-coordinator")
@@ -70,18 +75,18 @@ class Layout:
             "--decisions",
             self.address(f"{kind}-to-coordinator"),
             "--metrics-listen",
-            self.address(f"{kind}-metrics"),
+            self.address(admin_name(kind)),
         ]
 
     def coordinator_argv(self) -> list[str]:
         """Flags of `python -m coordinator.server`: it dials services only through proxies."""
         argv = [
             "--listen",
-            self.address("coordinator"),
+            self.address(COORDINATOR),
             "--admin-listen",
-            self.address("coordinator-admin"),
+            self.address(admin_name(COORDINATOR)),
         ]
-        for kind in KINDS:
+        for kind in PARTICIPANTS:
             argv += [f"--{kind}", self.address(f"coordinator-to-{kind}")]
         return argv
 
@@ -116,7 +121,7 @@ class Layout:
 _handed_out: set[int] = set()
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def ephemeral_range() -> tuple[int, int]:
     """The ports the OS gives outgoing connections (Linux's default if it cannot say)."""
     try:
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -131,7 +136,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     Chosen outside the OS's ephemeral range, so that no outgoing connection can
     take it between now and the moment a server binds it.
     """
-    low, high = _ephemeral_range()
+    low, high = ephemeral_range()
     candidates = [*range(10_000, low), *range(high + 1, 65_536)]
     for _ in range(1_000):
         port = random.choice(candidates) if candidates else 0
@@ -159,6 +164,33 @@ def env_name(name: str) -> str:
     return "TRIPMESH_PORT_" + name.upper().replace("-", "_")
 
 
+def admin_name(process: str) -> str:
+    """The name of a process's admin HTTP port (metrics; the coordinator's operator page)."""
+    return f"{process}-admin"
+
+
+def proxy_name(source: str, target: str) -> str:
+    return f"{source}-to-{target}"
+
+
+def declared(declaration: Path = DECLARATION) -> tuple[dict[str, int], tuple[ProxySpec, ...]]:
+    """The declared ports by name, and the proxies derived from who dials whom."""
+    data = json.loads(declaration.read_text())
+    processes: dict[str, Any] = data["processes"]
+    edges = [(CLIENT, target) for target in data["clients_dial"]]
+    edges += [(name, target) for name, spec in processes.items() for target in spec["dials"]]
+    unknown = sorted({target for _, target in edges} - set(processes))
+    if unknown:
+        raise LayoutError(f"{declaration}: processes dial undeclared processes {unknown}")
+    proxies = tuple(ProxySpec(proxy_name(source, target), target) for source, target in edges)
+    first = int(data["proxies"]["first_port"])
+    ports: dict[str, int] = {name: int(spec["port"]) for name, spec in processes.items()}
+    ports |= {proxy.name: first + i for i, proxy in enumerate(proxies)}
+    ports |= {admin_name(name): int(spec["admin"]) for name, spec in processes.items()}
+    ports[TOXIPROXY] = int(data["toxiproxy_api"])
+    return ports, proxies
+
+
 def load(
     *,
     offset: int | None = None,
@@ -169,33 +201,44 @@ def load(
     """The declared layout, moved by `offset` and then by per-port overrides.
 
     Arguments win over the environment (TRIPMESH_PORT_OFFSET, TRIPMESH_PORT_<NAME>).
+    Raises LayoutError for a clash, a port out of range or one in the ephemeral range.
     """
     env = os.environ if environ is None else environ
-    data = json.loads(declaration.read_text())
-    proxies = tuple(ProxySpec(p["name"], p["upstream"]) for p in data["proxies"])
-    declared: dict[str, int] = {
-        **data["processes"],
-        **{p["name"]: p["listen"] for p in data["proxies"]},
-        TOXIPROXY: data["toxiproxy_api"],
-        **data.get("admin", {}),
-    }
-    unknown = {p.upstream for p in proxies} - set(data["processes"])
-    if unknown:
-        raise LayoutError(
-            f"{declaration}: proxies forward to undeclared processes {sorted(unknown)}"
-        )
+    ports_declared, proxies = declared(declaration)
     if offset is None:
         offset = _int(env.get("TRIPMESH_PORT_OFFSET", "0"), "TRIPMESH_PORT_OFFSET")
-    ports = {name: port + offset for name, port in declared.items()}
-    for name in declared:
+    ports = {name: port + offset for name, port in ports_declared.items()}
+    for name in ports_declared:
         if env_name(name) in env:
             ports[name] = _int(env[env_name(name)], env_name(name))
     for name, port in (overrides or {}).items():
-        if name not in declared:
-            raise LayoutError(f"no port named {name!r}; known: {sorted(declared)}")
+        if name not in ports_declared:
+            raise LayoutError(f"no port named {name!r}; known: {sorted(ports_declared)}")
         ports[name] = port
     _check(ports)
-    return Layout(data.get("host", "127.0.0.1"), MappingProxyType(ports), proxies)
+    host = json.loads(declaration.read_text()).get("host", "127.0.0.1")
+    return Layout(host, MappingProxyType(ports), proxies)
+
+
+def check_not_ephemeral(port: int, what: str) -> None:
+    """Refuse a port the kernel may hand to an outgoing connection (see the module doc)."""
+    low, high = ephemeral_range()
+    if low <= port <= high:
+        raise LayoutError(
+            f"{what}: port {port} lies inside the kernel's ephemeral port range {low}-{high}"
+            " (/proc/sys/net/ipv4/ip_local_port_range); an outgoing connection may take it"
+            f" while the process is down. Choose a port below {low} or above {high}."
+        )
+
+
+def check_listen(address: str, what: str) -> None:
+    """Refuse a server address whose port lies in the ephemeral range (port 0 and "" pass)."""
+    if not address:
+        return
+    _, _, port = address.rpartition(":")
+    number = _int(port, what)
+    if number:
+        check_not_ephemeral(number, f"{what} {address}")
 
 
 def _int(text: str, what: str) -> int:
@@ -209,6 +252,8 @@ def _check(ports: Mapping[str, int]) -> None:
     bad = {name: port for name, port in ports.items() if not 0 < port < 65536}
     if bad:
         raise LayoutError(f"ports out of range: {bad}")
+    for name, port in ports.items():
+        check_not_ephemeral(port, env_name(name))
     seen: dict[int, str] = {}
     for name, port in ports.items():
         if port in seen:

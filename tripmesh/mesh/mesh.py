@@ -1,6 +1,6 @@
 """One mesh: a data folder, its port layout, and the supervisord that runs it.
 
-`Mesh.up` starts Toxiproxy (with every proxy declared in chaos/proxies.json),
+`Mesh.up` starts Toxiproxy (with every proxy derived from processes.json),
 the three services and then the coordinator under supervisord, and returns
 only when each of them reports SERVING: the services and the coordinator
 through the standard gRPC health protocol (the coordinator also through the
@@ -8,7 +8,7 @@ client-to-coordinator proxy, the way bookings come in), Toxiproxy through its
 HTTP API with every proxy present. `Mesh.down` asks supervisord to stop them
 all (SIGTERM, in reverse start order) and checks that none outlived it.
 
-The ports a mesh was started with are kept in DATA_DIR/mesh.json, so that
+The ports a mesh was started with are kept in DATA_DIR/layout.json, so that
 anything that knows only the data folder can find it again.
 """
 
@@ -26,20 +26,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chaos import layout as layouts
-from chaos.errors import ChaosError
-from chaos.layout import KINDS, TOXIPROXY, Layout
-from chaos.supervise import Program, Supervisor, SupervisorError, render_config
-from chaos.toxiproxy import Toxiproxy, ToxiproxyError
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh import layout as layouts
+from tripmesh.mesh.errors import MeshError
+from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY, Layout
+from tripmesh.mesh.supervise import Program, Supervisor, SupervisorError, render_config
+from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
 
-ROOT = Path(__file__).resolve().parents[1]
-ORDER = (TOXIPROXY, *KINDS, "coordinator")  # start order; supervisord stops in reverse
+ROOT = Path(__file__).resolve().parents[2]
+ORDER = (TOXIPROXY, *PARTICIPANTS, COORDINATOR)  # start order; supervisord stops in reverse
 DEAD = {"EXITED", "FATAL", "BACKOFF", "STOPPED", "UNKNOWN"}
 SERVING = "SERVING"
-
-
-class MeshError(ChaosError):
-    """The mesh could not be brought to the state asked for."""
 
 
 def find_toxiproxy() -> Path:
@@ -79,17 +76,21 @@ class Mesh:
         *,
         environment: Mapping[str, Mapping[str, str]] | None = None,
         extra_args: Mapping[str, Sequence[str]] | None = None,
+        restart: bool = True,
     ) -> None:
         """`layout` is used when the mesh is started; by default the declared one.
 
         `environment` and `extra_args` add variables and flags per process name
         (a chaos scenario arms failpoints or shortens timeouts this way).
+        `restart`: supervisord restarts a process that exits unasked (as under
+        `make up`); the chaos lab says False and restarts processes itself.
         """
+        self.restart = restart
         self.environment = environment or {}
         self.extra_args = extra_args or {}
         self.data_dir = data_dir.resolve()
         self.supervisor = Supervisor(self.data_dir)
-        self.layout_file = self.data_dir / "mesh.json"
+        self.layout_file = self.data_dir / "layout.json"
         stored = self.stored_layout()
         # A running mesh keeps the ports it was started with, whatever is asked now.
         if stored is not None and (layout is None or self.supervisor.running()):
@@ -118,7 +119,15 @@ class Mesh:
             "-config",
             str(self.data_dir / "toxiproxy.json"),
         ]
-        programs = [Program(TOXIPROXY, toxiproxy_argv, 10, environment={"LOG_LEVEL": "info"})]
+        programs = [
+            Program(
+                TOXIPROXY,
+                toxiproxy_argv,
+                10,
+                environment={"LOG_LEVEL": "info"},
+                restart=self.restart,
+            )
+        ]
         programs += [
             Program(
                 k,
@@ -133,8 +142,9 @@ class Mesh:
                 ],
                 20,
                 environment=self.environment.get(k),
+                restart=self.restart,
             )
-            for k in KINDS
+            for k in PARTICIPANTS
         ]
         coordinator_argv = [
             py,
@@ -147,7 +157,14 @@ class Mesh:
         ]
         # Started once the services answer, so its catalog loads at once; stopped first.
         programs.append(
-            Program("coordinator", coordinator_argv, 30, False, self.environment.get("coordinator"))
+            Program(
+                COORDINATOR,
+                coordinator_argv,
+                30,
+                autostart=False,
+                environment=self.environment.get(COORDINATOR),
+                restart=self.restart,
+            )
         )
         return programs
 
@@ -174,7 +191,7 @@ class Mesh:
         self.layout_file.write_text(json.dumps(self.layout.to_json(), indent=2) + "\n")
         self.supervisor.launch(render_config(self.data_dir, self.programs(), workdir=ROOT))
         try:
-            self._wait_serving([TOXIPROXY, *KINDS], deadline)
+            self._wait_serving([TOXIPROXY, *PARTICIPANTS], deadline)
             self.supervisor.start("coordinator")
             self._wait_serving(["coordinator"], deadline)
         except (MeshError, SupervisorError):
@@ -237,7 +254,7 @@ class Mesh:
         if busy:
             raise MeshError(
                 f"ports already in use: {', '.join(busy)}. Another mesh? `make down`"
-                " (or `python -m chaos.mesh down --data-dir DIR` for its folder), or move this one"
+                " (or `python -m tripmesh.mesh down --data-dir DIR` for its folder), or move this one"
                 " with TRIPMESH_PORT_OFFSET."
             )
 

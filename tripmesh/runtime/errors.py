@@ -52,11 +52,6 @@ class TripmeshError(Exception):
         message = "; ".join(f"{v.field}: {v.description}" for v in violations)
         return cls(message, kind=ErrorKind.INVALID, violations=violations)
 
-    @property
-    def retryable(self) -> bool:
-        """True when the same call may succeed later unchanged."""
-        return self.kind in (ErrorKind.UNAVAILABLE, ErrorKind.EXHAUSTED)
-
 
 def invalid(*violations: FieldViolation) -> TripmeshError:
     """An INVALID_ARGUMENT error of the shared root (for code outside any one component)."""

@@ -6,7 +6,8 @@
   with field violations in the rich error model (google.rpc.BadRequest), and
   where the caller's trip and correlation id come into scope for logging.
 - `serve_until_signalled`: graceful shutdown on SIGTERM: health goes
-  NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish.
+  NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish; and
+  a loud exit when the process's storage fails (`StorageFailure`).
 - `channel`: a long-lived client channel with keepalive and retries of
   UNAVAILABLE declared in its service config.
 """
@@ -44,10 +45,6 @@ _CODES = {
     ErrorKind.EXHAUSTED: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
     ErrorKind.UNAVAILABLE: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
 }
-
-
-def status_code_of(error: TripmeshError) -> grpc.StatusCode:
-    return _CODES[error.kind][0]
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: TripmeshError) -> None:
@@ -212,15 +209,62 @@ async def start_server(
     return running
 
 
-async def serve_until_signalled(running: RunningServer, *, grace: float = 5.0) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+# The exit status of a server whose storage failed: its supervisor restarts it.
+EXIT_STORAGE_FAILED = 70  # EX_SOFTWARE
+
+
+class StorageFailure:
+    """Set from any thread when the process's storage can no longer write at all.
+
+    `serve_until_signalled` then turns health NOT_SERVING, keeps answering
+    (every call that needs the storage fails UNAVAILABLE) for `linger` seconds
+    so that health checkers see it, and returns; the server exits with
+    EXIT_STORAGE_FAILED.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+        self.cause: BaseException | None = None
+
+    def __call__(self, cause: BaseException) -> None:
+        self.cause = cause
+        self._loop.call_soon_threadsafe(self.event.set)
+
+
+async def serve_until_signalled(
+    running: RunningServer,
+    *,
+    grace: float = 5.0,
+    failure: StorageFailure | None = None,
+    linger: float = 1.0,
+) -> bool:
+    """Serve until SIGTERM or SIGINT (shut down gracefully; False) or a storage failure
+    (health NOT_SERVING, then stop; True)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait())]
+    if failure is not None:
+        waits.append(asyncio.ensure_future(failure.event.wait()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for waiting in waits:
+        waiting.cancel()
+    if failure is not None and failure.event.is_set():
+        log.critical(
+            "storage failed (%r): NOT_SERVING, exiting in %.1fs so that the supervisor"
+            " restarts this process",
+            failure.cause,
+            linger,
+        )
+        await running.set_serving(False)
+        await asyncio.sleep(linger)
+        await running.stop(0.5)
+        return True
     log.info("signal received: NOT_SERVING, draining for up to %.1fs", grace)
     await running.stop(grace)
+    return False
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

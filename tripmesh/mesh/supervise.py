@@ -4,9 +4,14 @@ supervisord (the `supervisor` package) owns the processes: it starts them,
 keeps their logs, and on shutdown stops them one at a time in reverse
 priority order with SIGTERM, waiting `stopwaitsecs` before SIGKILL. We only
 render its config into the data folder and talk to it over its unix socket
-(the same XML-RPC interface `supervisorctl` uses). Nothing restarts a process
-on its own (autorestart=false): the chaos lab kills processes on purpose and
-decides itself when they come back.
+(the same XML-RPC interface `supervisorctl` uses).
+
+A program with `restart=True` (every process of `make up`) is restarted by
+supervisord whenever it exits without being asked to: at once if it had run for
+`RESTART_STARTSECS`, else after a back-off that grows by a second each try, up to
+`RESTART_TRIES` tries (then FATAL). The coordinator's recovery then finishes its
+trips in flight. The chaos lab starts its meshes with `restart=False`: it kills
+processes on purpose and decides itself when they come back.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from chaos.errors import ChaosError
+from tripmesh.mesh.errors import MeshError
 
-# AF_UNIX paths are limited to 108 bytes including the terminator.
-MAX_SOCKET_PATH = 107
+# AF_UNIX paths are limited to 108 bytes including the terminator, and supervisord
+# first binds a temporary name, the socket's path plus "." and its pid (up to 7 digits).
+MAX_SOCKET_PATH = 107 - len(".4194304")
 STOP_WAIT_SECONDS = 15  # servers drain for 5 s after SIGTERM; this is the SIGKILL backstop
+RESTART_STARTSECS = 1  # a restarted program that lives this long counts as started
+RESTART_TRIES = 10  # start attempts that die within RESTART_STARTSECS before FATAL
 
 
-class SupervisorError(ChaosError):
+class SupervisorError(MeshError):
     """supervisord could not be started, reached or obeyed."""
 
 
@@ -49,6 +57,8 @@ class Program:
     #: False: started later by `Supervisor.start`, once what it needs is up.
     autostart: bool = True
     environment: Mapping[str, str] | None = None
+    #: True: supervisord restarts it whenever it exits unasked (with back-off).
+    restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ def render_config(data_dir: Path, programs: Sequence[Program], *, workdir: Path)
     """supervisord.conf for `programs`, with its socket, pid file and logs in `data_dir`."""
     logs = data_dir / "logs"
     sections = [
-        "; Written by chaos/mesh.py on every `up`; edits are overwritten.",
+        "; Written by tripmesh/mesh/mesh.py on every `up`; edits are overwritten.",
         "[unix_http_server]",
         f"file = {_escape(str(socket_path(data_dir)))}",
         "chmod = 0700",
@@ -96,8 +106,9 @@ def render_config(data_dir: Path, programs: Sequence[Program], *, workdir: Path)
             f"directory = {_escape(str(workdir))}",
             f"priority = {program.priority}",
             f"autostart = {str(program.autostart).lower()}",
-            "autorestart = false",
-            "startsecs = 0",
+            f"autorestart = {str(program.restart).lower()}",
+            f"startsecs = {RESTART_STARTSECS if program.restart else 0}",
+            f"startretries = {RESTART_TRIES}",
             "stopsignal = TERM",
             f"stopwaitsecs = {STOP_WAIT_SECONDS}",
             "stopasgroup = true",
@@ -177,8 +188,7 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise SupervisorError(
                     f"supervisord not answering on {self.socket} after {timeout:.0f}s;"
-                    f" see {self.data_dir / 'logs' / 'supervisord.log'}",
-                    retryable=True,
+                    f" see {self.data_dir / 'logs' / 'supervisord.log'}"
                 )
             time.sleep(0.05)
 
@@ -199,7 +209,7 @@ class Supervisor:
             if "ALREADY_STARTED" not in fault.faultString:
                 raise SupervisorError(f"start {name}: {fault.faultString}") from fault
         except (OSError, http.client.HTTPException) as exc:
-            raise SupervisorError(f"start {name}: {exc}", retryable=True) from exc
+            raise SupervisorError(f"start {name}: {exc}") from exc
 
     def pid(self) -> int:
         """supervisord's own pid."""
@@ -227,8 +237,6 @@ class Supervisor:
         try:
             return getattr(self._rpc().supervisor, method)()
         except (OSError, http.client.HTTPException) as exc:
-            raise SupervisorError(
-                f"supervisord not reachable on {self.socket}: {exc}", retryable=True
-            ) from exc
+            raise SupervisorError(f"supervisord not reachable on {self.socket}: {exc}") from exc
         except xmlrpc.client.Error as exc:
             raise SupervisorError(f"supervisord {method}: {exc}") from exc

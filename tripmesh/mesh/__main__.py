@@ -1,4 +1,4 @@
-"""The mesh launcher: `python -m chaos.mesh up|down|status|logs|reset`.
+"""The mesh launcher: `python -m tripmesh.mesh up|down|status|logs|reset`.
 
 `up` starts Toxiproxy, the three services and the coordinator under
 supervisord and returns once every one of them is SERVING; `down` stops them
@@ -12,7 +12,7 @@ Every command takes:
 | option | variable | default | meaning |
 |---|---|---|---|
 | --data-dir | TRIPMESH_DATA_DIR | .data (in the repo) | databases, logs, supervisord socket |
-| --port-offset | TRIPMESH_PORT_OFFSET | 0 | added to every port in chaos/proxies.json |
+| --port-offset | TRIPMESH_PORT_OFFSET | 0 | added to every port in tripmesh/mesh/processes.json |
 | | TRIPMESH_PORT_<NAME> | | one port, e.g. TRIPMESH_PORT_COORDINATOR_TO_HOTEL |
 | | TRIPMESH_TOXIPROXY_SERVER | .bin/toxiproxy-server, else on PATH | the Toxiproxy binary |
 
@@ -32,11 +32,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from chaos import layout as layouts
-from chaos.launcher import ORDER, ROOT, SERVING, Mesh, MeshError
-from chaos.layout import TOXIPROXY, LayoutError
-from chaos.supervise import SupervisorError
-from chaos.toxiproxy import ToxiproxyError
+from tripmesh.mesh import layout as layouts
+from tripmesh.mesh.errors import MeshError
+from tripmesh.mesh.layout import TOXIPROXY, LayoutError
+from tripmesh.mesh.mesh import ORDER, ROOT, SERVING, Mesh
+from tripmesh.mesh.supervise import SupervisorError
+from tripmesh.mesh.toxiproxy import ToxiproxyError
 
 
 def describe(mesh: Mesh) -> str:
@@ -58,7 +59,7 @@ def describe(mesh: Mesh) -> str:
         "hotel": {"hotel_id": "TOKYO-GRAND", "check_in": day, "nights": 3, "rooms": 1},
         "car": {"car_id": "CAMRY-NRT", "pickup_date": day, "days": 3, "cars": 1},
     }
-    flag = "" if lay.client_address == "127.0.0.1:60050" else f" --coordinator {lay.client_address}"
+    flag = "" if lay == layouts.load() else f" --coordinator {lay.client_address}"
     lines += [
         "",
         "Book a trip (saga; PROTOCOL_TWO_PHASE_COMMIT / --protocol 2pc for 2PC):",
@@ -160,7 +161,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     common.add_argument("--port-offset", type=int, default=None, help="added to every port")
     common.add_argument("--timeout", type=float, default=90.0, help="seconds to wait (up, down)")
     parser = argparse.ArgumentParser(
-        prog="python -m chaos.mesh", description=__doc__.split("\n")[0]
+        prog="python -m tripmesh.mesh", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {

@@ -1,0 +1,337 @@
+"""The trip store in SQLite: the embedded default, one file beside the coordinator.
+
+Writes go through the group-commit `Database` (many trips share one fsync);
+reads run on their own connections and never wait for a write batch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from coordinator.domain import (
+    LEG_ORDER,
+    Attention,
+    CoordinatorError,
+    Decision,
+    Leg,
+    LegKind,
+    LegStatus,
+    Protocol,
+    Trip,
+    TripEvent,
+    TripRequest,
+    TripStatus,
+    reservation_id,
+)
+from coordinator.journal import Change
+from coordinator.store import TripStore
+from tripmesh.runtime import failpoints
+from tripmesh.runtime.database import Database
+from tripmesh.runtime.errors import ErrorKind
+
+
+def _values(enum: Iterable[Protocol | TripStatus | Attention]) -> str:
+    return ", ".join(f"'{member.value}'" for member in enum)
+
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS trips (
+  trip_id TEXT PRIMARY KEY,
+  protocol TEXT NOT NULL CHECK (protocol IN ({_values(Protocol)})),
+  status TEXT NOT NULL CHECK (status IN ({_values(TripStatus)})),
+  decision TEXT CHECK (decision IN ('commit', 'abort')),
+  request TEXT NOT NULL,
+  failure_reason TEXT NOT NULL DEFAULT '',
+  attention TEXT CHECK (attention IN ({_values(Attention)})),
+  attention_detail TEXT NOT NULL DEFAULT '',
+  created_at REAL NOT NULL,
+  updated_at REAL NOT NULL,
+  CHECK ((status = 'needs_attention') = (attention IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS trips_by_status ON trips(status);
+CREATE TABLE IF NOT EXISTS legs (
+  trip_id TEXT NOT NULL REFERENCES trips(trip_id),
+  kind TEXT NOT NULL,
+  reservation_id TEXT NOT NULL UNIQUE,
+  status TEXT NOT NULL,
+  price_cents INTEGER NOT NULL DEFAULT 0,
+  reason TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (trip_id, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  key TEXT PRIMARY KEY,
+  trip_id TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys(created_at);
+CREATE TABLE IF NOT EXISTS events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  trip_id TEXT NOT NULL,
+  at REAL NOT NULL,
+  kind TEXT NOT NULL,
+  leg TEXT NOT NULL DEFAULT '',
+  detail TEXT NOT NULL DEFAULT '',
+  actor TEXT NOT NULL DEFAULT 'coordinator'
+);
+CREATE INDEX IF NOT EXISTS events_by_trip ON events(trip_id, seq);
+"""
+# Bumped whenever SCHEMA changes; a store written by another version is refused
+# at start-up rather than misread.
+SCHEMA_VERSION = 3
+_STILL_DRIVEN = tuple(a.value for a in Attention if a.still_driven)
+
+
+class SqliteTripStore(TripStore):
+    def __init__(self, path: Path | str) -> None:
+        self.db = Database(path)
+        self.db.run_sync(_migrate)
+
+    @property
+    def path(self) -> Path:
+        return self.db.path
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        self.db.on_writer_death(callback)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes ------------------------------------------------------------------
+    async def create(self, request: TripRequest) -> tuple[Trip, bool]:
+        fingerprint, body = request.fingerprint(), request.to_json()
+        return await self.db.run(lambda c: _create(c, request, fingerprint, body))
+
+    async def write(self, trip_id: str, change: Change, now: float) -> None:
+        await self.db.run(lambda c: _write(c, trip_id, change, now))
+
+    async def purge_keys(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        return await self.db.run(
+            lambda c: (
+                c.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)).rowcount
+            )
+        )
+
+    # -- reads -------------------------------------------------------------------
+    async def get(self, trip_id: str) -> Trip | None:
+        return await self.db.read(lambda c: _get(c, trip_id))
+
+    async def events(self, trip_id: str) -> list[TripEvent]:
+        return await self.db.read(lambda c: _events(c, trip_id))
+
+    async def decision(self, trip_id: str) -> tuple[bool, Decision | None]:
+        def job(conn: sqlite3.Connection) -> tuple[bool, Decision | None]:
+            row = conn.execute(
+                "SELECT decision FROM trips WHERE trip_id = ?", (trip_id,)
+            ).fetchone()
+            if row is None:
+                return False, None
+            return True, Decision(row["decision"]) if row["decision"] else None
+
+        return await self.db.read(job)
+
+    async def list_trips(
+        self, *, status: TripStatus | None, protocol: Protocol | None, before: int, limit: int
+    ) -> tuple[list[Trip], int | None]:
+        return await self.db.read(lambda c: _page(c, status, protocol, before, limit))
+
+    async def unfinished(self) -> list[str]:
+        marks = ", ".join("?" * len(_STILL_DRIVEN))
+        return await self.db.read(
+            lambda c: [
+                r["trip_id"]
+                for r in c.execute(
+                    "SELECT trip_id FROM trips WHERE status = 'pending'"
+                    f" OR (status = 'needs_attention' AND attention IN ({marks}))"
+                    " ORDER BY rowid",
+                    _STILL_DRIVEN,
+                )
+            ]
+        )
+
+    async def counts(self) -> dict[TripStatus, int]:
+        return await self.db.read(
+            lambda c: {
+                TripStatus(r[0]): r[1]
+                for r in c.execute("SELECT status, count(*) FROM trips GROUP BY status")
+            }
+        )
+
+    async def in_doubt(self) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM trips WHERE protocol = ? AND decision IS NOT NULL"
+                " AND status IN ('pending', 'needs_attention')",
+                (Protocol.TWO_PHASE_COMMIT.value,),
+            ).fetchone()
+            return int(count)
+
+        return await self.db.read(job)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    empty = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'trips'").fetchone() is None
+    if not empty and version != SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the trip store was written by another version of tripmesh (schema {version},"
+            f" this one reads {SCHEMA_VERSION}); `make reset` starts a fresh one"
+        )
+    for statement in filter(str.strip, SCHEMA.split(";")):
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _create(
+    conn: sqlite3.Connection, request: TripRequest, fingerprint: str, body: str
+) -> tuple[Trip, bool]:
+    failpoints.hit("coordinator.create_trip")
+    row = conn.execute(
+        "SELECT trip_id, fingerprint FROM idempotency_keys WHERE key = ?",
+        (request.idempotency_key,),
+    ).fetchone()
+    if row is not None:
+        if row["fingerprint"] != fingerprint:
+            raise CoordinatorError(
+                f"idempotency_key {request.idempotency_key!r} was already used for trip"
+                f" {row['trip_id']} with different parameters",
+                kind=ErrorKind.CONFLICT,
+            )
+        trip = _get(conn, row["trip_id"])
+        assert trip is not None
+        return trip, True
+    trip_id = "trip-" + uuid.uuid4().hex[:20]
+    now = time.time()
+    conn.execute(
+        "INSERT INTO trips (trip_id, protocol, status, request, created_at, updated_at)"
+        " VALUES (?, ?, 'pending', ?, ?, ?)",
+        (trip_id, request.protocol.value, body, now, now),
+    )
+    conn.executemany(
+        "INSERT INTO legs (trip_id, kind, reservation_id, status) VALUES (?, ?, ?, ?)",
+        [
+            (trip_id, kind.value, reservation_id(trip_id, kind), LegStatus.NOT_STARTED.value)
+            for kind in LEG_ORDER
+        ],
+    )
+    conn.execute(
+        "INSERT INTO idempotency_keys (key, trip_id, fingerprint, created_at) VALUES (?, ?, ?, ?)",
+        (request.idempotency_key, trip_id, fingerprint, now),
+    )
+    _add_events(conn, trip_id, (TripEvent("created", detail=request.protocol.value, at=now),))
+    legs = tuple(
+        Leg(kind, reservation_id(trip_id, kind), LegStatus.NOT_STARTED, 0, "") for kind in LEG_ORDER
+    )
+    return Trip(trip_id, request, TripStatus.PENDING, None, legs, "", now, now), False
+
+
+def _add_events(conn: sqlite3.Connection, trip_id: str, events: Iterable[TripEvent]) -> None:
+    conn.executemany(
+        "INSERT INTO events (trip_id, at, kind, leg, detail, actor) VALUES (?, ?, ?, ?, ?, ?)",
+        [(trip_id, e.at, e.kind, e.leg, e.detail, e.actor) for e in events],
+    )
+
+
+def _write(conn: sqlite3.Connection, trip_id: str, change: Change, now: float) -> None:
+    sets: list[str] = ["updated_at = ?"]
+    args: list[object] = [now]
+    if change.status is not None:
+        sets.append("status = ?, attention = ?, attention_detail = ?")
+        attention = change.attention.value if change.attention is not None else None
+        args += [change.status.value, attention, change.attention_detail]
+    if change.decision is not None:
+        sets.append("decision = ?")
+        args.append(change.decision.value)
+    if change.failure_reason is not None:
+        sets.append("failure_reason = ?")
+        args.append(change.failure_reason)
+    conn.execute(f"UPDATE trips SET {', '.join(sets)} WHERE trip_id = ?", (*args, trip_id))
+    if change.legs:
+        conn.executemany(
+            "UPDATE legs SET status = ?, reason = ?,"
+            " price_cents = coalesce(?, price_cents) WHERE trip_id = ? AND kind = ?",
+            [
+                (u.status.value, u.reason, u.price_cents, trip_id, kind.value)
+                for kind, u in change.legs.items()
+            ],
+        )
+    _add_events(conn, trip_id, change.events)
+
+
+def _events(conn: sqlite3.Connection, trip_id: str) -> list[TripEvent]:
+    return [
+        TripEvent(r["kind"], r["leg"], r["detail"], r["actor"], r["at"])
+        for r in conn.execute(
+            "SELECT kind, leg, detail, actor, at FROM events WHERE trip_id = ? ORDER BY seq",
+            (trip_id,),
+        )
+    ]
+
+
+def _get(conn: sqlite3.Connection, trip_id: str) -> Trip | None:
+    row = conn.execute("SELECT * FROM trips WHERE trip_id = ?", (trip_id,)).fetchone()
+    if row is None:
+        return None
+    legs = conn.execute("SELECT * FROM legs WHERE trip_id = ?", (trip_id,)).fetchall()
+    return _trip(row, legs)
+
+
+def _page(
+    conn: sqlite3.Connection,
+    status: TripStatus | None,
+    protocol: Protocol | None,
+    before: int,
+    limit: int,
+) -> tuple[list[Trip], int | None]:
+    """A page of trips in two statements: the trips, then all of their legs."""
+    sql = "SELECT rowid AS seq, * FROM trips WHERE 1 = 1"
+    args: list[object] = []
+    if before:
+        sql += " AND rowid < ?"
+        args.append(before)
+    if status is not None:
+        sql += " AND status = ?"
+        args.append(status.value)
+    if protocol is not None:
+        sql += " AND protocol = ?"
+        args.append(protocol.value)
+    rows = conn.execute(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    legs: dict[str, list[sqlite3.Row]] = {r["trip_id"]: [] for r in rows}
+    if rows:
+        marks = ", ".join("?" * len(rows))
+        for leg in conn.execute(f"SELECT * FROM legs WHERE trip_id IN ({marks})", list(legs)):
+            legs[leg["trip_id"]].append(leg)
+    trips = [_trip(r, legs[r["trip_id"]]) for r in rows]
+    return trips, (rows[-1]["seq"] if more else None)
+
+
+def _trip(row: sqlite3.Row, leg_rows: Iterable[sqlite3.Row]) -> Trip:
+    legs = {
+        LegKind(r["kind"]): Leg(
+            LegKind(r["kind"]),
+            r["reservation_id"],
+            LegStatus(r["status"]),
+            r["price_cents"],
+            r["reason"],
+        )
+        for r in leg_rows
+    }
+    return Trip(
+        trip_id=row["trip_id"],
+        request=TripRequest.from_json(row["request"]),
+        status=TripStatus(row["status"]),
+        decision=Decision(row["decision"]) if row["decision"] else None,
+        legs=tuple(legs[kind] for kind in LEG_ORDER),
+        failure_reason=row["failure_reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        attention=Attention(row["attention"]) if row["attention"] else None,
+        attention_detail=row["attention_detail"],
+    )

@@ -1,0 +1,103 @@
+"""Operator actions racing a driver that finishes the same trip.
+
+A real trip store (temp SQLite file) whose reads can be paused, fake
+participants. The race the actions must win: a 2PC trip shows NEEDS_ATTENTION
+while its phase 2 is slow, an operator acts on it, and meanwhile the driver's
+phase 2 lands and the trip is CONFIRMED. Whatever the interleaving, an older
+status must never be written over the newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator.catalog import Catalog
+from coordinator.domain import CoordinatorError, LegKind, Protocol, Trip, TripStatus
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.operations import OperatorActions
+from coordinator.saga import Saga
+from coordinator.service import TripService
+from coordinator.store.sqlite import SqliteTripStore
+from coordinator.twopc import TwoPhaseCommit
+from tests.unit.fakes import FakeParticipants
+from tests.unit.test_engines import FAST, _request
+
+
+class PausingStore(SqliteTripStore):
+    """A real store whose next `get`, once armed, reads and then waits until released
+    before it answers (so that what it answers may be overtaken meanwhile)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.armed = False
+        self.paused = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def get(self, trip_id: str) -> Trip | None:
+        found = await super().get(trip_id)
+        if self.armed:
+            self.armed = False
+            self.paused.set()
+            await self.release.wait()
+        return found
+
+
+ACTIONS = {
+    "retry": lambda a, t: a.retry(t, "alice", "try again", wait=1.0),
+    "force_compensation": lambda a, t: a.force_compensation(t, "alice", "give up", wait=1.0),
+    "mark_resolved": lambda a, t: a.mark_resolved(t, "alice", "fixed by hand"),
+}
+
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_an_action_racing_a_finishing_driver_never_overwrites_its_status(
+    tmp_path: Path, action: str
+) -> None:
+    async def go() -> tuple[object, Trip, list[str]]:
+        store = PausingStore(tmp_path / "trips.db")
+        fakes = FakeParticipants()
+        fakes.fakes[LegKind.CAR].unknown = {"commit"}  # phase 2 is slow at the car
+        metrics = CoordinatorMetrics()
+        engines = {
+            Protocol.TWO_PHASE_COMMIT: TwoPhaseCommit(store, fakes, FAST, metrics),
+            Protocol.SAGA: Saga(store, fakes, FAST, metrics),
+        }
+        service = TripService(store, engines, Catalog(fakes), metrics=metrics)
+        actions = OperatorActions(service)
+        trip, _ = await service.book(_request(Protocol.TWO_PHASE_COMMIT), wait=0)
+        while (await store.get(trip.trip_id)).status is not TripStatus.NEEDS_ATTENTION:  # type: ignore[union-attr]
+            await asyncio.sleep(0.01)
+        driver = service._active[trip.trip_id]  # still retrying the car's Commit
+
+        # The operator acts; any read of the trip it makes waits until the driver is done.
+        store.armed = True
+        acting = asyncio.ensure_future(ACTIONS[action](actions, trip.trip_id))
+        await asyncio.wait(
+            [acting, asyncio.ensure_future(store.paused.wait())],
+            timeout=1.0,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        fakes.fakes[LegKind.CAR].unknown = set()  # the Commit lands: the driver finishes
+        finished = await asyncio.wait_for(driver, 5)
+        assert finished is not None and finished.status is TripStatus.CONFIRMED
+        store.release.set()
+        try:
+            outcome: object = await asyncio.wait_for(acting, 5)
+        except CoordinatorError as exc:
+            outcome = exc
+        final = await store.get(trip.trip_id)
+        assert final is not None
+        events = [e.kind for e in await store.events(trip.trip_id)]
+        await service.stop()
+        store.close()
+        return outcome, final, events
+
+    outcome, final, events = asyncio.run(go())
+    assert final.status is TripStatus.CONFIRMED
+    assert final.attention is None
+    assert not [kind for kind in events if kind.startswith("operator-")], events
+    assert isinstance(outcome, CoordinatorError), outcome
+    assert outcome.kind.name == "PRECONDITION"

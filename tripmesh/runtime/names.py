@@ -1,0 +1,25 @@
+"""The v1 contract's enums by the names people type and read: `confirmed`, `2pc`.
+
+Clients (the CLI, the chaos lab, the load tests) name trip statuses from
+here instead of writing their own maps, so a status added to the contract is
+known everywhere at once.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from tripmesh.v1 import coordinator_pb2 as pb
+
+
+def _names(enum: object, prefix: str) -> dict[int, str]:
+    values: dict[str, int] = dict(enum.items())  # type: ignore[attr-defined]
+    return {v: k.removeprefix(prefix).lower() for k, v in values.items() if v}
+
+
+#: Every trip status but UNSPECIFIED, by its wire value: {TRIP_STATUS_CONFIRMED: "confirmed"}.
+TRIP_STATUS_NAMES: dict[int, str] = _names(pb.TripStatus, "TRIP_STATUS_")
+#: The reverse: {"confirmed": TRIP_STATUS_CONFIRMED}.
+TRIP_STATUS_BY_NAME: dict[str, pb.TripStatus] = {
+    name: cast(pb.TripStatus, v) for v, name in TRIP_STATUS_NAMES.items()
+}
