@@ -30,7 +30,7 @@ ARGS ?=
 .PHONY: help up down status logs reset test lint types check proto toxiproxy venv chaos chaos-report load bench
 
 help: ## Show the targets
-	@echo "tripmesh: flight, hotel and car booked together, by 2PC or saga, behind Toxiproxy."
+	@echo "tripmesh: flight, hotel and car booked together, by 2PC, 3PC or saga, behind Toxiproxy."
 	@echo
 	@grep -E '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
 		awk -F'\t' '{ printf "  make %-22s %s\n", $$1, $$2 }'
@@ -118,7 +118,7 @@ PROTOCOL ?= saga
 SEED ?= 1
 DURATION ?= 60
 
-chaos: venv proto toxiproxy ## One scenario: SCENARIO=<name> PROTOCOL=2pc|saga [SEED= DURATION=]; audits, exits 1 on a violation
+chaos: venv proto toxiproxy ## One scenario: SCENARIO=<name> PROTOCOL=2pc|3pc|saga [SEED= DURATION=]; audits, exits 1 on a violation
 	$(PY) -m chaos.run $(SCENARIO) --protocol $(PROTOCOL) --seed $(SEED) --duration $(DURATION)
 
 chaos-report: venv proto toxiproxy ## Every scenario in both protocols, and the 2PC-against-saga table [DURATION=30]

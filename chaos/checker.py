@@ -19,7 +19,9 @@ from chaos.history import Op
 
 Verdict = Literal["valid", "invalid", "unknown"]
 LEGS = ("flight", "hotel", "car")
-TAKEN = {"held", "confirmed"}
+# Reservation statuses that take units (held counts pre-committed 3PC holds too).
+HOLDING = {"held", "pre_committed"}
+TAKEN = {*HOLDING, "confirmed"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def conservation(books: BooksSnapshot) -> CheckResult:
     for r in books.reservations:
         if r.status in TAKEN:
             for date in r.dates:
-                expected[(r.kind, r.resource_id, date)][0 if r.status == "held" else 1] += (
+                expected[(r.kind, r.resource_id, date)][0 if r.status in HOLDING else 1] += (
                     r.quantity
                 )
     for row in books.inventory:
@@ -235,7 +237,7 @@ def no_leaks(books: BooksSnapshot) -> CheckResult:
     violations += [
         Violation(r.trip_id, f"{r.kind} {r.reservation_id} still held", r.quantity * len(r.dates))
         for r in books.reservations
-        if r.status == "held"
+        if r.status in HOLDING
     ]
     return _result("no-leaks", violations)
 

@@ -18,8 +18,8 @@ from chaos.checker import BooksSnapshot, ReservationView
 from chaos.history import Op
 
 BUCKET_SECONDS = 1.0
-# Statuses of a 2PC reservation whose units were held at some point.
-_EVER_HELD = ("held", "released", "confirmed")
+# Statuses of a 2PC or 3PC reservation whose units were held at some point.
+_EVER_HELD = ("held", "pre_committed", "released", "confirmed")
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,13 @@ def compensated(books: BooksSnapshot) -> list[ReservationView]:
 
 
 def blocked_inventory_seconds(books: BooksSnapshot) -> float | None:
-    """Units x dates x seconds that 2PC holds kept inventory off sale, from hold to settle.
+    """Units x dates x seconds that 2PC and 3PC holds kept inventory off sale, hold to settle.
 
     None when a 2PC reservation that held units carries no timestamps: the
     figure would otherwise read as zero blocking, which nobody measured.
     """
     total = 0.0
-    for r in _of_protocol(books, "2pc"):
+    for r in [*_of_protocol(books, "2pc"), *_of_protocol(books, "3pc")]:
         if r.status not in _EVER_HELD or not r.dates:
             continue
         if not r.created_at or not r.updated_at:

@@ -1,6 +1,6 @@
 """Run a chaos scenario: traffic and faults, heal, settle, audit, report.
 
-    python -m chaos.run SCENARIO --protocol 2pc|saga|mixed [--seed N] [--duration S] [--ops N]
+    python -m chaos.run SCENARIO --protocol 2pc|3pc|saga|mixed [--seed N] [--duration S] [--ops N]
 
 Each run starts its own mesh (on free ports, in its run folder under
 runs/chaos/), so it never touches a mesh started by `make up`. The exit status
@@ -46,7 +46,8 @@ SCARCE = {"JL5": 40, "CAMRY-NRT": 12}
 DAYS_ON_SALE = 30
 # Shorter than the defaults so that a run's faults resolve within its length.
 COORDINATOR_ARGS = ("--rpc-timeout", "1", "--step-give-up", "3", "--compensation-give-up", "60")
-SERVICE_ARGS = ("--resolve-after", "2")
+# 3PC time-outs a lab run shows in seconds: a yes vote waits 2 s for PreCommit.
+SERVICE_ARGS = ("--resolve-after", "2", "--3pc-wait-timeout", "2", "--3pc-precommit-timeout", "4")
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ def recovery_notes(coordinator_log: Path) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__.split("\n\n")[0])
     p.add_argument("scenario", choices=sorted(registry()))
-    p.add_argument("--protocol", choices=["2pc", "saga", "mixed"], default="saga")
+    p.add_argument("--protocol", choices=["2pc", "3pc", "saga", "mixed"], default="saga")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic and faults")
     p.add_argument("--ops", type=int, default=100_000, help="booking requests at most")

@@ -23,7 +23,11 @@ from tripmesh.runtime.names import TRIP_STATUS_NAMES
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
-PROTOCOLS = {"2pc": pb.PROTOCOL_TWO_PHASE_COMMIT, "saga": pb.PROTOCOL_SAGA}
+PROTOCOLS = {
+    "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
+    "saga": pb.PROTOCOL_SAGA,
+    "3pc": pb.PROTOCOL_THREE_PHASE_COMMIT,
+}
 # Definitely not done: refused before anything was written.
 _FAIL = {
     grpc.StatusCode.INVALID_ARGUMENT,

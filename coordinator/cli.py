@@ -43,6 +43,7 @@ from tripmesh.v1 import coordinator_pb2 as pb
 
 PROTOCOLS: dict[str, pb.Protocol] = {
     "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
+    "3pc": pb.PROTOCOL_THREE_PHASE_COMMIT,
     "saga": pb.PROTOCOL_SAGA,
     "default": pb.PROTOCOL_UNSPECIFIED,
 }

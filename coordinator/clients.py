@@ -134,7 +134,17 @@ class Participant(abc.ABC):
     async def commit(self, reservation_id: str, trip_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def abort(self, reservation_id: str, trip_id: str) -> None: ...
+    async def abort(self, reservation_id: str, trip_id: str, *, three_phase: bool = False) -> None:
+        """Release a 2PC hold, or a 3PC one with `three_phase`."""
+
+    @abc.abstractmethod
+    async def can_commit(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply: ...
+
+    @abc.abstractmethod
+    async def pre_commit(self, reservation_id: str, trip_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def do_commit(self, reservation_id: str, trip_id: str) -> None: ...
 
     @abc.abstractmethod
     async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply: ...
@@ -202,8 +212,34 @@ class ParticipantClient(Participant):
     async def commit(self, reservation_id: str, trip_id: str) -> None:
         await self._call("Commit", pb.CommitRequest(reservation_id=reservation_id, trip_id=trip_id))
 
-    async def abort(self, reservation_id: str, trip_id: str) -> None:
-        await self._call("Abort", pb.AbortRequest(reservation_id=reservation_id, trip_id=trip_id))
+    async def abort(self, reservation_id: str, trip_id: str, *, three_phase: bool = False) -> None:
+        protocol = (
+            pb.PARTICIPANT_PROTOCOL_THREE_PHASE_COMMIT
+            if three_phase
+            else pb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT
+        )
+        await self._call(
+            "Abort",
+            pb.AbortRequest(reservation_id=reservation_id, trip_id=trip_id, protocol=protocol),
+        )
+
+    async def can_commit(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
+        reply = await self._call(
+            "CanCommit",
+            pb.CanCommitRequest(reservation_id=reservation_id, trip_id=trip_id, hold=_hold(leg)),
+        )
+        assert isinstance(reply, pb.CanCommitResponse)
+        return StepReply(reply.vote == pb.VOTE_YES, reply.reason, reply.reservation.price_cents)
+
+    async def pre_commit(self, reservation_id: str, trip_id: str) -> None:
+        await self._call(
+            "PreCommit", pb.PreCommitRequest(reservation_id=reservation_id, trip_id=trip_id)
+        )
+
+    async def do_commit(self, reservation_id: str, trip_id: str) -> None:
+        await self._call(
+            "DoCommit", pb.DoCommitRequest(reservation_id=reservation_id, trip_id=trip_id)
+        )
 
     async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
         reply = await self._call(

@@ -20,6 +20,7 @@ from tripmesh.v1 import coordinator_pb2 as pb
 PROTOCOL = {
     Protocol.TWO_PHASE_COMMIT: pb.PROTOCOL_TWO_PHASE_COMMIT,
     Protocol.SAGA: pb.PROTOCOL_SAGA,
+    Protocol.THREE_PHASE_COMMIT: pb.PROTOCOL_THREE_PHASE_COMMIT,
 }
 PROTOCOL_FROM = {v: k for k, v in PROTOCOL.items()}
 STATUS = {
@@ -40,6 +41,7 @@ DECISION = {
     None: pb.DECISION_PENDING,
     Decision.COMMIT: pb.DECISION_COMMIT,
     Decision.ABORT: pb.DECISION_ABORT,
+    Decision.PRE_COMMIT: pb.DECISION_PRE_COMMIT,
 }
 LEG_KIND = {
     LegKind.FLIGHT: pb.LEG_KIND_FLIGHT,
@@ -54,6 +56,7 @@ LEG_STATUS = {
     LegStatus.REFUSED: pb.LEG_STATUS_REFUSED,
     LegStatus.RELEASED: pb.LEG_STATUS_RELEASED,
     LegStatus.CANCELLED: pb.LEG_STATUS_CANCELLED,
+    LegStatus.PRE_COMMITTED: pb.LEG_STATUS_PRE_COMMITTED,
 }
 
 

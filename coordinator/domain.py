@@ -22,6 +22,7 @@ class CoordinatorError(TripmeshError):
 class Protocol(enum.Enum):
     TWO_PHASE_COMMIT = "2pc"
     SAGA = "saga"
+    THREE_PHASE_COMMIT = "3pc"
 
 
 class TripStatus(enum.Enum):
@@ -50,10 +51,12 @@ class Attention(enum.Enum):
 
 
 class Decision(enum.Enum):
-    """A 2PC decision as logged. No row means PENDING; presumed abort covers the rest."""
+    """A 2PC or 3PC decision as stored (a saga's direction). None means not decided;
+    presumed abort covers an unknown trip."""
 
     COMMIT = "commit"
     ABORT = "abort"
+    PRE_COMMIT = "pre_commit"  # 3PC: every vote was yes, PreCommit is being sent
 
 
 class LegKind(enum.Enum):
@@ -72,6 +75,7 @@ class LegStatus(enum.Enum):
     HELD = "held"  # 2PC: voted yes
     CONFIRMED = "confirmed"
     REFUSED = "refused"  # voted no / sold out
+    PRE_COMMITTED = "pre_committed"  # 3PC: acknowledged PreCommit; units still held
     RELEASED = "released"  # 2PC aborted
     CANCELLED = "cancelled"  # saga compensated
 

@@ -37,6 +37,7 @@ from coordinator.saga import Saga
 from coordinator.service import TripService
 from coordinator.servicer import CoordinatorServicer, DecisionsServicer, OperatorServicer
 from coordinator.store.sqlite import SqliteTripStore
+from coordinator.threepc import ThreePhaseCommit
 from coordinator.twopc import TwoPhaseCommit
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
@@ -141,6 +142,7 @@ async def serve(config: CoordinatorConfig) -> None:
         for engine in (
             TwoPhaseCommit(store, participants, config.policies, metrics),
             Saga(store, participants, config.policies, metrics),
+            ThreePhaseCommit(store, participants, config.policies, metrics),
         )
     }
     service = TripService(store, engines, catalog, metrics=metrics)

@@ -86,6 +86,8 @@ class TripService:
         known, decision = await self.store.decision(trip_id)
         if not known:
             return Decision.ABORT  # presumed abort
+        if decision is Decision.PRE_COMMIT:
+            return None  # 3PC on its way to COMMIT, not there yet
         return decision
 
     def _start(self, trip: Trip, *, recovering: bool) -> asyncio.Task[Trip | None]:

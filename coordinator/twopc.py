@@ -16,14 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
-from coordinator.clients import OutcomeUnknown, ParticipantRejected, StepReply, retry
+from coordinator.clients import (
+    OutcomeUnknown,
+    Participant,
+    ParticipantRejected,
+    StepReply,
+    retry,
+)
 from coordinator.domain import (
     LEG_ORDER,
     Attention,
     Decision,
     Leg,
     LegKind,
+    LegRequest,
     LegStatus,
     Protocol,
     Trip,
@@ -41,14 +49,23 @@ _SETTLED = {Decision.COMMIT: LegStatus.CONFIRMED, Decision.ABORT: LegStatus.RELE
 
 class TwoPhaseCommit(TripEngine):
     protocol = Protocol.TWO_PHASE_COMMIT
+    # What the stored decision is once every vote is yes (3PC: PRE_COMMIT).
+    all_yes = Decision.COMMIT
+    between_phase2 = "2pc.between_phase2"
 
     async def book(self, trip: Trip) -> Trip:
         journal = TripJournal(self.store, trip)
+        await self._collect_votes(journal)
+        failpoints.hit("2pc.after_decision")
+        return await self._phase2(journal)
+
+    async def _collect_votes(self, journal: TripJournal) -> Decision:
+        """Ask every participant in parallel; store the votes and the decision they make."""
         votes = await asyncio.gather(*(self._vote(journal, kind) for kind in LEG_ORDER))
-        failpoints.hit("2pc.before_decision")
+        failpoints.hit(f"{self.protocol.value}.before_decision")
         legs = {kind: update for kind, update, _ in votes}
         reasons = [reason for _, update, reason in votes if update.status is not LegStatus.HELD]
-        decision = Decision.ABORT if reasons else Decision.COMMIT
+        decision = Decision.ABORT if reasons else self.all_yes
         await journal.write(
             *(
                 TripEvent("vote", k.value, f"{u.status.value} {u.reason}".strip())
@@ -59,8 +76,17 @@ class TwoPhaseCommit(TripEngine):
             legs=legs,
             failure_reason="; ".join(reasons) if reasons else None,
         )
-        failpoints.hit("2pc.after_decision")
-        return await self._phase2(journal)
+        return decision
+
+    def _ask(self, client: Participant) -> Callable[[str, str, LegRequest], Awaitable[StepReply]]:
+        """Phase 1's call: Prepare (3PC: CanCommit)."""
+        return client.prepare
+
+    def _settle(
+        self, client: Participant, decision: Decision
+    ) -> Callable[[str, str], Awaitable[None]]:
+        """Phase 2's call for `decision`: Commit or Abort (3PC: DoCommit or its Abort)."""
+        return client.commit if decision is Decision.COMMIT else client.abort
 
     async def recover(self, trip: Trip) -> Trip:
         journal = TripJournal(self.store, trip)
@@ -77,11 +103,11 @@ class TwoPhaseCommit(TripEngine):
     async def _vote(self, journal: TripJournal, kind: LegKind) -> tuple[LegKind, LegUpdate, str]:
         trip = journal.trip
         leg = trip.leg(kind)
-        client = self.participants[kind]
+        ask = self._ask(self.participants[kind])
         request = trip.request.leg(kind)
         try:
             reply: StepReply = await retry(
-                lambda: client.prepare(leg.reservation_id, trip.trip_id, request),
+                lambda: ask(leg.reservation_id, trip.trip_id, request),
                 self.policies.step,
                 f"{trip.trip_id} prepare {kind.value}",
                 **self.watch(journal, kind.value, "prepare"),
@@ -104,8 +130,7 @@ class TwoPhaseCommit(TripEngine):
 
         async def settle(leg: Leg) -> None:
             nonlocal acknowledged
-            client = self.participants[leg.kind]
-            call = client.commit if decision is Decision.COMMIT else client.abort
+            call = self._settle(self.participants[leg.kind], decision)
             await retry(
                 lambda: call(leg.reservation_id, trip.trip_id),
                 self.policies.phase2,
@@ -120,7 +145,7 @@ class TwoPhaseCommit(TripEngine):
             )
             acknowledged += 1
             if acknowledged == 1 and len(todo) > 1:
-                failpoints.hit("2pc.between_phase2")
+                failpoints.hit(self.between_phase2)
 
         everyone = asyncio.gather(*(settle(leg) for leg in todo))
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from coordinator.convert import PROTOCOL_FROM
 from coordinator.domain import CoordinatorError, LegRequest, Protocol, TripRequest
 from tripmesh.runtime.errors import FieldViolation
 from tripmesh.v1 import coordinator_pb2 as pb
@@ -12,10 +13,7 @@ MAX_ID = 128
 MAX_NIGHTS = 30
 MAX_UNITS = 9
 
-PROTOCOLS = {
-    pb.PROTOCOL_TWO_PHASE_COMMIT: Protocol.TWO_PHASE_COMMIT,
-    pb.PROTOCOL_SAGA: Protocol.SAGA,
-}
+PROTOCOLS = PROTOCOL_FROM
 
 
 def _text(value: str, field: str, problems: list[FieldViolation]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-PROTOCOLS = ("saga", "2pc")
+PROTOCOLS = ("saga", "2pc", "3pc")
 RSS_TARGET_TRIPS = 50_000
 RSS_TARGET_MB = 20.0
 NOISY_PERCENT = 10.0  # CPU other processes may take during a run before it is flagged
@@ -33,7 +33,7 @@ def efficiency(
 ) -> dict[str, dict[str, float]]:
     """Per protocol and concurrency: trips/s x RPCs per trip / echo RPCs/s at that concurrency."""
     found: dict[str, dict[str, float]] = {}
-    for protocol in PROTOCOLS:
+    for protocol in _measured(points):
         found[protocol] = {}
         for point in points[protocol]:
             echo = _at(points["echo"], point["concurrency"])
@@ -43,6 +43,11 @@ def efficiency(
     return found
 
 
+def _measured(points: Mapping[str, Any]) -> list[str]:
+    """The protocols a run measured (runs made before 3PC existed have no 3PC points)."""
+    return [p for p in PROTOCOLS if p in points]
+
+
 def _target(name: str, measured: float | None, met: bool | None, shown: str) -> dict[str, Any]:
     return {"target": name, "measured": measured, "shown": shown, "met": met}
 
@@ -50,7 +55,7 @@ def _target(name: str, measured: float | None, met: bool | None, shown: str) -> 
 def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     points, eff = results["points"], results["efficiency"]
     found = []
-    for protocol in PROTOCOLS:
+    for protocol in _measured(points):
         e = eff[protocol].get("64")
         found.append(_target(f"{protocol} efficiency >= 0.5 (c=64)", e, _ge(e, 0.5), f"{e}"))
     for protocol, floor in (("saga", 400), ("2pc", 250)):
@@ -64,7 +69,7 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     found.append(
         _target("saga p99 < 40 ms (c=16)", p99, None if p99 is None else p99 < 40, f"{p99} ms")
     )
-    for protocol in PROTOCOLS:
+    for protocol in _measured(points):
         peak = max((p["per_second"] for p in points[protocol]), default=0)
         last = _at(points[protocol], 256)
         share = round(last["per_second"] / peak, 3) if last and peak else None
@@ -102,13 +107,13 @@ def render(results: Mapping[str, Any], console: Console | None = None) -> None:
     )
     table.add_column("c", justify="right")
     table.add_column("echo RPC/s", justify="right")
-    for protocol in PROTOCOLS:
+    for protocol in _measured(points):
         for head in ("trips/s", "p50 ms", "p99 ms", "eff."):
             table.add_column(f"{protocol} {head}", justify="right")
     for echo in points["echo"]:
         level = echo["concurrency"]
         row = [str(level), f"{echo['per_second']:.0f}"]
-        for protocol in PROTOCOLS:
+        for protocol in _measured(points):
             p = _at(points[protocol], level)
             if p is None:
                 row += ["-"] * 4

@@ -22,9 +22,13 @@ from pathlib import Path
 from services.catalog import SeedResource, write_catalog_file
 from tripmesh.v1 import coordinator_pb2 as pb
 
-PROTOCOLS = {"2pc": pb.PROTOCOL_TWO_PHASE_COMMIT, "saga": pb.PROTOCOL_SAGA}
+PROTOCOLS = {
+    "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
+    "3pc": pb.PROTOCOL_THREE_PHASE_COMMIT,
+    "saga": pb.PROTOCOL_SAGA,
+}
 PROTOCOL_NAMES = {value: name for name, value in PROTOCOLS.items()}
-CHOICES = ("2pc", "saga", "mixed")
+CHOICES = ("2pc", "3pc", "saga", "mixed")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ Configuration (flags override the environment):
 | TRIPMESH_DECISIONS | 127.0.0.1:16054 (flight), :16055 (hotel), :16056 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
 | TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
 | TRIPMESH_SEED_DAYS | 60 | how many dates are put on sale, from today |
-| TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared hold waits before we ask about it |
+| TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared 2PC hold waits before we ask about it |
+| TRIPMESH_3PC_WAIT_TIMEOUT | 10 | seconds a 3PC yes vote waits for PreCommit before aborting on its own |
+| TRIPMESH_3PC_PRECOMMIT_TIMEOUT | 10 | seconds a pre-committed 3PC hold waits before committing on its own |
 | TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
 """
 
@@ -33,6 +35,7 @@ from services.participant.metrics import ParticipantMetrics
 from services.participant.resolver import InDoubtResolver
 from services.participant.servicer import ParticipantServicer
 from services.participant.store import ParticipantStore
+from services.participant.timeouts import ThreePhaseTimer
 from tripmesh.mesh import layout as layouts
 from tripmesh.runtime import failpoints, logs, rpc
 from tripmesh.v1 import (
@@ -59,6 +62,8 @@ class ServiceConfig:
     seed_days: int
     resolve_after: float
     resolve_interval: float
+    three_phase_wait: float
+    three_phase_pre_committed: float
     grace: float
 
     @classmethod
@@ -75,7 +80,19 @@ class ServiceConfig:
         parser.add_argument(
             "--resolve-after", type=float, default=float(env.get("TRIPMESH_RESOLVE_AFTER", 5))
         )
+        for flag, variable in (
+            ("--3pc-wait-timeout", "TRIPMESH_3PC_WAIT_TIMEOUT"),
+            ("--3pc-precommit-timeout", "TRIPMESH_3PC_PRECOMMIT_TIMEOUT"),
+        ):
+            parser.add_argument(
+                flag,
+                dest=flag.removeprefix("--").replace("3pc", "three_pc").replace("-", "_"),
+                type=float,
+                default=float(env.get(variable, 10)),
+            )
         args = parser.parse_args(argv)
+        if min(args.three_pc_wait_timeout, args.three_pc_precommit_timeout) <= 0:
+            parser.error("--3pc-wait-timeout and --3pc-precommit-timeout must be positive")
         # Defaults: the mesh's declared layout (tripmesh/mesh/processes.json).
         declared = layouts.load(environ={})
         listen = args.listen or declared.address(args.kind)
@@ -100,6 +117,8 @@ class ServiceConfig:
             seed_days=args.seed_days,
             resolve_after=args.resolve_after,
             resolve_interval=max(0.5, args.resolve_after / 2),
+            three_phase_wait=args.three_pc_wait_timeout,
+            three_phase_pre_committed=args.three_pc_precommit_timeout,
             grace=5.0,
         )
 
@@ -154,6 +173,13 @@ async def serve(config: ServiceConfig) -> None:
         metrics=metrics,
     )
     resolving = asyncio.create_task(resolver.run_forever(), name="in-doubt resolver")
+    timer = ThreePhaseTimer(
+        store,
+        waiting_for=config.three_phase_wait,
+        pre_committed_for=config.three_phase_pre_committed,
+        metrics=metrics,
+    )
+    timing = asyncio.create_task(timer.run_forever(), name="3PC time-outs")
     failure = rpc.StorageFailure()
     store.db.on_writer_death(failure)
     await running.set_serving(True)
@@ -162,9 +188,10 @@ async def serve(config: ServiceConfig) -> None:
     try:
         failed = await rpc.serve_until_signalled(running, grace=config.grace, failure=failure)
     finally:
-        resolving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await resolving
+        for task in (resolving, timing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await decisions_channel.close()
         store.close()
     if failed:

@@ -30,11 +30,11 @@ from coordinator.domain import (
 from coordinator.journal import Change
 from coordinator.store import TripStore
 from tripmesh.runtime import failpoints
-from tripmesh.runtime.database import Database
+from tripmesh.runtime.database import Database, migrate
 from tripmesh.runtime.errors import ErrorKind
 
 
-def _values(enum: Iterable[Protocol | TripStatus | Attention]) -> str:
+def _values(enum: Iterable[Protocol | TripStatus | Attention | Decision]) -> str:
     return ", ".join(f"'{member.value}'" for member in enum)
 
 
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS trips (
   trip_id TEXT PRIMARY KEY,
   protocol TEXT NOT NULL CHECK (protocol IN ({_values(Protocol)})),
   status TEXT NOT NULL CHECK (status IN ({_values(TripStatus)})),
-  decision TEXT CHECK (decision IN ('commit', 'abort')),
+  decision TEXT CHECK (decision IN ({_values(Decision)})),
   request TEXT NOT NULL,
   failure_reason TEXT NOT NULL DEFAULT '',
   attention TEXT CHECK (attention IN ({_values(Attention)})),
@@ -89,7 +89,7 @@ _STILL_DRIVEN = tuple(a.value for a in Attention if a.still_driven)
 class SqliteTripStore(TripStore):
     def __init__(self, path: Path | str) -> None:
         self.db = Database(path)
-        self.db.run_sync(_migrate)
+        self.db.run_sync(migrate(SCHEMA, SCHEMA_VERSION, table="trips", what="the trip store"))
 
     @property
     def path(self) -> Path:
@@ -165,26 +165,13 @@ class SqliteTripStore(TripStore):
     async def in_doubt(self) -> int:
         def job(conn: sqlite3.Connection) -> int:
             (count,) = conn.execute(
-                "SELECT count(*) FROM trips WHERE protocol = ? AND decision IS NOT NULL"
+                "SELECT count(*) FROM trips WHERE protocol IN (?, ?) AND decision IS NOT NULL"
                 " AND status IN ('pending', 'needs_attention')",
-                (Protocol.TWO_PHASE_COMMIT.value,),
+                (Protocol.TWO_PHASE_COMMIT.value, Protocol.THREE_PHASE_COMMIT.value),
             ).fetchone()
             return int(count)
 
         return await self.db.read(job)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    empty = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'trips'").fetchone() is None
-    if not empty and version != SCHEMA_VERSION:
-        raise RuntimeError(
-            f"the trip store was written by another version of tripmesh (schema {version},"
-            f" this one reads {SCHEMA_VERSION}); `make reset` starts a fresh one"
-        )
-    for statement in filter(str.strip, SCHEMA.split(";")):
-        conn.execute(statement)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _create(

@@ -19,12 +19,15 @@ _STATUS_TO_PROTO = {
     ReservationStatus.RELEASED: pb.RESERVATION_STATUS_RELEASED,
     ReservationStatus.CANCELLED: pb.RESERVATION_STATUS_CANCELLED,
     ReservationStatus.REFUSED: pb.RESERVATION_STATUS_REFUSED,
+    ReservationStatus.PRE_COMMITTED: pb.RESERVATION_STATUS_PRE_COMMITTED,
 }
 _STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
 _PROTOCOL_TO_PROTO = {
     Protocol.TWO_PHASE_COMMIT: pb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT,
     Protocol.SAGA: pb.PARTICIPANT_PROTOCOL_SAGA,
+    Protocol.THREE_PHASE_COMMIT: pb.PARTICIPANT_PROTOCOL_THREE_PHASE_COMMIT,
 }
+_PROTOCOL_FROM_PROTO = {v: k for k, v in _PROTOCOL_TO_PROTO.items()}
 
 
 def hold_from_proto(message: pb.Hold) -> Hold:
@@ -42,6 +45,14 @@ def hold_to_proto(hold: Hold) -> pb.Hold:
 
 def status_from_proto(value: int) -> ReservationStatus | None:
     return _STATUS_FROM_PROTO.get(value)  # type: ignore[call-overload,no-any-return]
+
+
+def holding_protocol_from_proto(value: int) -> Protocol | None:
+    """The protocol an Abort is for: 2PC when unspecified, 3PC; None for anything else."""
+    if value == pb.PARTICIPANT_PROTOCOL_UNSPECIFIED:
+        return Protocol.TWO_PHASE_COMMIT
+    protocol = _PROTOCOL_FROM_PROTO.get(value)  # type: ignore[call-overload]
+    return protocol if protocol is not None and protocol.holds_first else None
 
 
 def reservation_to_proto(r: Reservation) -> pb.Reservation:

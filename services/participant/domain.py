@@ -22,14 +22,28 @@ class ParticipantError(TripmeshError):
 class Protocol(enum.Enum):
     TWO_PHASE_COMMIT = "2pc"
     SAGA = "saga"
+    THREE_PHASE_COMMIT = "3pc"
+
+    @property
+    def holds_first(self) -> bool:
+        """True when a yes vote holds units (2PC, 3PC); False when a step confirms (saga)."""
+        return self is not Protocol.SAGA
 
 
 class ReservationStatus(enum.Enum):
-    HELD = "held"  # 2PC: prepared, waiting for the decision
-    CONFIRMED = "confirmed"  # 2PC committed, or saga reserved
-    RELEASED = "released"  # 2PC aborted (or a tombstone: aborted before prepare)
+    HELD = "held"  # 2PC: prepared, waiting for the decision; 3PC: voted yes, waiting
+    PRE_COMMITTED = "pre_committed"  # 3PC: every participant voted yes; units still held
+    CONFIRMED = "confirmed"  # 2PC or 3PC committed, or saga reserved
+    RELEASED = "released"  # 2PC or 3PC aborted (or a tombstone: aborted before the vote)
     CANCELLED = "cancelled"  # saga compensated (or a tombstone: cancelled before reserve)
     REFUSED = "refused"  # voted no / sold out: nothing taken
+
+    @property
+    def column(self) -> str | None:
+        """The inventory column its units are counted in (None: it holds no units)."""
+        if self in (ReservationStatus.HELD, ReservationStatus.PRE_COMMITTED):
+            return "held"
+        return "confirmed" if self is ReservationStatus.CONFIRMED else None
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,13 @@ class ParticipantMetrics:
             registry=r,
         )
         self.votes = Counter(
-            "tripmesh_participant_votes", "2PC votes cast.", ["service", "vote"], registry=r
+            "tripmesh_participant_votes", "2PC and 3PC votes cast.", ["service", "vote"], registry=r
+        )
+        self.unilateral = Counter(
+            "tripmesh_participant_unilateral_decisions",
+            "3PC holds this participant decided on its own time-out (commit or abort).",
+            ["service", "decision"],
+            registry=r,
         )
         self.in_doubt_settled = Counter(
             "tripmesh_participant_in_doubt_settled",

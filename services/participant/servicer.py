@@ -8,12 +8,13 @@ import grpc
 
 from services.participant.convert import (
     hold_from_proto,
+    holding_protocol_from_proto,
     inventory_day_to_proto,
     reservation_to_proto,
     resource_to_proto,
     status_from_proto,
 )
-from services.participant.domain import ParticipantError
+from services.participant.domain import ParticipantError, StepResult
 from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
 from tripmesh.runtime import failpoints
@@ -27,7 +28,16 @@ _MAX_PAGE = 1000
 _MAX_ID = 200
 
 
-def _ids(request: pb.CommitRequest | pb.AbortRequest | pb.CancelRequest) -> tuple[str, str]:
+def _ids(
+    request: pb.CommitRequest
+    | pb.AbortRequest
+    | pb.CancelRequest
+    | pb.PreCommitRequest
+    | pb.DoCommitRequest
+    | pb.PrepareRequest
+    | pb.ReserveRequest
+    | pb.CanCommitRequest,
+) -> tuple[str, str]:
     problems = [
         FieldViolation(name, f"is required and at most {_MAX_ID} characters")
         for name in ("reservation_id", "trip_id")
@@ -69,17 +79,19 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> pb.PrepareResponse:
         reservation_id, trip_id = _ids(request)
         result = await self.store.prepare(reservation_id, trip_id, hold_from_proto(request.hold))
-        self.metrics.votes.labels(self.store.kind, "yes" if result.accepted else "no").inc()
-        self._done(
-            "prepare", reservation_id, "voted yes" if result.accepted else "voted no", result.reason
-        )
+        vote = self._vote("prepare", reservation_id, result)
         if result.accepted:
             failpoints.hit("participant.after_vote_yes")
         return pb.PrepareResponse(
-            vote=pb.VOTE_YES if result.accepted else pb.VOTE_NO,
-            reason=result.reason,
-            reservation=reservation_to_proto(result.reservation),
+            vote=vote, reason=result.reason, reservation=reservation_to_proto(result.reservation)
         )
+
+    def _vote(self, step: str, reservation_id: str, result: StepResult) -> pb.Vote:
+        """Count and log a 2PC or 3PC vote; the vote to answer."""
+        self.metrics.votes.labels(self.store.kind, "yes" if result.accepted else "no").inc()
+        outcome = "voted yes" if result.accepted else "voted no"
+        self._done(step, reservation_id, outcome, result.reason)
+        return pb.VOTE_YES if result.accepted else pb.VOTE_NO
 
     async def Commit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
@@ -94,9 +106,46 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:
         reservation_id, trip_id = _ids(request)
-        done = await self.store.abort(reservation_id, trip_id, settled_by="coordinator")
+        protocol = holding_protocol_from_proto(request.protocol)
+        if protocol is None:
+            raise ParticipantError.invalid(
+                FieldViolation(
+                    "protocol", "must be TWO_PHASE_COMMIT (or unspecified) or THREE_PHASE_COMMIT"
+                )
+            )
+        done = await self.store.abort(
+            reservation_id, trip_id, settled_by="coordinator", protocol=protocol
+        )
         self._done("abort", reservation_id, done.status.value)
         return pb.AbortResponse(reservation=reservation_to_proto(done))
+
+    async def CanCommit(
+        self, request: pb.CanCommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CanCommitResponse:
+        reservation_id, trip_id = _ids(request)
+        hold = hold_from_proto(request.hold)
+        result = await self.store.can_commit(reservation_id, trip_id, hold)
+        return pb.CanCommitResponse(
+            vote=self._vote("can_commit", reservation_id, result),
+            reason=result.reason,
+            reservation=reservation_to_proto(result.reservation),
+        )
+
+    async def PreCommit(
+        self, request: pb.PreCommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PreCommitResponse:
+        reservation_id, trip_id = _ids(request)
+        done = await self.store.pre_commit(reservation_id, trip_id)
+        self._done("pre_commit", reservation_id, done.status.value)
+        return pb.PreCommitResponse(reservation=reservation_to_proto(done))
+
+    async def DoCommit(
+        self, request: pb.DoCommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DoCommitResponse:
+        reservation_id, trip_id = _ids(request)
+        done = await self.store.do_commit(reservation_id, trip_id, settled_by="coordinator")
+        self._done("do_commit", reservation_id, done.status.value)
+        return pb.DoCommitResponse(reservation=reservation_to_proto(done))
 
     async def Reserve(
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext

@@ -33,7 +33,7 @@ from services.participant.domain import (
     wrong_state,
 )
 from tripmesh.runtime import failpoints
-from tripmesh.runtime.database import Database
+from tripmesh.runtime.database import Database, migrate
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
 SCHEMA = """
@@ -56,9 +56,8 @@ CREATE TABLE IF NOT EXISTS inventory (
 CREATE TABLE IF NOT EXISTS reservations (
   reservation_id TEXT PRIMARY KEY,
   trip_id TEXT NOT NULL,
-  protocol TEXT NOT NULL CHECK (protocol IN ('2pc', 'saga')),
-  status TEXT NOT NULL
-    CHECK (status IN ('held', 'confirmed', 'released', 'cancelled', 'refused')),
+  protocol TEXT NOT NULL CHECK (protocol IN ({protocols})),
+  status TEXT NOT NULL CHECK (status IN ({statuses})),
   resource_id TEXT,
   start_date TEXT,
   days INTEGER,
@@ -71,7 +70,12 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 CREATE INDEX IF NOT EXISTS reservations_by_status ON reservations(status, updated_at);
 CREATE INDEX IF NOT EXISTS reservations_by_trip ON reservations(trip_id);
-"""
+""".replace("{protocols}", ", ".join(f"'{p.value}'" for p in Protocol)).replace(
+    "{statuses}", ", ".join(f"'{s.value}'" for s in ReservationStatus)
+)
+# Bumped whenever SCHEMA changes; books written by another version are refused at
+# start-up rather than misread.
+SCHEMA_VERSION = 2
 
 _S = ReservationStatus
 
@@ -80,7 +84,8 @@ class ParticipantStore:
     """The books of one participant. Every method is one transaction on the DB thread."""
 
     def __init__(self, path: Path | str, *, kind: str = "resource") -> None:
-        self.db = Database(path, SCHEMA)
+        self.db = Database(path)
+        self.db.run_sync(migrate(SCHEMA, SCHEMA_VERSION, table="reservations", what="these books"))
         self.kind = kind  # "flight", "hotel", "car": for messages
 
     def close(self) -> None:
@@ -93,11 +98,48 @@ class ParticipantStore:
         )
 
     async def commit(self, reservation_id: str, trip_id: str, *, settled_by: str) -> Reservation:
-        return await self.db.run(lambda c: _commit(c, reservation_id, settled_by))
-
-    async def abort(self, reservation_id: str, trip_id: str, *, settled_by: str) -> Reservation:
         return await self.db.run(
-            lambda c: _give_back(c, reservation_id, trip_id, Protocol.TWO_PHASE_COMMIT, settled_by)
+            lambda c: _commit(c, reservation_id, Protocol.TWO_PHASE_COMMIT, settled_by)
+        )
+
+    async def abort(
+        self,
+        reservation_id: str,
+        trip_id: str,
+        *,
+        settled_by: str,
+        protocol: Protocol = Protocol.TWO_PHASE_COMMIT,
+    ) -> Reservation:
+        """Release a 2PC or 3PC hold (a tombstone if nothing is known yet)."""
+        return await self.db.run(
+            lambda c: _give_back(c, reservation_id, trip_id, protocol, settled_by)
+        )
+
+    # -- 3PC -------------------------------------------------------------
+    async def can_commit(self, reservation_id: str, trip_id: str, hold: Hold) -> StepResult:
+        return await self.db.run(
+            lambda c: _take(
+                c, self.kind, reservation_id, trip_id, hold, Protocol.THREE_PHASE_COMMIT
+            )
+        )
+
+    async def pre_commit(self, reservation_id: str, trip_id: str) -> Reservation:
+        return await self.db.run(lambda c: _pre_commit(c, reservation_id))
+
+    async def do_commit(self, reservation_id: str, trip_id: str, *, settled_by: str) -> Reservation:
+        return await self.db.run(
+            lambda c: _commit(c, reservation_id, Protocol.THREE_PHASE_COMMIT, settled_by)
+        )
+
+    async def settle_timed_out(
+        self, *, waiting_for: float, pre_committed_for: float
+    ) -> list[Reservation]:
+        """3PC's own decisions: abort a yes vote that heard no PreCommit for `waiting_for`
+        seconds; commit a pre-committed hold that heard nothing more for `pre_committed_for`.
+        Returns what was settled (settled_by "timeout")."""
+        now = time.time()
+        return await self.db.run(
+            lambda c: _settle_timed_out(c, now - waiting_for, now - pre_committed_for)
         )
 
     # -- saga ------------------------------------------------------------
@@ -133,15 +175,17 @@ class ParticipantStore:
         )
 
     async def in_doubt(self, older_than: float) -> list[Reservation]:
-        """Prepared holds untouched for `older_than` seconds: ask the coordinator about them."""
+        """2PC holds untouched for `older_than` seconds: ask the coordinator about them.
+
+        (A 3PC hold is never asked about: it decides on its own time-out.)"""
         cutoff = time.time() - older_than
         return await self.db.read(
             lambda c: [
                 row_to_reservation(r)
                 for r in c.execute(
-                    "SELECT * FROM reservations WHERE status = 'held' AND updated_at <= ?"
-                    " ORDER BY updated_at LIMIT 500",
-                    (cutoff,),
+                    "SELECT * FROM reservations WHERE status = 'held' AND protocol = ?"
+                    " AND updated_at <= ? ORDER BY updated_at LIMIT 500",
+                    (Protocol.TWO_PHASE_COMMIT.value, cutoff),
                 )
             ]
         )
@@ -183,7 +227,7 @@ def _take(
                 f"reservation {reservation_id} was first requested with other parameters",
                 kind=ErrorKind.CONFLICT,
             )
-        if existing.status in (_S.HELD, _S.CONFIRMED):
+        if existing.status.column is not None:  # held, pre-committed or confirmed
             return StepResult(True, "", existing)
         if existing.status in (_S.RELEASED, _S.CANCELLED):
             reason = existing.reason or "aborted before it was requested"
@@ -193,7 +237,7 @@ def _take(
     price = _price(conn, kind, hold)
     dates = hold.dates
     least = _least_available(conn, kind, hold, dates)
-    target = "held" if protocol is Protocol.TWO_PHASE_COMMIT else "confirmed"
+    target = "held" if protocol.holds_first else "confirmed"
     if least >= hold.quantity:
         # Every date has room (this thread is the only writer, and the CHECK
         # constraints refuse a negative count whatever happens): take them all.
@@ -228,17 +272,61 @@ def _take(
     return StepResult(status is not _S.REFUSED, reason, reservation)
 
 
-def _commit(conn: sqlite3.Connection, reservation_id: str, settled_by: str) -> Reservation:
+def _commit(
+    conn: sqlite3.Connection, reservation_id: str, protocol: Protocol, settled_by: str
+) -> Reservation:
+    """2PC Commit, or 3PC DoCommit: held units become confirmed."""
     existing = _load(conn, reservation_id)
     if existing is None:
         raise wrong_state(f"cannot commit {reservation_id}: it was never prepared here")
-    _check_protocol(existing, Protocol.TWO_PHASE_COMMIT)
+    _check_protocol(existing, protocol)
     if existing.status is _S.CONFIRMED:
         return existing
-    if existing.status is not _S.HELD or existing.hold is None:
-        raise wrong_state(f"cannot commit {reservation_id}: it is {existing.status.value}")
+    if existing.status.column != "held" or existing.hold is None:
+        why = f" ({existing.settled_by}: {existing.reason})" if existing.reason else ""
+        raise wrong_state(f"cannot commit {reservation_id}: it is {existing.status.value}{why}")
     _move(conn, existing.hold, "held", "confirmed")
     return _set_status(conn, existing, _S.CONFIRMED, settled_by)
+
+
+def _pre_commit(conn: sqlite3.Connection, reservation_id: str) -> Reservation:
+    """3PC PreCommit: a yes vote becomes pre-committed (units stay held)."""
+    existing = _load(conn, reservation_id)
+    if existing is None:
+        raise wrong_state(f"cannot pre-commit {reservation_id}: it never voted here")
+    _check_protocol(existing, Protocol.THREE_PHASE_COMMIT)
+    if existing.status in (_S.PRE_COMMITTED, _S.CONFIRMED):
+        return existing  # a duplicate, or a late one after DoCommit: the outcome stands
+    if existing.status is not _S.HELD:
+        why = f" ({existing.settled_by}: {existing.reason})" if existing.reason else ""
+        raise wrong_state(f"cannot pre-commit {reservation_id}: it is {existing.status.value}{why}")
+    return _set_status(conn, existing, _S.PRE_COMMITTED, existing.settled_by)
+
+
+def _settle_timed_out(
+    conn: sqlite3.Connection, waiting_since: float, pre_committed_since: float
+) -> list[Reservation]:
+    settled = []
+    rows = conn.execute(
+        "SELECT * FROM reservations WHERE protocol = ?"
+        " AND ((status = 'held' AND updated_at <= ?) OR (status = 'pre_committed' AND updated_at <= ?))"
+        " ORDER BY updated_at LIMIT 500",
+        (Protocol.THREE_PHASE_COMMIT.value, waiting_since, pre_committed_since),
+    ).fetchall()
+    for row in rows:
+        found = row_to_reservation(row)
+        assert found.hold is not None
+        if found.status is _S.HELD:  # voted yes, no PreCommit: abort on our own
+            _move(conn, found.hold, "held", "available")
+            conn.execute(
+                "UPDATE reservations SET reason = ? WHERE reservation_id = ?",
+                ("3PC time-out: no PreCommit after a yes vote", found.reservation_id),
+            )
+            settled.append(_set_status(conn, found, _S.RELEASED, "timeout"))
+        else:  # pre-committed, nothing more: commit on our own
+            _move(conn, found.hold, "held", "confirmed")
+            settled.append(_set_status(conn, found, _S.CONFIRMED, "timeout"))
+    return settled
 
 
 def _give_back(
@@ -249,7 +337,7 @@ def _give_back(
     settled_by: str,
 ) -> Reservation:
     """Abort (2PC) or Cancel (saga); a tombstone when nothing is known yet."""
-    final = _S.RELEASED if protocol is Protocol.TWO_PHASE_COMMIT else _S.CANCELLED
+    final = _S.RELEASED if protocol.holds_first else _S.CANCELLED
     existing = _load(conn, reservation_id)
     if existing is None:
         now = time.time()
@@ -271,10 +359,12 @@ def _give_back(
     _check_protocol(existing, protocol)
     if existing.status is final:
         return existing
-    if existing.status is _S.CONFIRMED and protocol is Protocol.TWO_PHASE_COMMIT:
-        raise wrong_state(f"cannot abort {reservation_id}: it is already committed")
-    if existing.status in (_S.HELD, _S.CONFIRMED) and existing.hold is not None:
-        _move(conn, existing.hold, existing.status.value, "available")
+    if existing.status is _S.CONFIRMED and protocol.holds_first:
+        why = " (on its own 3PC time-out)" if existing.settled_by == "timeout" else ""
+        raise wrong_state(f"cannot abort {reservation_id}: it is already committed{why}")
+    column = existing.status.column
+    if column is not None and existing.hold is not None:
+        _move(conn, existing.hold, column, "available")
     return _set_status(conn, existing, final, settled_by)
 
 

@@ -15,6 +15,7 @@ from tripmesh.v1 import participant_pb2 as ppb
 PROTOCOLS = [
     pytest.param(cpb.PROTOCOL_TWO_PHASE_COMMIT, id="2pc"),
     pytest.param(cpb.PROTOCOL_SAGA, id="saga"),
+    pytest.param(cpb.PROTOCOL_THREE_PHASE_COMMIT, id="3pc"),
 ]
 
 
@@ -40,10 +41,17 @@ def test_books_a_trip_and_the_books_agree(make_cluster, protocol: int) -> None:
     assert books.totals("car", "C") == (0, 3)
 
 
-def test_car_sold_out_2pc_aborts_with_nothing_held(make_cluster) -> None:
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        pytest.param(cpb.PROTOCOL_TWO_PHASE_COMMIT, id="2pc"),
+        pytest.param(cpb.PROTOCOL_THREE_PHASE_COMMIT, id="3pc"),
+    ],
+)
+def test_car_sold_out_2pc_and_3pc_abort_with_nothing_held(make_cluster, protocol: int) -> None:
     _, books = make_cluster()
     trip = books.coordinator.BookTrip(
-        trip_request("k", cpb.PROTOCOL_TWO_PHASE_COMMIT, flight="FX", hotel="H", car="C-SOLD-OUT"),
+        trip_request("k", protocol, flight="FX", hotel="H", car="C-SOLD-OUT"),
         timeout=10,
     ).trip
     assert trip.status == cpb.TRIP_STATUS_ABORTED

@@ -18,6 +18,7 @@ from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import participant_pb2 as ppb
 
 TWO_PC, SAGA = cpb.PROTOCOL_TWO_PHASE_COMMIT, cpb.PROTOCOL_SAGA
+THREE_PC = cpb.PROTOCOL_THREE_PHASE_COMMIT
 CONFIRMED, ABORTED = cpb.TRIP_STATUS_CONFIRMED, cpb.TRIP_STATUS_ABORTED
 
 
@@ -35,6 +36,14 @@ def _book_into_crash(books, cluster, request: cpb.BookTripRequest) -> None:
         pytest.param("2pc.after_decision", TWO_PC, "C", CONFIRMED, id="2pc-after-decision"),
         pytest.param("2pc.between_phase2", TWO_PC, "C", CONFIRMED, id="2pc-between-phase2"),
         pytest.param("2pc.between_phase2", TWO_PC, "C-SOLD-OUT", ABORTED, id="2pc-between-aborts"),
+        pytest.param("3pc.before_decision", THREE_PC, "C", ABORTED, id="3pc-before-decision"),
+        pytest.param(
+            "3pc.after_precommit_decision", THREE_PC, "C", CONFIRMED, id="3pc-after-pre-commit"
+        ),
+        pytest.param("3pc.between_docommits", THREE_PC, "C", CONFIRMED, id="3pc-between-docommits"),
+        pytest.param(
+            "3pc.between_docommits", THREE_PC, "C-SOLD-OUT", ABORTED, id="3pc-between-aborts"
+        ),
         pytest.param("saga.after_step_rpc", SAGA, "C", CONFIRMED, id="saga-after-step"),
         pytest.param(
             "saga.mid_compensation", SAGA, "C-SOLD-OUT", ABORTED, id="saga-mid-compensation"
@@ -56,7 +65,7 @@ def test_coordinator_killed_mid_protocol_recovers(
     # ...and, but for an abort whose releases all landed before the kill,
     # something taken at a participant.
     taken = [books.totals(k, r) for k, r in (("flight", "FX"), ("hotel", "H"), ("car", car))]
-    if failpoint != "2pc.between_phase2" or expected == CONFIRMED:
+    if failpoint not in ("2pc.between_phase2", "3pc.between_docommits") or expected == CONFIRMED:
         assert any(held or confirmed for held, confirmed in taken), taken
 
     cluster.coordinator.start(extra_env={"TRIPMESH_FAILPOINTS": ""})

@@ -1,7 +1,9 @@
 """The participant engine under duplicated and reordered protocol messages.
 
-A hypothesis state machine sends Prepare, Commit, Abort, Reserve and Cancel in
-random order, with duplicates and with the wrong protocol, to a real
+A hypothesis state machine sends Prepare, Commit, Abort, Reserve, Cancel,
+CanCommit, PreCommit, DoCommit and 3PC's Abort in random order, with
+duplicates and with the wrong protocol, and lets 3PC's time-outs fire at any
+moment, to a real
 ParticipantStore on a real SQLite file, and keeps a model of what each
 reservation should be. After every step the books are read straight from the
 file through a separate read-only connection: capacity = available + held +
@@ -49,11 +51,15 @@ FIRST_DAY = dt.date(2031, 3, 1)
 ON_SALE = tuple((FIRST_DAY + dt.timedelta(days=i)).isoformat() for i in range(3))
 TWO_PC_IDS = ("p0", "p1")
 SAGA_IDS = ("s0", "s1")
-ALL_IDS = TWO_PC_IDS + SAGA_IDS
+THREE_PC_IDS = ("t0", "t1")
+ALL_IDS = TWO_PC_IDS + SAGA_IDS + THREE_PC_IDS
 
 _S = ReservationStatus
 _TWO_PC = Protocol.TWO_PHASE_COMMIT
 _SAGA = Protocol.SAGA
+_THREE_PC = Protocol.THREE_PHASE_COMMIT
+# The inventory column each status counts in.
+COLUMN = {_S.HELD: "held", _S.PRE_COMMITTED: "held", _S.CONFIRMED: "confirmed"}
 
 # Mostly the one resource on sale, sometimes one that does not exist; a start
 # on the last day with two days runs off the sale window.
@@ -68,6 +74,7 @@ holds = st.builds(
 hold_choices = st.one_of(st.none(), holds)
 two_pc_ids = st.one_of(st.sampled_from(TWO_PC_IDS), st.sampled_from(ALL_IDS))
 saga_ids = st.one_of(st.sampled_from(SAGA_IDS), st.sampled_from(ALL_IDS))
+three_pc_ids = st.one_of(st.sampled_from(THREE_PC_IDS), st.sampled_from(ALL_IDS))
 
 Outcome = StepResult | Reservation | ParticipantError
 
@@ -111,10 +118,10 @@ class ParticipantMachine(RuleBasedStateMachine):
         self.loop.close()
 
     # -- the model ----------------------------------------------------------
-    def _model_units(self, status: ReservationStatus) -> dict[str, int]:
+    def _model_units(self, column: str) -> dict[str, int]:
         units = dict.fromkeys(ON_SALE, 0)
         for expected in self.model.values():
-            if expected.status is status and expected.hold is not None:
+            if COLUMN.get(expected.status) == column and expected.hold is not None:
                 for day in expected.hold.dates:
                     units[day] += expected.hold.quantity
         return units
@@ -126,39 +133,61 @@ class ParticipantMachine(RuleBasedStateMachine):
                 return Verdict(error=ErrorKind.PRECONDITION)
             if known.hold is not None and known.hold != hold:
                 return Verdict(error=ErrorKind.CONFLICT)
-            accepted = known.status in (_S.HELD, _S.CONFIRMED)
+            accepted = known.status in COLUMN
             return Verdict(status=known.status, accepted=accepted)
         if hold.resource_id != RESOURCE:
             return Verdict(error=ErrorKind.NOT_FOUND)
         if not set(hold.dates) <= set(ON_SALE):
             return Verdict(error=ErrorKind.INVALID)
-        held, confirmed = self._model_units(_S.HELD), self._model_units(_S.CONFIRMED)
+        held, confirmed = self._model_units("held"), self._model_units("confirmed")
         room = all(CAPACITY - held[d] - confirmed[d] >= hold.quantity for d in hold.dates)
-        taken = _S.HELD if protocol is _TWO_PC else _S.CONFIRMED
+        taken = _S.HELD if protocol.holds_first else _S.CONFIRMED
         status = taken if room else _S.REFUSED
         self.model[rid] = Expected(protocol, status, hold)
         return Verdict(status=status, accepted=room)
 
-    def _expect_commit(self, rid: str) -> Verdict:
+    def _expect_commit(self, rid: str, protocol: Protocol = _TWO_PC) -> Verdict:
+        """2PC Commit, or 3PC DoCommit (from a yes vote or a pre-commit)."""
         known = self.model.get(rid)
-        if known is None or known.protocol is not _TWO_PC:
+        if known is None or known.protocol is not protocol:
             return Verdict(error=ErrorKind.PRECONDITION)
-        if known.status is _S.HELD:
+        if COLUMN.get(known.status) == "held":
             self.model[rid] = Expected(known.protocol, _S.CONFIRMED, known.hold)
             return Verdict(status=_S.CONFIRMED)
         if known.status is _S.CONFIRMED:
             return Verdict(status=_S.CONFIRMED)
         return Verdict(error=ErrorKind.PRECONDITION)  # released or refused: never committed
 
+    def _expect_pre_commit(self, rid: str) -> Verdict:
+        known = self.model.get(rid)
+        if known is None or known.protocol is not _THREE_PC:
+            return Verdict(error=ErrorKind.PRECONDITION)
+        if known.status is _S.HELD:
+            self.model[rid] = Expected(known.protocol, _S.PRE_COMMITTED, known.hold)
+            return Verdict(status=_S.PRE_COMMITTED)
+        if known.status in (_S.PRE_COMMITTED, _S.CONFIRMED):
+            return Verdict(status=known.status)  # a duplicate, or late: the outcome stands
+        return Verdict(error=ErrorKind.PRECONDITION)  # aborted (or refused): never again
+
+    def _expect_time_outs(self) -> None:
+        """3PC's own decisions: a yes vote aborts, a pre-commit commits."""
+        for rid, known in list(self.model.items()):
+            if known.protocol is not _THREE_PC:
+                continue
+            if known.status is _S.HELD:
+                self.model[rid] = Expected(_THREE_PC, _S.RELEASED, known.hold)
+            elif known.status is _S.PRE_COMMITTED:
+                self.model[rid] = Expected(_THREE_PC, _S.CONFIRMED, known.hold)
+
     def _expect_give_back(self, rid: str, protocol: Protocol) -> Verdict:
-        final = _S.RELEASED if protocol is _TWO_PC else _S.CANCELLED
+        final = _S.RELEASED if protocol.holds_first else _S.CANCELLED
         known = self.model.get(rid)
         if known is None:  # a tombstone, so that a late Prepare / Reserve is refused
             self.model[rid] = Expected(protocol, final, None)
             return Verdict(status=final)
         if known.protocol is not protocol:
             return Verdict(error=ErrorKind.PRECONDITION)
-        if known.status is _S.CONFIRMED and protocol is _TWO_PC:
+        if known.status is _S.CONFIRMED and protocol.holds_first:
             return Verdict(error=ErrorKind.PRECONDITION)  # abort after commit
         self.model[rid] = Expected(protocol, final, known.hold)
         return Verdict(status=final)
@@ -220,7 +249,11 @@ class ParticipantMachine(RuleBasedStateMachine):
         hold = self._hold(rid, choice)
         earlier = self.model.get(rid)
         verdict = self._expect_take(rid, hold, protocol)
-        send = self.store.prepare if protocol is _TWO_PC else self.store.reserve
+        send = {
+            _TWO_PC: self.store.prepare,
+            _SAGA: self.store.reserve,
+            _THREE_PC: self.store.can_commit,
+        }[protocol]
         outcome = self._step(rid, lambda: send(rid, "trip-" + rid, hold), verdict)
         given_back = earlier is not None and earlier.status in (_S.RELEASED, _S.CANCELLED)
         if given_back:
@@ -251,6 +284,42 @@ class ParticipantMachine(RuleBasedStateMachine):
         verdict = self._expect_give_back(rid, _SAGA)
         self._step(rid, lambda: self.store.cancel(rid, "trip-" + rid), verdict)
 
+    @rule(rid=three_pc_ids, choice=hold_choices)
+    def can_commit(self, rid: str, choice: Hold | None) -> None:
+        self._take(rid, choice, _THREE_PC)
+
+    @rule(rid=three_pc_ids)
+    def pre_commit(self, rid: str) -> None:
+        verdict = self._expect_pre_commit(rid)
+        self._step(rid, lambda: self.store.pre_commit(rid, "trip-" + rid), verdict)
+
+    @rule(rid=three_pc_ids)
+    def do_commit(self, rid: str) -> None:
+        verdict = self._expect_commit(rid, _THREE_PC)
+        self._step(
+            rid, lambda: self.store.do_commit(rid, "trip-" + rid, settled_by="test"), verdict
+        )
+
+    @rule(rid=three_pc_ids)
+    def abort_three_phase(self, rid: str) -> None:
+        verdict = self._expect_give_back(rid, _THREE_PC)
+        self._step(
+            rid,
+            lambda: self.store.abort(rid, "trip-" + rid, settled_by="test", protocol=_THREE_PC),
+            verdict,
+        )
+
+    @rule()
+    def three_phase_time_outs_fire(self) -> None:
+        """The participant's own time-outs, as if every 3PC hold had waited too long."""
+        self._expect_time_outs()
+        settled = self.loop.run_until_complete(
+            self.store.settle_timed_out(waiting_for=-1.0, pre_committed_for=-1.0)
+        )
+        assert {r.settled_by for r in settled} <= {"timeout"}
+        assert all(r.protocol is _THREE_PC for r in settled)
+        self.last = None
+
     @rule()
     def repeat_last_step(self) -> None:
         """A duplicate delivered at once answers exactly as the first did and changes nothing."""
@@ -277,10 +346,10 @@ class ParticipantMachine(RuleBasedStateMachine):
             assert min(d["available"], d["held"], d["confirmed"]) >= 0, dict(d)
             assert d["capacity"] == CAPACITY
             assert d["available"] + d["held"] + d["confirmed"] == d["capacity"], dict(d)
-        for status, column in ((_S.HELD, "held"), (_S.CONFIRMED, "confirmed")):
+        for column in ("held", "confirmed"):
             in_file = {d["day"]: d[column] for d in days}
-            assert in_file == self._file_units(status), f"{column} disagrees with the reservations"
-            assert in_file == self._model_units(status), f"{column} disagrees with the model"
+            assert in_file == self._file_units(column), f"{column} disagrees with the reservations"
+            assert in_file == self._model_units(column), f"{column} disagrees with the model"
 
     @invariant()
     def reservations_match_model(self) -> None:
@@ -305,10 +374,13 @@ class ParticipantMachine(RuleBasedStateMachine):
         }
         assert in_file == self.model
 
-    def _file_units(self, status: ReservationStatus) -> dict[str, int]:
+    def _file_units(self, column: str) -> dict[str, int]:
         units = dict.fromkeys(ON_SALE, 0)
+        statuses = [s.value for s, c in COLUMN.items() if c == column]
+        marks = ", ".join("?" * len(statuses))
         rows = self.reader.execute(
-            "SELECT start_date, days, quantity FROM reservations WHERE status = ?", (status.value,)
+            f"SELECT start_date, days, quantity FROM reservations WHERE status IN ({marks})",
+            statuses,
         )
         for r in rows:
             hold = Hold(RESOURCE, dt.date.fromisoformat(r["start_date"]), r["days"], r["quantity"])

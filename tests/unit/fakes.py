@@ -50,9 +50,18 @@ class FakeParticipant(Participant):
     async def commit(self, reservation_id: str, trip_id: str) -> None:
         self._enter("commit", reservation_id)
 
-    async def abort(self, reservation_id: str, trip_id: str) -> None:
+    async def abort(self, reservation_id: str, trip_id: str, *, three_phase: bool = False) -> None:
         self._enter("abort", reservation_id)
         self.held.discard(reservation_id)
+
+    async def can_commit(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
+        return self._take("can_commit", reservation_id)
+
+    async def pre_commit(self, reservation_id: str, trip_id: str) -> None:
+        self._enter("pre_commit", reservation_id)
+
+    async def do_commit(self, reservation_id: str, trip_id: str) -> None:
+        self._enter("do_commit", reservation_id)
 
     async def cancel(self, reservation_id: str, trip_id: str) -> None:
         self._enter("cancel", reservation_id)

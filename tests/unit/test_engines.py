@@ -19,11 +19,18 @@ from coordinator.domain import (
     TripStatus,
 )
 from coordinator.engine import Policies
+from coordinator.journal import LegUpdate, TripJournal
 from coordinator.saga import Saga
 from coordinator.store.sqlite import SqliteTripStore
+from coordinator.threepc import ThreePhaseCommit
 from coordinator.twopc import TwoPhaseCommit
 from tests.unit.fakes import FakeParticipants
 
+ENGINES = {
+    Protocol.TWO_PHASE_COMMIT: TwoPhaseCommit,
+    Protocol.SAGA: Saga,
+    Protocol.THREE_PHASE_COMMIT: ThreePhaseCommit,
+}
 FAST = Policies(
     step=RetryPolicy(initial=0.001, cap=0.002, give_up_after=0.05),
     compensation=RetryPolicy(initial=0.001, cap=0.002, give_up_after=0.05),
@@ -42,9 +49,7 @@ def _run(tmp_path: Path, protocol: Protocol, arrange, recover: bool = False):
         store = SqliteTripStore(tmp_path / "log.db")
         fakes = FakeParticipants()
         arrange(fakes.fakes)
-        engine = (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(
-            store, fakes, FAST
-        )
+        engine = ENGINES[protocol](store, fakes, FAST)
         trip, _ = await store.create(_request(protocol))
         trip = await (engine.recover(trip) if recover else engine.book(trip))
         events = await store.events(trip.trip_id)
@@ -189,3 +194,90 @@ def test_catalog_never_says_not_found_when_it_could_not_ask() -> None:
         assert isinstance(outcome, CoordinatorError), outcome
         assert outcome.kind.name == "UNAVAILABLE", outcome.message
     assert outcomes[5] is None  # once reachable, the same request passes
+
+
+def _methods(fake) -> list[str]:
+    return [method for method, _ in fake.calls]
+
+
+def test_3pc_commits_in_three_rounds_when_everyone_votes_yes(tmp_path: Path) -> None:
+    trip, fakes, events = _run(tmp_path, Protocol.THREE_PHASE_COMMIT, lambda f: None)
+    assert trip.status is TripStatus.CONFIRMED and trip.decision is Decision.COMMIT
+    for fake in fakes.values():
+        assert _methods(fake) == ["can_commit", "pre_commit", "do_commit"]
+    decisions = [(i, e.detail) for i, e in enumerate(events) if e.kind == "decision"]
+    assert [d for _, d in decisions] == ["pre_commit", "commit"]
+    pre_committed = [i for i, e in enumerate(events) if e.kind == "pre-committed"]
+    acknowledged = [i for i, e in enumerate(events) if e.kind == "acknowledged"]
+    # PRE_COMMIT stored before any PreCommit is acknowledged, COMMIT before any DoCommit.
+    assert decisions[0][0] < min(pre_committed) and max(pre_committed) < decisions[1][0]
+    assert decisions[1][0] < min(acknowledged)
+
+
+def test_3pc_aborts_everyone_when_a_vote_is_no(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.CAR].refuse = "sold out"
+
+    trip, fakes, _ = _run(tmp_path, Protocol.THREE_PHASE_COMMIT, arrange)
+    assert trip.status is TripStatus.ABORTED and trip.decision is Decision.ABORT
+    assert trip.failure_reason == "car: sold out"
+    for kind, fake in fakes.items():
+        assert "pre_commit" not in _methods(fake) and "do_commit" not in _methods(fake)
+        if kind is not LegKind.CAR:  # the car refused: it holds nothing to release
+            assert _methods(fake)[-1] == "abort"
+    assert all(not fake.held for fake in fakes.values())
+
+
+def test_3pc_aborts_when_a_participant_aborted_before_pre_commit(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.HOTEL].reject = {"pre_commit"}  # it timed out and aborted on its own
+
+    trip, fakes, _ = _run(tmp_path, Protocol.THREE_PHASE_COMMIT, arrange)
+    assert trip.status is TripStatus.ABORTED and trip.decision is Decision.ABORT
+    assert "hotel" in trip.failure_reason
+    assert all("do_commit" not in _methods(fake) for fake in fakes.values())
+    assert all(_methods(fake)[-1] == "abort" for fake in fakes.values())
+
+
+def test_3pc_commits_when_a_pre_commit_goes_unanswered(tmp_path: Path) -> None:
+    """The textbook rule: every vote was yes, so a silent participant is presumed failed."""
+
+    def arrange(f):
+        f[LegKind.CAR].unknown = {"pre_commit"}
+
+    trip, fakes, events = _run(tmp_path, Protocol.THREE_PHASE_COMMIT, arrange)
+    assert trip.status is TripStatus.CONFIRMED
+    assert "do_commit" in _methods(fakes[LegKind.CAR])
+    commit = next(e for e in events if e.kind == "decision" and e.detail.startswith("commit"))
+    assert "car" in commit.detail and "presumed failed" in commit.detail
+
+
+def test_3pc_do_commit_refused_leaves_a_partial_trip_needing_attention(tmp_path: Path) -> None:
+    """A participant that aborted on its own time-out refuses DoCommit: 3PC's known failure."""
+
+    def arrange(f):
+        f[LegKind.CAR].unknown = {"pre_commit"}
+        f[LegKind.CAR].reject = {"do_commit"}
+
+    trip, fakes, _ = _run(tmp_path, Protocol.THREE_PHASE_COMMIT, arrange)
+    assert trip.status is TripStatus.NEEDS_ATTENTION
+    assert trip.attention is Attention.PHASE2_REJECTED
+    assert "car" in trip.attention_detail
+    assert "do_commit" in _methods(fakes[LegKind.FLIGHT])
+
+
+def test_3pc_recovery_from_pre_commit_finishes_forward(tmp_path: Path) -> None:
+    async def go():
+        store = SqliteTripStore(tmp_path / "log.db")
+        fakes = FakeParticipants()
+        trip, _ = await store.create(_request(Protocol.THREE_PHASE_COMMIT))
+        held = {kind: LegUpdate(LegStatus.HELD, "", 100) for kind in LegKind}
+        trip = await TripJournal(store, trip).write(decision=Decision.PRE_COMMIT, legs=held)
+        final = await ThreePhaseCommit(store, fakes, FAST).recover(trip)
+        store.close()
+        return final, fakes.fakes
+
+    final, fakes = asyncio.run(go())
+    assert final.status is TripStatus.CONFIRMED and final.decision is Decision.COMMIT
+    for fake in fakes.values():
+        assert _methods(fake) == ["pre_commit", "do_commit"]

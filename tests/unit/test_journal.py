@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.domain import Decision, LegKind, LegStatus, Protocol, Trip, TripStatus
+from coordinator.engine import TripEngine
 from coordinator.journal import Change, TripJournal
 from coordinator.saga import Saga
 from coordinator.store.sqlite import SqliteTripStore
-from coordinator.twopc import TwoPhaseCommit
 from tests.unit.fakes import FakeParticipants
-from tests.unit.test_engines import FAST, _request
+from tests.unit.test_engines import ENGINES, FAST, _request
 
 
 class WatchedStore(SqliteTripStore):
@@ -34,10 +34,8 @@ class WatchedStore(SqliteTripStore):
         self.written.append(trip)
 
 
-def _engine(
-    protocol: Protocol, store: SqliteTripStore, fakes: FakeParticipants
-) -> Saga | TwoPhaseCommit:
-    return (TwoPhaseCommit if protocol is Protocol.TWO_PHASE_COMMIT else Saga)(store, fakes, FAST)
+def _engine(protocol: Protocol, store: SqliteTripStore, fakes: FakeParticipants) -> TripEngine:
+    return ENGINES[protocol](store, fakes, FAST)
 
 
 def _book(tmp_path: Path, protocol: Protocol, arrange=lambda f: None, recover: bool = False):
@@ -57,15 +55,20 @@ def _book(tmp_path: Path, protocol: Protocol, arrange=lambda f: None, recover: b
 
 
 @pytest.mark.parametrize(
-    ("protocol", "writes"), [(Protocol.SAGA, 1), (Protocol.TWO_PHASE_COMMIT, 2)]
+    ("protocol", "writes"),
+    [(Protocol.SAGA, 1), (Protocol.TWO_PHASE_COMMIT, 2), (Protocol.THREE_PHASE_COMMIT, 3)],
 )
 def test_a_confirmed_trip_writes_after_creation_only_what_recovery_needs(
     tmp_path: Path, protocol: Protocol, writes: int
 ) -> None:
     final, logged, written, events, _ = _book(tmp_path, protocol)
     assert final.status is TripStatus.CONFIRMED
-    # saga: the outcome; 2PC: the decision, then the outcome.
+    # saga: the outcome; 2PC: the decision, then the outcome; 3PC: PRE_COMMIT, COMMIT, outcome.
     assert len(written) == writes
+    if protocol is Protocol.THREE_PHASE_COMMIT:
+        decisions = [w.decision for w in written]
+        assert decisions == [Decision.PRE_COMMIT, Decision.COMMIT, Decision.COMMIT]
+        assert {leg.status for leg in written[1].legs} == {LegStatus.PRE_COMMITTED}
     if protocol is Protocol.TWO_PHASE_COMMIT:
         assert written[0].decision is Decision.COMMIT
         assert written[0].status is TripStatus.PENDING

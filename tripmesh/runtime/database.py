@@ -90,6 +90,28 @@ def storage_error(exc: sqlite3.Error, path: Path) -> StorageUnavailable | None:
     )
 
 
+def migrate(schema: str, version: int, *, table: str, what: str) -> Job:
+    """A job that creates `schema` in a new database, or checks an old one is of `version`.
+
+    A database written under another version is refused rather than misread;
+    `table` is one the schema creates, `what` names the database in the message.
+    """
+
+    def job(conn: sqlite3.Connection) -> None:
+        (found,) = conn.execute("PRAGMA user_version").fetchone()
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+        if exists is not None and found != version:
+            raise RuntimeError(
+                f"{what} was written by another version of tripmesh (schema {found},"
+                f" this one reads {version}); `make reset` starts afresh"
+            )
+        for statement in filter(str.strip, schema.split(";")):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
+
+    return job
+
+
 class Database:
     """A SQLite database owned by one writer thread, with reader threads beside it.
 
