@@ -11,6 +11,7 @@ import datetime as dt
 import grpc
 
 from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
+from tripmesh.runtime.names import PARTICIPANT_PROTOCOL_NAMES, PROTOCOL_NAMES
 from tripmesh.runtime.paging import paged
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
@@ -42,7 +43,7 @@ def read_trips(channel: grpc.Channel) -> list[TripView]:
         TripView(
             trip_id=t.trip_id,
             idempotency_key=t.idempotency_key,
-            protocol="2pc" if t.protocol == cpb.PROTOCOL_TWO_PHASE_COMMIT else "saga",
+            protocol=PROTOCOL_NAMES[t.protocol],
             status=_enum(cpb.TripStatus, t.status, "TRIP_STATUS_"),
             decision=_enum(cpb.Decision, t.decision, "DECISION_"),
         )
@@ -64,7 +65,7 @@ def read_participant(
             dates=_dates(r.hold),
             quantity=r.hold.quantity,
             settled_by=r.settled_by,
-            protocol="2pc" if r.protocol == ppb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT else "saga",
+            protocol=PARTICIPANT_PROTOCOL_NAMES.get(r.protocol, ""),
             created_at=r.created_at.ToNanoseconds() / 1e9,
             updated_at=r.updated_at.ToNanoseconds() / 1e9,
         )

@@ -43,6 +43,7 @@ class Attention(enum.Enum):
     PHASE2_SLOW = "phase2_slow"  # 2PC: decision not acknowledged within policy; still sent
     PHASE2_REJECTED = "phase2_rejected"  # 2PC: a participant refused the logged decision
     COMPENSATION_FAILED = "compensation_failed"  # saga: a Cancel failed past its policy
+    FORWARD_STUCK = "forward_stuck"  # saga past its pivot: a later step did not complete
 
     @property
     def still_driven(self) -> bool:
@@ -63,6 +64,15 @@ class LegKind(enum.Enum):
     FLIGHT = "flight"
     HOTEL = "hotel"
     CAR = "car"
+
+
+class StepKind(enum.Enum):
+    """What a saga step is (Garcia-Molina and Salem, "Sagas", 1987; the pivot as in
+    Richardson's *Microservices Patterns*, ch. 4)."""
+
+    COMPENSATABLE = "compensatable"  # undone by its compensation if a later step fails
+    PIVOT = "pivot"  # the point of no return: once it succeeds, the saga only goes forward
+    RETRIABLE = "retriable"  # after the pivot: retried until it succeeds, never compensated
 
 
 # The order in which a saga takes its steps; compensation runs it backwards.

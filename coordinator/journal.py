@@ -112,6 +112,11 @@ class TripJournal:
             self._trip = Change(legs=self._legs).apply(self._stored, self._stored.updated_at)
         return self._trip
 
+    @property
+    def decision(self) -> Decision | None:
+        """The trip's stored decision (notes never change it; cheaper than `trip.decision`)."""
+        return self._stored.decision
+
     def leg(self, kind: LegKind) -> Leg:
         """One leg as its driver knows it (cheaper than `trip.leg`)."""
         update = self._legs.get(kind)

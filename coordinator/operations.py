@@ -90,9 +90,9 @@ class OperatorActions:
                 raise _refuse(trip, "compensate", "; only a trip that needs attention can be")
             if trip.decision is Decision.COMMIT:
                 what = (
-                    "its 2PC decision is COMMIT"
-                    if trip.protocol is Protocol.TWO_PHASE_COMMIT
-                    else "every step is confirmed"
+                    "its saga is past its pivot or done (decision COMMIT)"
+                    if trip.protocol is Protocol.SAGA
+                    else f"its {trip.protocol.value} decision is COMMIT"
                 )
                 raise _refuse(trip, "compensate", f" and {what}: retry it instead")
             trip = await TripJournal(self.store, trip).write(

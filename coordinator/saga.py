@@ -13,8 +13,16 @@ Compensations are retried within the compensation policy; past it, the trip
 becomes NEEDS_ATTENTION and is logged loudly.
 
 For a saga, the trip's decision is ABORT once compensation has begun and
-COMMIT once every step is confirmed: recovery resumes forward or backward
-from it.
+COMMIT once the saga may only go forward: every step confirmed or, with a
+pivot, the pivot step confirmed. Recovery resumes forward or backward from it.
+
+Steps have kinds (`StepKind`, Garcia-Molina and Salem's sagas): compensatable
+steps come first, then at most one pivot, then retriable steps. A failure
+before the pivot succeeded compensates backwards; once the pivot succeeded,
+COMMIT is written before the next step, and later steps are retried forward,
+never compensated, until they succeed or the trip needs attention
+(FORWARD_STUCK). The default trip saga is all compensatable; `trip_saga(pivot)`
+makes one with a pivot (the coordinator's --saga-pivot).
 """
 
 from __future__ import annotations
@@ -28,22 +36,27 @@ from coordinator.clients import (
     OutcomeUnknown,
     Participant,
     ParticipantRejected,
+    Participants,
     StepReply,
     retry,
 )
 from coordinator.domain import (
+    LEG_ORDER,
     Attention,
     Decision,
     LegKind,
     LegRequest,
     LegStatus,
     Protocol,
+    StepKind,
     Trip,
     TripEvent,
     TripStatus,
 )
-from coordinator.engine import TripEngine
+from coordinator.engine import Policies, TripEngine
 from coordinator.journal import LegUpdate, TripJournal
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.store import TripStore
 from tripmesh.runtime import failpoints
 
 log = logging.getLogger(__name__)
@@ -54,6 +67,7 @@ class SagaStep:
     leg: LegKind
     action: Callable[[Participant, str, str, LegRequest], Awaitable[StepReply]]
     compensation: Callable[[Participant, str, str], Awaitable[None]]
+    kind: StepKind = StepKind.COMPENSATABLE
 
 
 def reserve(
@@ -66,9 +80,20 @@ def cancel(client: Participant, reservation_id: str, trip_id: str) -> Awaitable[
     return client.cancel(reservation_id, trip_id)
 
 
-TRIP_SAGA: tuple[SagaStep, ...] = tuple(
-    SagaStep(kind, reserve, cancel) for kind in (LegKind.FLIGHT, LegKind.HOTEL, LegKind.CAR)
-)
+def trip_saga(pivot: LegKind | None = None) -> tuple[SagaStep, ...]:
+    """The trip's steps in LEG_ORDER: compensatable before `pivot`, retriable after it.
+
+    With no pivot every step is compensatable (the default).
+    """
+    if pivot is None:
+        return tuple(SagaStep(leg, reserve, cancel) for leg in LEG_ORDER)
+    at = LEG_ORDER.index(pivot)
+    kinds = [StepKind.COMPENSATABLE] * at + [StepKind.PIVOT]
+    kinds += [StepKind.RETRIABLE] * (len(LEG_ORDER) - at - 1)
+    return tuple(SagaStep(leg, reserve, cancel, kind) for leg, kind in zip(LEG_ORDER, kinds))
+
+
+TRIP_SAGA = trip_saga()
 
 # Legs that may hold units and so need compensating.
 _MAY_HOLD = (LegStatus.CONFIRMED, LegStatus.IN_FLIGHT)
@@ -81,7 +106,18 @@ _MAY_HOLD_AFTER_RECOVERY = (*_MAY_HOLD, LegStatus.NOT_STARTED)
 
 class Saga(TripEngine):
     protocol = Protocol.SAGA
-    steps = TRIP_SAGA
+
+    def __init__(
+        self,
+        store: TripStore,
+        participants: Participants,
+        policies: Policies,
+        metrics: CoordinatorMetrics | None = None,
+        *,
+        steps: tuple[SagaStep, ...] = TRIP_SAGA,
+    ) -> None:
+        super().__init__(store, participants, policies, metrics)
+        self.steps = steps
 
     async def book(self, trip: Trip) -> Trip:
         return await self._forward(TripJournal(self.store, trip))
@@ -92,11 +128,7 @@ class Saga(TripEngine):
         journal.note(TripEvent("recovery", detail=direction))
         if trip.decision is Decision.ABORT:
             return await self._compensate(journal, trip.failure_reason, _MAY_HOLD_AFTER_RECOVERY)
-        if trip.decision is Decision.COMMIT:
-            return await journal.write(
-                TripEvent("finished", detail="confirmed"), status=TripStatus.CONFIRMED
-            )
-        return await self._forward(journal)
+        return await self._forward(journal)  # COMMIT (past the pivot) or undecided
 
     async def _forward(self, journal: TripJournal) -> Trip:
         trip_id, request = journal.trip.trip_id, journal.trip.request
@@ -110,6 +142,11 @@ class Saga(TripEngine):
                     legs={step.leg: LegUpdate(LegStatus.IN_FLIGHT)},
                 )
             client = self.participants[step.leg]
+            if journal.decision is Decision.COMMIT:  # past the pivot: only forward
+                stuck = await self._retry_forward(journal, step, leg.reservation_id)
+                if stuck is not None:
+                    return stuck
+                continue
             try:
                 reply = await retry(
                     partial(
@@ -135,14 +172,59 @@ class Saga(TripEngine):
             if not reply.accepted:
                 reason = f"{step.leg.value}: {reply.reason}"
                 return await self._start_compensation(journal, step.leg, LegStatus.REFUSED, reason)
-            journal.note(
-                TripEvent("outcome", step.leg.value, "confirmed"),
-                legs={step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)},
-            )
+            confirmed = {step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)}
+            if step.kind is StepKind.PIVOT:
+                # Durable before the next step: from here recovery goes forward only.
+                await journal.write(
+                    TripEvent("outcome", step.leg.value, "confirmed"),
+                    TripEvent("pivot", step.leg.value, "the saga only moves forward now"),
+                    decision=Decision.COMMIT,
+                    legs=confirmed,
+                )
+                continue
+            journal.note(TripEvent("outcome", step.leg.value, "confirmed"), legs=confirmed)
         return await journal.write(
             TripEvent("finished", detail="confirmed"),
             status=TripStatus.CONFIRMED,
             decision=Decision.COMMIT,
+        )
+
+    async def _retry_forward(
+        self, journal: TripJournal, step: SagaStep, reservation_id: str
+    ) -> Trip | None:
+        """A step after the pivot: retried until it succeeds (None), never compensated; past
+        the policy, or refused, the trip needs attention (returned)."""
+        trip_id, request = journal.trip.trip_id, journal.trip.request
+        client = self.participants[step.leg]
+        try:
+            reply = await retry(
+                partial(step.action, client, reservation_id, trip_id, request.leg(step.leg)),
+                self.policies.compensation,
+                f"{trip_id} reserve {step.leg.value} (past the pivot)",
+                **self.watch(journal, step.leg.value, "reserve"),
+            )
+        except (OutcomeUnknown, ParticipantRejected) as exc:
+            why = exc.message
+        else:
+            if reply.accepted:
+                journal.note(
+                    TripEvent("outcome", step.leg.value, "confirmed"),
+                    legs={step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)},
+                )
+                return None
+            why = reply.reason
+        log.error(
+            "%s did not complete after the pivot: %s; trip needs attention",
+            step.leg.value,
+            why,
+            extra={"trip_id": trip_id, "leg": step.leg.value},
+        )
+        return await journal.write(
+            TripEvent("attention", step.leg.value, why),
+            status=TripStatus.NEEDS_ATTENTION,
+            attention=Attention.FORWARD_STUCK,
+            attention_detail=f"{step.leg.value} after the pivot: {why} (never compensated;"
+            " retry it once it can succeed)",
         )
 
     async def _start_compensation(

@@ -8,7 +8,8 @@ Configuration (flags override the environment):
 | TRIPMESH_ADMIN_LISTEN | 127.0.0.1:9100 | the admin HTTP port: /metrics, the operator page, /api (empty: off) |
 | TRIPMESH_DATA_DIR | .data | the trip store is DATA_DIR/coordinator.db |
 | TRIPMESH_FLIGHT / _HOTEL / _CAR | 127.0.0.1:16051 / 16052 / 16053 | participants (their Toxiproxy proxies) |
-| TRIPMESH_DEFAULT_PROTOCOL | saga | 2pc or saga, for requests that do not say |
+| TRIPMESH_DEFAULT_PROTOCOL | saga | 2pc, 3pc or saga, for requests that do not say |
+| TRIPMESH_SAGA_PIVOT | (none) | flight, hotel or car: the saga's pivot step (steps before it compensatable, after it retriable); none: every step compensatable |
 | TRIPMESH_RPC_TIMEOUT | 2.0 | deadline of each participant call, seconds |
 | TRIPMESH_STEP_GIVE_UP | 5 | seconds a vote or saga step is retried before aborting |
 | TRIPMESH_COMPENSATION_GIVE_UP | 60 | seconds a compensation is retried before NEEDS_ATTENTION |
@@ -33,7 +34,7 @@ from coordinator.domain import LegKind, Protocol
 from coordinator.engine import Policies
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.operations import OperatorActions
-from coordinator.saga import Saga
+from coordinator.saga import Saga, trip_saga
 from coordinator.service import TripService
 from coordinator.servicer import CoordinatorServicer, DecisionsServicer, OperatorServicer
 from coordinator.store.sqlite import SqliteTripStore
@@ -54,6 +55,7 @@ class CoordinatorConfig:
     data_dir: Path
     participants: dict[LegKind, str]
     default_protocol: Protocol
+    saga_pivot: LegKind | None
     rpc_timeout: float
     policies: Policies
     key_retention: float
@@ -91,6 +93,12 @@ class CoordinatorConfig:
             default=env.get("TRIPMESH_DEFAULT_PROTOCOL", "saga"),
         )
         p.add_argument(
+            "--saga-pivot",
+            choices=["none", *(k.value for k in LegKind)],
+            default=env.get("TRIPMESH_SAGA_PIVOT", "none") or "none",
+            help="the saga's pivot step; steps after it are retried, never compensated",
+        )
+        p.add_argument(
             "--rpc-timeout", type=float, default=float(env.get("TRIPMESH_RPC_TIMEOUT", 2.0))
         )
         p.add_argument(
@@ -118,6 +126,7 @@ class CoordinatorConfig:
             data_dir=Path(a.data_dir),
             participants={kind: getattr(a, kind.value) for kind in LegKind},
             default_protocol=Protocol(a.default_protocol),
+            saga_pivot=None if a.saga_pivot == "none" else LegKind(a.saga_pivot),
             rpc_timeout=a.rpc_timeout,
             policies=Policies(
                 step=RetryPolicy(give_up_after=a.step_give_up),
@@ -141,7 +150,7 @@ async def serve(config: CoordinatorConfig) -> None:
         engine.protocol: engine
         for engine in (
             TwoPhaseCommit(store, participants, config.policies, metrics),
-            Saga(store, participants, config.policies, metrics),
+            Saga(store, participants, config.policies, metrics, steps=trip_saga(config.saga_pivot)),
             ThreePhaseCommit(store, participants, config.policies, metrics),
         )
     }

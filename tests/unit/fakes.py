@@ -26,9 +26,13 @@ class FakeParticipant(Participant):
         self.reject: set[str] = set()  # methods rejected definitely
         self.held: set[str] = set()
         self.delay = 0.0  # seconds each call takes (lets concurrent calls overlap)
+        self.fail_first: dict[str, int] = {}  # method -> calls that time out before it works
 
     def _enter(self, method: str, reservation_id: str) -> None:
         self.calls.append((method, reservation_id))
+        if self.fail_first.get(method, 0) > 0:
+            self.fail_first[method] -= 1
+            raise OutcomeUnknown(f"{self.kind.value}.{method}: DEADLINE_EXCEEDED (transient)")
         if method in self.unknown:
             raise OutcomeUnknown(f"{self.kind.value}.{method}: DEADLINE_EXCEEDED")
         if method in self.reject:

@@ -15,12 +15,13 @@ from coordinator.domain import (
     LegRequest,
     LegStatus,
     Protocol,
+    StepKind,
     TripRequest,
     TripStatus,
 )
 from coordinator.engine import Policies
 from coordinator.journal import LegUpdate, TripJournal
-from coordinator.saga import Saga
+from coordinator.saga import Saga, trip_saga
 from coordinator.store.sqlite import SqliteTripStore
 from coordinator.threepc import ThreePhaseCommit
 from coordinator.twopc import TwoPhaseCommit
@@ -281,3 +282,94 @@ def test_3pc_recovery_from_pre_commit_finishes_forward(tmp_path: Path) -> None:
     assert final.status is TripStatus.CONFIRMED and final.decision is Decision.COMMIT
     for fake in fakes.values():
         assert _methods(fake) == ["pre_commit", "do_commit"]
+
+
+def _pivot_run(tmp_path: Path, arrange, *, pivot: LegKind = LegKind.HOTEL, recover_from=None):
+    async def go():
+        store = SqliteTripStore(tmp_path / "log.db")
+        fakes = FakeParticipants()
+        arrange(fakes.fakes)
+        engine = Saga(store, fakes, FAST, steps=trip_saga(pivot))
+        trip, _ = await store.create(_request(Protocol.SAGA))
+        if recover_from is not None:
+            trip = await TripJournal(store, trip).write(**recover_from)
+            trip = await engine.recover(trip)
+        else:
+            trip = await engine.book(trip)
+        events = await store.events(trip.trip_id)
+        store.close()
+        return trip, fakes.fakes, events
+
+    return asyncio.run(go())
+
+
+def test_trip_saga_kinds_with_a_pivot() -> None:
+    assert [s.kind for s in trip_saga()] == [StepKind.COMPENSATABLE] * 3
+    assert [(s.leg, s.kind) for s in trip_saga(LegKind.HOTEL)] == [
+        (LegKind.FLIGHT, StepKind.COMPENSATABLE),
+        (LegKind.HOTEL, StepKind.PIVOT),
+        (LegKind.CAR, StepKind.RETRIABLE),
+    ]
+
+
+def test_a_failure_before_the_pivot_compensates_in_reverse_order(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.HOTEL].refuse = "sold out"  # the pivot itself fails
+
+    trip, fakes, events = _pivot_run(tmp_path, arrange)
+    assert trip.status is TripStatus.ABORTED and trip.decision is Decision.ABORT
+    assert _methods(fakes[LegKind.FLIGHT]) == ["reserve", "cancel"]
+    assert fakes[LegKind.CAR].calls == []
+    assert not [e for e in events if e.kind == "pivot"]
+
+
+def test_after_the_pivot_a_transient_failure_is_retried_forward_never_compensated(
+    tmp_path: Path,
+) -> None:
+    def arrange(f):
+        f[LegKind.CAR].fail_first = {"reserve": 3}  # times out three times, then works
+
+    trip, fakes, events = _pivot_run(tmp_path, arrange)
+    assert trip.status is TripStatus.CONFIRMED
+    assert _methods(fakes[LegKind.CAR]) == ["reserve"] * 4
+    assert not any(m == "cancel" for fake in fakes.values() for m in _methods(fake))
+    kinds = [e.kind for e in events]
+    # The pivot is written (decision COMMIT) before the car is first asked.
+    assert kinds.index("pivot") < kinds.index("retry")
+
+
+def test_after_the_pivot_a_refusal_needs_attention_and_is_never_compensated(
+    tmp_path: Path,
+) -> None:
+    def arrange(f):
+        f[LegKind.CAR].refuse = "sold out"
+
+    trip, fakes, _ = _pivot_run(tmp_path, arrange)
+    assert trip.status is TripStatus.NEEDS_ATTENTION
+    assert trip.attention is Attention.FORWARD_STUCK and "car" in trip.attention_detail
+    assert trip.decision is Decision.COMMIT
+    assert trip.leg(LegKind.FLIGHT).status is LegStatus.CONFIRMED
+    assert trip.leg(LegKind.HOTEL).status is LegStatus.CONFIRMED
+    assert not any(m == "cancel" for fake in fakes.values() for m in _methods(fake))
+
+
+def test_without_a_pivot_the_same_refusal_compensates(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.CAR].refuse = "sold out"
+
+    trip, fakes, _ = _run(tmp_path, Protocol.SAGA, arrange)
+    assert trip.status is TripStatus.ABORTED
+    assert _methods(fakes[LegKind.HOTEL])[-1] == "cancel"
+
+
+def test_a_saga_recovered_past_its_pivot_goes_forward(tmp_path: Path) -> None:
+    confirmed = {
+        LegKind.FLIGHT: LegUpdate(LegStatus.CONFIRMED, "", 100),
+        LegKind.HOTEL: LegUpdate(LegStatus.CONFIRMED, "", 100),
+    }
+    trip, fakes, _ = _pivot_run(
+        tmp_path, lambda f: None, recover_from={"decision": Decision.COMMIT, "legs": confirmed}
+    )
+    assert trip.status is TripStatus.CONFIRMED
+    assert fakes[LegKind.FLIGHT].calls == [] and fakes[LegKind.HOTEL].calls == []
+    assert _methods(fakes[LegKind.CAR]) == ["reserve"]

@@ -281,14 +281,16 @@ class Database:
             f"storage unavailable: the writer of {self.path.name} stopped ({cause!r});"
             " this server is restarting, retry the call"
         )
-        stranded = [reply for _, reply in self._in_batch if not reply.done()]
-        _deliver([(reply, None, self._dead) for reply in stranded])
-        self._fail_queued()
+        # Told first, so that by the time a caller hears UNAVAILABLE its server is on
+        # its way to NOT_SERVING.
         for callback in self._death_callbacks:
             try:
                 callback(cause)
             except Exception:
                 log.exception("writer-death callback failed")
+        stranded = [reply for _, reply in self._in_batch if not reply.done()]
+        _deliver([(reply, None, self._dead) for reply in stranded])
+        self._fail_queued()
         try:
             self._conn.close()
         except sqlite3.Error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import cast
 
 from tripmesh.v1 import coordinator_pb2 as pb
+from tripmesh.v1 import participant_pb2 as ppb
 
 
 def _names(enum: object, prefix: str) -> dict[int, str]:
@@ -22,4 +23,17 @@ TRIP_STATUS_NAMES: dict[int, str] = _names(pb.TripStatus, "TRIP_STATUS_")
 #: The reverse: {"confirmed": TRIP_STATUS_CONFIRMED}.
 TRIP_STATUS_BY_NAME: dict[str, pb.TripStatus] = {
     name: cast(pb.TripStatus, v) for v, name in TRIP_STATUS_NAMES.items()
+}
+
+#: Protocols by the short names the CLI, the chaos lab and the load tests use.
+PROTOCOL_NAMES: dict[int, str] = {
+    pb.PROTOCOL_TWO_PHASE_COMMIT: "2pc",
+    pb.PROTOCOL_THREE_PHASE_COMMIT: "3pc",
+    pb.PROTOCOL_SAGA: "saga",
+}
+#: The same for a participant's record of which protocol a reservation is under.
+PARTICIPANT_PROTOCOL_NAMES: dict[int, str] = {
+    ppb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT: "2pc",
+    ppb.PARTICIPANT_PROTOCOL_THREE_PHASE_COMMIT: "3pc",
+    ppb.PARTICIPANT_PROTOCOL_SAGA: "saga",
 }
