@@ -69,6 +69,7 @@ def cmd_book(args: argparse.Namespace, channel: grpc.Channel) -> None:
             hotel_id=args.hotel, check_in=date, nights=args.nights, rooms=args.rooms
         ),
         car=pb.CarSelection(car_id=args.car, pickup_date=date, days=args.days, cars=args.cars),
+        semantic_lock=args.semantic_lock,
     )
     reply = stub.BookTrip(request, timeout=args.timeout)
     _emit(reply, args.json, lambda: show_trip(reply.trip))
@@ -232,6 +233,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--car", default="CAMRY-NRT")
     b.add_argument("--days", type=int, default=3)
     b.add_argument("--cars", type=int, default=1)
+    b.add_argument(
+        "--semantic-lock",
+        action="store_true",
+        help="saga only: legs stay PENDING to every reader until the trip's outcome is decided",
+    )
     b.set_defaults(run=cmd_book)
 
     t = sub.add_parser("trip", help="show one trip")

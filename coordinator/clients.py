@@ -147,7 +147,14 @@ class Participant(abc.ABC):
     async def do_commit(self, reservation_id: str, trip_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply: ...
+    async def reserve(
+        self, reservation_id: str, trip_id: str, leg: LegRequest, *, pending: bool = False
+    ) -> StepReply:
+        """A saga step; `pending`: under a semantic lock (held until `confirm`)."""
+
+    @abc.abstractmethod
+    async def confirm(self, reservation_id: str, trip_id: str) -> None:
+        """Lift a semantic lock: the PENDING leg becomes confirmed."""
 
     @abc.abstractmethod
     async def cancel(self, reservation_id: str, trip_id: str) -> None: ...
@@ -241,16 +248,25 @@ class ParticipantClient(Participant):
             "DoCommit", pb.DoCommitRequest(reservation_id=reservation_id, trip_id=trip_id)
         )
 
-    async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
+    async def reserve(
+        self, reservation_id: str, trip_id: str, leg: LegRequest, *, pending: bool = False
+    ) -> StepReply:
         reply = await self._call(
             "Reserve",
-            pb.ReserveRequest(reservation_id=reservation_id, trip_id=trip_id, hold=_hold(leg)),
+            pb.ReserveRequest(
+                reservation_id=reservation_id, trip_id=trip_id, hold=_hold(leg), pending=pending
+            ),
         )
         assert isinstance(reply, pb.ReserveResponse)
         return StepReply(reply.reserved, reply.reason, reply.reservation.price_cents)
 
     async def cancel(self, reservation_id: str, trip_id: str) -> None:
         await self._call("Cancel", pb.CancelRequest(reservation_id=reservation_id, trip_id=trip_id))
+
+    async def confirm(self, reservation_id: str, trip_id: str) -> None:
+        await self._call(
+            "Confirm", pb.ConfirmRequest(reservation_id=reservation_id, trip_id=trip_id)
+        )
 
     async def catalog(self) -> list[CatalogEntry]:
         entries: list[CatalogEntry] = []

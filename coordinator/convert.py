@@ -97,6 +97,7 @@ def trip_to_proto(trip: Trip, events: Sequence[TripEvent] = ()) -> pb.Trip:
         created_at=timestamp(trip.created_at),
         updated_at=timestamp(trip.updated_at),
         request=pb.BookTripRequest(
+            semantic_lock=r.semantic_lock,
             idempotency_key=r.idempotency_key,
             customer_id=r.customer_id,
             protocol=PROTOCOL[r.protocol],

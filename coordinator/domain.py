@@ -110,6 +110,8 @@ class TripRequest:
     flight: LegRequest
     hotel: LegRequest
     car: LegRequest
+    #: Saga only: legs are PENDING at the participants until the outcome is decided.
+    semantic_lock: bool = False
 
     def leg(self, kind: LegKind) -> LegRequest:
         return {LegKind.FLIGHT: self.flight, LegKind.HOTEL: self.hotel, LegKind.CAR: self.car}[kind]
@@ -130,6 +132,8 @@ class TripRequest:
             "customer_id": self.customer_id,
             "protocol": self.protocol.value,
             **{kind.value: vars(self.leg(kind)).copy() for kind in LEG_ORDER},
+            # Only when set, so that the fingerprint of a request without it is unchanged.
+            **({"semantic_lock": True} if self.semantic_lock else {}),
         }
 
     @classmethod
@@ -142,6 +146,7 @@ class TripRequest:
             flight=LegRequest(**body["flight"]),
             hotel=LegRequest(**body["hotel"]),
             car=LegRequest(**body["car"]),
+            semantic_lock=bool(body.get("semantic_lock", False)),
         )
 
 

@@ -27,6 +27,7 @@ makes one with a pivot (the coordinator's --saga-pivot).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,15 +66,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SagaStep:
     leg: LegKind
-    action: Callable[[Participant, str, str, LegRequest], Awaitable[StepReply]]
+    action: Callable[..., Awaitable[StepReply]]  # (client, reservation_id, trip_id, leg, pending=)
     compensation: Callable[[Participant, str, str], Awaitable[None]]
     kind: StepKind = StepKind.COMPENSATABLE
 
 
 def reserve(
-    client: Participant, reservation_id: str, trip_id: str, leg: LegRequest
+    client: Participant, reservation_id: str, trip_id: str, leg: LegRequest, *, pending: bool
 ) -> Awaitable[StepReply]:
-    return client.reserve(reservation_id, trip_id, leg)
+    return client.reserve(reservation_id, trip_id, leg, pending=pending)
 
 
 def cancel(client: Participant, reservation_id: str, trip_id: str) -> Awaitable[None]:
@@ -96,7 +97,10 @@ def trip_saga(pivot: LegKind | None = None) -> tuple[SagaStep, ...]:
 TRIP_SAGA = trip_saga()
 
 # Legs that may hold units and so need compensating.
-_MAY_HOLD = (LegStatus.CONFIRMED, LegStatus.IN_FLIGHT)
+_MAY_HOLD = (LegStatus.CONFIRMED, LegStatus.IN_FLIGHT, LegStatus.HELD)
+# Under a semantic lock a reserved leg is HELD (pending at its participant) until the
+# outcome is decided; without one it is CONFIRMED at once.
+_RESERVED = {False: LegStatus.CONFIRMED, True: LegStatus.HELD}
 # The same when compensating a trip recovered from the log: a step's progress
 # is only noted (see TripJournal), so a leg logged NOT_STARTED may have been
 # reserved by a driver that was lost. It is cancelled too; if it never was
@@ -132,6 +136,7 @@ class Saga(TripEngine):
 
     async def _forward(self, journal: TripJournal) -> Trip:
         trip_id, request = journal.trip.trip_id, journal.trip.request
+        lock = request.semantic_lock
         for step in self.steps:
             leg = journal.leg(step.leg)
             if leg.status is LegStatus.CONFIRMED:
@@ -155,6 +160,7 @@ class Saga(TripEngine):
                         leg.reservation_id,
                         trip_id,
                         request.leg(step.leg),
+                        pending=lock,
                     ),
                     self.policies.step,
                     f"{trip_id} reserve {step.leg.value}",
@@ -172,7 +178,7 @@ class Saga(TripEngine):
             if not reply.accepted:
                 reason = f"{step.leg.value}: {reply.reason}"
                 return await self._start_compensation(journal, step.leg, LegStatus.REFUSED, reason)
-            confirmed = {step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)}
+            confirmed = {step.leg: LegUpdate(_RESERVED[lock], "", reply.price_cents)}
             if step.kind is StepKind.PIVOT:
                 # Durable before the next step: from here recovery goes forward only.
                 await journal.write(
@@ -183,6 +189,10 @@ class Saga(TripEngine):
                 )
                 continue
             journal.note(TripEvent("outcome", step.leg.value, "confirmed"), legs=confirmed)
+        if lock:
+            stuck = await self._lift_lock(journal)
+            if stuck is not None:
+                return stuck
         return await journal.write(
             TripEvent("finished", detail="confirmed"),
             status=TripStatus.CONFIRMED,
@@ -197,8 +207,16 @@ class Saga(TripEngine):
         trip_id, request = journal.trip.trip_id, journal.trip.request
         client = self.participants[step.leg]
         try:
+            lock = request.semantic_lock
             reply = await retry(
-                partial(step.action, client, reservation_id, trip_id, request.leg(step.leg)),
+                partial(
+                    step.action,
+                    client,
+                    reservation_id,
+                    trip_id,
+                    request.leg(step.leg),
+                    pending=lock,
+                ),
                 self.policies.compensation,
                 f"{trip_id} reserve {step.leg.value} (past the pivot)",
                 **self.watch(journal, step.leg.value, "reserve"),
@@ -209,7 +227,7 @@ class Saga(TripEngine):
             if reply.accepted:
                 journal.note(
                     TripEvent("outcome", step.leg.value, "confirmed"),
-                    legs={step.leg: LegUpdate(LegStatus.CONFIRMED, "", reply.price_cents)},
+                    legs={step.leg: LegUpdate(_RESERVED[lock], "", reply.price_cents)},
                 )
                 return None
             why = reply.reason
@@ -226,6 +244,42 @@ class Saga(TripEngine):
             attention_detail=f"{step.leg.value} after the pivot: {why} (never compensated;"
             " retry it once it can succeed)",
         )
+
+    async def _lift_lock(self, journal: TripJournal) -> Trip | None:
+        """Every step succeeded under a semantic lock: store COMMIT, then Confirm each pending
+        leg (retried until acknowledged). None when done; the trip if one refused."""
+        if journal.decision is not Decision.COMMIT:
+            # Durable before any Confirm: from here the trip only goes forward.
+            await journal.write(
+                TripEvent("decision", detail="commit: lift the semantic lock"),
+                decision=Decision.COMMIT,
+            )
+        trip = journal.trip
+
+        async def confirm(kind: LegKind, reservation_id: str) -> None:
+            client = self.participants[kind]
+            await retry(
+                lambda: client.confirm(reservation_id, trip.trip_id),
+                self.policies.phase2,
+                f"{trip.trip_id} confirm {kind.value}",
+                **self.watch(journal, kind.value, "confirm"),
+            )
+            journal.note(
+                TripEvent("confirmed", kind.value, "semantic lock lifted"),
+                legs={kind: LegUpdate(LegStatus.CONFIRMED, "")},
+            )
+
+        pending = [leg for leg in trip.legs if leg.status is not LegStatus.CONFIRMED]
+        try:
+            await asyncio.gather(*(confirm(leg.kind, leg.reservation_id) for leg in pending))
+        except ParticipantRejected as exc:
+            return await journal.write(
+                TripEvent("attention", detail=exc.message),
+                status=TripStatus.NEEDS_ATTENTION,
+                attention=Attention.FORWARD_STUCK,
+                attention_detail=f"lifting the semantic lock: {exc.message}",
+            )
+        return None
 
     async def _start_compensation(
         self, journal: TripJournal, failed: LegKind, status: LegStatus, reason: str

@@ -63,6 +63,10 @@ def trip_request_from_proto(
     else:
         problems.append(FieldViolation("protocol", f"unknown protocol {request.protocol}"))
         protocol = default_protocol
+    if request.semantic_lock and protocol is not Protocol.SAGA:
+        problems.append(
+            FieldViolation("semantic_lock", f"applies to the saga only, not {protocol.value}")
+        )
     for name in ("flight", "hotel", "car"):
         if not request.HasField(name):
             problems.append(FieldViolation(name, "is required"))
@@ -90,4 +94,5 @@ def trip_request_from_proto(
         flight=LegRequest(f.flight_id, f.date, 1, f.seats),
         hotel=LegRequest(h.hotel_id, h.check_in, h.nights, h.rooms),
         car=LegRequest(c.car_id, c.pickup_date, c.days, c.cars),
+        semantic_lock=request.semantic_lock,
     )

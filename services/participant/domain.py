@@ -37,11 +37,16 @@ class ReservationStatus(enum.Enum):
     RELEASED = "released"  # 2PC or 3PC aborted (or a tombstone: aborted before the vote)
     CANCELLED = "cancelled"  # saga compensated (or a tombstone: cancelled before reserve)
     REFUSED = "refused"  # voted no / sold out: nothing taken
+    PENDING = "pending"  # saga with a semantic lock: taken, held until Confirm or Cancel
 
     @property
     def column(self) -> str | None:
         """The inventory column its units are counted in (None: it holds no units)."""
-        if self in (ReservationStatus.HELD, ReservationStatus.PRE_COMMITTED):
+        if self in (
+            ReservationStatus.HELD,
+            ReservationStatus.PRE_COMMITTED,
+            ReservationStatus.PENDING,
+        ):
             return "held"
         return "confirmed" if self is ReservationStatus.CONFIRMED else None
 

@@ -1,4 +1,4 @@
-"""Settles in-doubt 2PC holds by asking the coordinator for its decision.
+"""Settles in-doubt 2PC holds (and a saga's PENDING legs) by asking the coordinator.
 
 A participant that voted yes may neither commit nor abort on its own: no timer
 releases a hold (the story's auto-release after 5 minutes is exactly the bug).
@@ -15,6 +15,7 @@ import logging
 
 import grpc
 
+from services.participant.domain import ReservationStatus
 from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -68,10 +69,17 @@ class InDoubtResolver:
                     extra={"trip_id": held.trip_id},
                 )
                 return settled  # the coordinator is away: ask again next round
+            pending = held.status is ReservationStatus.PENDING  # a saga's semantic lock
             if answer.decision == coordinator_pb2.DECISION_COMMIT:
-                await self.store.commit(held.reservation_id, held.trip_id, settled_by="resolver")
+                settle = self.store.confirm if pending else self.store.commit
+                await settle(held.reservation_id, held.trip_id, settled_by="resolver")
             elif answer.decision == coordinator_pb2.DECISION_ABORT:
-                await self.store.abort(held.reservation_id, held.trip_id, settled_by="resolver")
+                if pending:
+                    await self.store.cancel(
+                        held.reservation_id, held.trip_id, settled_by="resolver"
+                    )
+                else:
+                    await self.store.abort(held.reservation_id, held.trip_id, settled_by="resolver")
             else:
                 continue
             settled += 1

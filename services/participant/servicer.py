@@ -36,7 +36,8 @@ def _ids(
     | pb.DoCommitRequest
     | pb.PrepareRequest
     | pb.ReserveRequest
-    | pb.CanCommitRequest,
+    | pb.CanCommitRequest
+    | pb.ConfirmRequest,
 ) -> tuple[str, str]:
     problems = [
         FieldViolation(name, f"is required and at most {_MAX_ID} characters")
@@ -119,6 +120,14 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self._done("abort", reservation_id, done.status.value)
         return pb.AbortResponse(reservation=reservation_to_proto(done))
 
+    async def Confirm(
+        self, request: pb.ConfirmRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConfirmResponse:
+        reservation_id, trip_id = _ids(request)
+        done = await self.store.confirm(reservation_id, trip_id)
+        self._done("confirm", reservation_id, done.status.value)
+        return pb.ConfirmResponse(reservation=reservation_to_proto(done))
+
     async def CanCommit(
         self, request: pb.CanCommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.CanCommitResponse:
@@ -151,7 +160,9 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveResponse:
         reservation_id, trip_id = _ids(request)
-        result = await self.store.reserve(reservation_id, trip_id, hold_from_proto(request.hold))
+        result = await self.store.reserve(
+            reservation_id, trip_id, hold_from_proto(request.hold), pending=request.pending
+        )
         self._done(
             "reserve", reservation_id, "reserved" if result.accepted else "refused", result.reason
         )

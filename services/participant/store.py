@@ -143,15 +143,28 @@ class ParticipantStore:
         )
 
     # -- saga ------------------------------------------------------------
-    async def reserve(self, reservation_id: str, trip_id: str, hold: Hold) -> StepResult:
+    async def reserve(
+        self, reservation_id: str, trip_id: str, hold: Hold, *, pending: bool = False
+    ) -> StepResult:
+        """Take units for a saga: confirmed at once, or PENDING (held) under a semantic lock."""
         return await self.db.run(
-            lambda c: _take(c, self.kind, reservation_id, trip_id, hold, Protocol.SAGA)
+            lambda c: _take(
+                c, self.kind, reservation_id, trip_id, hold, Protocol.SAGA, pending=pending
+            )
         )
 
-    async def cancel(self, reservation_id: str, trip_id: str) -> Reservation:
+    async def cancel(
+        self, reservation_id: str, trip_id: str, *, settled_by: str = "coordinator"
+    ) -> Reservation:
         return await self.db.run(
-            lambda c: _give_back(c, reservation_id, trip_id, Protocol.SAGA, "coordinator")
+            lambda c: _give_back(c, reservation_id, trip_id, Protocol.SAGA, settled_by)
         )
+
+    async def confirm(
+        self, reservation_id: str, trip_id: str, *, settled_by: str = "coordinator"
+    ) -> Reservation:
+        """Semantic lock lifted: a PENDING saga leg becomes confirmed."""
+        return await self.db.run(lambda c: _confirm_pending(c, reservation_id, settled_by))
 
     # -- audit -------------------------------------------------------------
     async def inventory(self, resource_id: str, first: str, last: str) -> list[InventoryDay]:
@@ -175,16 +188,16 @@ class ParticipantStore:
         )
 
     async def in_doubt(self, older_than: float) -> list[Reservation]:
-        """2PC holds untouched for `older_than` seconds: ask the coordinator about them.
-
-        (A 3PC hold is never asked about: it decides on its own time-out.)"""
+        """2PC holds and a saga's PENDING legs untouched for `older_than` seconds: ask the
+        coordinator about them. (A 3PC hold is never asked about: it decides on its own
+        time-out.)"""
         cutoff = time.time() - older_than
         return await self.db.read(
             lambda c: [
                 row_to_reservation(r)
                 for r in c.execute(
-                    "SELECT * FROM reservations WHERE status = 'held' AND protocol = ?"
-                    " AND updated_at <= ? ORDER BY updated_at LIMIT 500",
+                    "SELECT * FROM reservations WHERE ((status = 'held' AND protocol = ?)"
+                    " OR status = 'pending') AND updated_at <= ? ORDER BY updated_at LIMIT 500",
                     (Protocol.TWO_PHASE_COMMIT.value, cutoff),
                 )
             ]
@@ -216,8 +229,11 @@ def _take(
     trip_id: str,
     hold: Hold,
     protocol: Protocol,
+    *,
+    pending: bool = False,
 ) -> StepResult:
-    """Prepare (2PC: available -> held) or Reserve (saga: available -> confirmed)."""
+    """Prepare or CanCommit (available -> held), or Reserve (saga: available -> confirmed,
+    or -> held as PENDING under a semantic lock)."""
     failpoints.hit("participant.take")
     existing = _load(conn, reservation_id)
     if existing is not None:
@@ -237,12 +253,13 @@ def _take(
     price = _price(conn, kind, hold)
     dates = hold.dates
     least = _least_available(conn, kind, hold, dates)
-    target = "held" if protocol.holds_first else "confirmed"
+    target = "held" if protocol.holds_first or pending else "confirmed"
     if least >= hold.quantity:
         # Every date has room (this thread is the only writer, and the CHECK
         # constraints refuse a negative count whatever happens): take them all.
         _move(conn, hold, "available", target)
-        status, reason = (_S.HELD if target == "held" else _S.CONFIRMED), ""
+        status = _S.CONFIRMED if target == "confirmed" else _S.PENDING if pending else _S.HELD
+        reason = ""
     else:
         status, reason = _S.REFUSED, f"sold out: fewer than {hold.quantity} left on some date"
         price = 0
@@ -285,6 +302,19 @@ def _commit(
     if existing.status.column != "held" or existing.hold is None:
         why = f" ({existing.settled_by}: {existing.reason})" if existing.reason else ""
         raise wrong_state(f"cannot commit {reservation_id}: it is {existing.status.value}{why}")
+    _move(conn, existing.hold, "held", "confirmed")
+    return _set_status(conn, existing, _S.CONFIRMED, settled_by)
+
+
+def _confirm_pending(conn: sqlite3.Connection, reservation_id: str, settled_by: str) -> Reservation:
+    existing = _load(conn, reservation_id)
+    if existing is None:
+        raise wrong_state(f"cannot confirm {reservation_id}: it was never reserved here")
+    _check_protocol(existing, Protocol.SAGA)
+    if existing.status is _S.CONFIRMED:
+        return existing
+    if existing.status is not _S.PENDING or existing.hold is None:
+        raise wrong_state(f"cannot confirm {reservation_id}: it is {existing.status.value}")
     _move(conn, existing.hold, "held", "confirmed")
     return _set_status(conn, existing, _S.CONFIRMED, settled_by)
 

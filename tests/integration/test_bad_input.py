@@ -138,6 +138,12 @@ BOOKINGS = [
     booking(INVALID, ("car.cars",), car__cars=0),
     booking(INVALID, ("car.cars",), car__cars=-3),
     booking(INVALID, ("car.cars",), car__cars=10),
+    booking(
+        INVALID, ("semantic_lock",), semantic_lock=True, protocol=cpb.PROTOCOL_TWO_PHASE_COMMIT
+    ),
+    booking(
+        INVALID, ("semantic_lock",), semantic_lock=True, protocol=cpb.PROTOCOL_THREE_PHASE_COMMIT
+    ),
     booking(INVALID, ("protocol",), protocol=7),
     booking(INVALID, ("protocol",), protocol=-1),
     booking(
@@ -266,6 +272,35 @@ PARTICIPANT_CALLS = [
         "flight", "Commit", ppb.CommitRequest(trip_id="bad-t1"), INVALID, ("reservation_id",)
     ),
     participant("hotel", "Abort", ppb.AbortRequest(trip_id="bad-t1"), INVALID, ("reservation_id",)),
+    participant(
+        "hotel",
+        "Abort",
+        ppb.AbortRequest(
+            reservation_id="bad-r1", trip_id="bad-t1", protocol=ppb.PARTICIPANT_PROTOCOL_SAGA
+        ),
+        INVALID,
+        ("protocol",),
+    ),
+    participant(
+        "flight",
+        "CanCommit",
+        ppb.CanCommitRequest(
+            reservation_id="bad-r1",
+            trip_id="bad-t1",
+            hold=ppb.Hold(resource_id="FL1", start_date=day(1), days=1, quantity=0),
+        ),
+        INVALID,
+        ("hold.quantity",),
+    ),
+    participant(
+        "flight", "PreCommit", ppb.PreCommitRequest(trip_id="bad-t1"), INVALID, ("reservation_id",)
+    ),
+    participant(
+        "car", "DoCommit", ppb.DoCommitRequest(reservation_id="bad-r1"), INVALID, ("trip_id",)
+    ),
+    participant(
+        "car", "Confirm", ppb.ConfirmRequest(trip_id="bad-t1"), INVALID, ("reservation_id",)
+    ),
     participant("car", "Cancel", ppb.CancelRequest(reservation_id="bad-r1"), INVALID, ("trip_id",)),
     participant("flight", "GetInventory", ppb.GetInventoryRequest(), INVALID, ("resource_id",)),
     participant(

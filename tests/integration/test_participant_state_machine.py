@@ -19,6 +19,7 @@ import sqlite3
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ _TWO_PC = Protocol.TWO_PHASE_COMMIT
 _SAGA = Protocol.SAGA
 _THREE_PC = Protocol.THREE_PHASE_COMMIT
 # The inventory column each status counts in.
-COLUMN = {_S.HELD: "held", _S.PRE_COMMITTED: "held", _S.CONFIRMED: "confirmed"}
+COLUMN = {_S.HELD: "held", _S.PRE_COMMITTED: "held", _S.PENDING: "held", _S.CONFIRMED: "confirmed"}
 
 # Mostly the one resource on sale, sometimes one that does not exist; a start
 # on the last day with two days runs off the sale window.
@@ -126,7 +127,9 @@ class ParticipantMachine(RuleBasedStateMachine):
                     units[day] += expected.hold.quantity
         return units
 
-    def _expect_take(self, rid: str, hold: Hold, protocol: Protocol) -> Verdict:
+    def _expect_take(
+        self, rid: str, hold: Hold, protocol: Protocol, pending: bool = False
+    ) -> Verdict:
         known = self.model.get(rid)
         if known is not None:
             if known.protocol is not protocol:
@@ -141,7 +144,7 @@ class ParticipantMachine(RuleBasedStateMachine):
             return Verdict(error=ErrorKind.INVALID)
         held, confirmed = self._model_units("held"), self._model_units("confirmed")
         room = all(CAPACITY - held[d] - confirmed[d] >= hold.quantity for d in hold.dates)
-        taken = _S.HELD if protocol.holds_first else _S.CONFIRMED
+        taken = _S.HELD if protocol.holds_first else _S.PENDING if pending else _S.CONFIRMED
         status = taken if room else _S.REFUSED
         self.model[rid] = Expected(protocol, status, hold)
         return Verdict(status=status, accepted=room)
@@ -157,6 +160,16 @@ class ParticipantMachine(RuleBasedStateMachine):
         if known.status is _S.CONFIRMED:
             return Verdict(status=_S.CONFIRMED)
         return Verdict(error=ErrorKind.PRECONDITION)  # released or refused: never committed
+
+    def _expect_confirm(self, rid: str) -> Verdict:
+        """A saga's semantic lock lifted: PENDING becomes CONFIRMED."""
+        known = self.model.get(rid)
+        if known is None or known.protocol is not _SAGA:
+            return Verdict(error=ErrorKind.PRECONDITION)
+        if known.status in (_S.PENDING, _S.CONFIRMED):
+            self.model[rid] = Expected(_SAGA, _S.CONFIRMED, known.hold)
+            return Verdict(status=_S.CONFIRMED)
+        return Verdict(error=ErrorKind.PRECONDITION)  # cancelled or refused: never
 
     def _expect_pre_commit(self, rid: str) -> Verdict:
         known = self.model.get(rid)
@@ -245,13 +258,15 @@ class ParticipantMachine(RuleBasedStateMachine):
     def choose_own_holds(self, own: list[Hold]) -> None:
         self.own_hold = dict(zip(ALL_IDS, own, strict=True))
 
-    def _take(self, rid: str, choice: Hold | None, protocol: Protocol) -> None:
+    def _take(
+        self, rid: str, choice: Hold | None, protocol: Protocol, pending: bool = False
+    ) -> None:
         hold = self._hold(rid, choice)
         earlier = self.model.get(rid)
-        verdict = self._expect_take(rid, hold, protocol)
+        verdict = self._expect_take(rid, hold, protocol, pending)
         send = {
             _TWO_PC: self.store.prepare,
-            _SAGA: self.store.reserve,
+            _SAGA: partial(self.store.reserve, pending=pending),
             _THREE_PC: self.store.can_commit,
         }[protocol]
         outcome = self._step(rid, lambda: send(rid, "trip-" + rid, hold), verdict)
@@ -278,6 +293,15 @@ class ParticipantMachine(RuleBasedStateMachine):
     @rule(rid=saga_ids, choice=hold_choices)
     def reserve(self, rid: str, choice: Hold | None) -> None:
         self._take(rid, choice, _SAGA)
+
+    @rule(rid=saga_ids, choice=hold_choices)
+    def reserve_under_a_semantic_lock(self, rid: str, choice: Hold | None) -> None:
+        self._take(rid, choice, _SAGA, pending=True)
+
+    @rule(rid=saga_ids)
+    def confirm(self, rid: str) -> None:
+        verdict = self._expect_confirm(rid)
+        self._step(rid, lambda: self.store.confirm(rid, "trip-" + rid), verdict)
 
     @rule(rid=saga_ids)
     def cancel(self, rid: str) -> None:

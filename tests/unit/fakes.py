@@ -48,8 +48,13 @@ class FakeParticipant(Participant):
     async def prepare(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
         return self._take("prepare", reservation_id)
 
-    async def reserve(self, reservation_id: str, trip_id: str, leg: LegRequest) -> StepReply:
-        return self._take("reserve", reservation_id)
+    async def reserve(
+        self, reservation_id: str, trip_id: str, leg: LegRequest, *, pending: bool = False
+    ) -> StepReply:
+        return self._take("reserve_pending" if pending else "reserve", reservation_id)
+
+    async def confirm(self, reservation_id: str, trip_id: str) -> None:
+        self._enter("confirm", reservation_id)
 
     async def commit(self, reservation_id: str, trip_id: str) -> None:
         self._enter("commit", reservation_id)

@@ -373,3 +373,52 @@ def test_a_saga_recovered_past_its_pivot_goes_forward(tmp_path: Path) -> None:
     assert trip.status is TripStatus.CONFIRMED
     assert fakes[LegKind.FLIGHT].calls == [] and fakes[LegKind.HOTEL].calls == []
     assert _methods(fakes[LegKind.CAR]) == ["reserve"]
+
+
+def _locked(protocol: Protocol = Protocol.SAGA) -> TripRequest:
+    leg = LegRequest("X", "2030-01-01", 1, 1)
+    return TripRequest("k", "c", protocol, leg, leg, leg, semantic_lock=True)
+
+
+def _lock_run(tmp_path: Path, arrange):
+    async def go():
+        store = SqliteTripStore(tmp_path / "log.db")
+        fakes = FakeParticipants()
+        arrange(fakes.fakes)
+        trip, _ = await store.create(_locked())
+        trip = await Saga(store, fakes, FAST).book(trip)
+        events = await store.events(trip.trip_id)
+        store.close()
+        return trip, fakes.fakes, events
+
+    return asyncio.run(go())
+
+
+def test_a_locked_saga_reserves_pending_then_confirms_after_commit(tmp_path: Path) -> None:
+    trip, fakes, events = _lock_run(tmp_path, lambda f: None)
+    assert trip.status is TripStatus.CONFIRMED
+    for fake in fakes.values():
+        assert _methods(fake) == ["reserve_pending", "confirm"]
+    kinds = [e.kind for e in events]
+    # COMMIT is stored before the first Confirm is acknowledged.
+    assert kinds.index("decision") < kinds.index("confirmed")
+    assert {leg.status for leg in trip.legs} == {LegStatus.CONFIRMED}
+
+
+def test_a_locked_saga_compensates_pending_legs_and_confirms_nothing(tmp_path: Path) -> None:
+    def arrange(f):
+        f[LegKind.CAR].refuse = "sold out"
+
+    trip, fakes, _ = _lock_run(tmp_path, arrange)
+    assert trip.status is TripStatus.ABORTED
+    assert _methods(fakes[LegKind.FLIGHT]) == ["reserve_pending", "cancel"]
+    assert _methods(fakes[LegKind.HOTEL]) == ["reserve_pending", "cancel"]
+    assert not any(m == "confirm" for fake in fakes.values() for m in _methods(fake))
+
+
+def test_the_lock_is_part_of_the_request_and_its_fingerprint() -> None:
+    plain = _request(Protocol.SAGA)
+    locked = _locked()
+    assert TripRequest.from_json(locked.to_json()) == locked
+    assert TripRequest.from_json(plain.to_json()) == plain
+    assert locked.fingerprint() != plain.fingerprint()  # same key, other lock: a conflict
