@@ -155,7 +155,8 @@ class TwoPhaseCommit(TripEngine):
                 )
             except TimeoutError:
                 log.error(
-                    "2PC phase 2 not acknowledged after %.0fs; still retrying",
+                    "%s: the decision not acknowledged after %.0fs; still retrying",
+                    self.protocol.value,
                     self.policies.phase2_attention_after,
                     extra={"trip_id": trip.trip_id},
                 )
@@ -170,9 +171,15 @@ class TwoPhaseCommit(TripEngine):
                 )
                 await everyone
         except ParticipantRejected as exc:
-            # A participant says the decision cannot apply (it never prepared, or
-            # it already applied the other one): a bug or a wiped database.
-            log.error("2PC phase 2 rejected: %s", exc.message, extra={"trip_id": trip.trip_id})
+            # A participant says the decision cannot apply: it never prepared, or it
+            # applied the other one. Under 2PC a bug or a wiped database; under 3PC it
+            # decided on its own time-out, which is 3PC's known failure.
+            log.error(
+                "%s: the decision was rejected: %s",
+                self.protocol.value,
+                exc.message,
+                extra={"trip_id": trip.trip_id},
+            )
             return await journal.write(
                 TripEvent("attention", detail=exc.message),
                 status=TripStatus.NEEDS_ATTENTION,
