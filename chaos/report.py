@@ -60,6 +60,16 @@ def _violation(v: Violation | None) -> str:
     return NA if v is None else f"`{v.trip_id}`: {_cell(v.what)}"
 
 
+# What a 3PC run's partial trips are: the protocol's known failure, named, not hidden.
+THREE_PC_UNDER_PARTITION = (
+    "**This is three-phase commit's known failure mode** (Skeen 1981; Bernstein,"
+    " Hadzilacos and Goodman, ch. 7): 3PC is non-blocking only if no participant is cut off."
+    " A participant that voted yes and heard no PreCommit aborted on its own time-out,"
+    " while the others, pre-committed, committed (by DoCommit or by their own time-out):"
+    " the partial trips above. 2PC blocks instead, and stays all-or-nothing."
+)
+
+
 def write_run_report(
     run_dir: Path,
     *,
@@ -120,6 +130,8 @@ def _summary(
     for r in results:
         if r.verdict != "valid" and r.detail:
             lines += ["", f"{r.name} ({r.verdict}):", "", "```", r.detail.rstrip(), "```"]
+    if head["protocol"] == "3pc" and "all-or-nothing" in bad:
+        lines += ["", THREE_PC_UNDER_PARTITION]
     ops = m.ops
     statuses = ", ".join(f"{s} {n}" for s, n in m.ok_by_status.items()) or NA
     rate = m.ops.get("ok", 0) / m.duration if m.duration else None

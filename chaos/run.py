@@ -222,6 +222,7 @@ def _report(
     measures = measure(history, books, settle_seconds=settled, duration=config.duration)
     notes = list(config.scenario.notes)
     notes += recovery_notes(run_dir / "mesh" / "logs" / "coordinator.log")
+    notes += unilateral_notes({k: run_dir / "mesh" / "logs" / f"{k}.log" for k in PARTICIPANTS})
     if settled is None:
         notes.append(f"The mesh did not settle within {config.settle_timeout:.0f} s of healing.")
     write_run_report(
@@ -236,6 +237,24 @@ def _report(
         loss_model=config.scenario.loss_model,
         notes=notes,
     )
+
+
+def unilateral_notes(service_logs: dict[str, Path]) -> list[str]:
+    """How many 3PC holds each participant decided on its own time-out (commit, abort)."""
+    notes = []
+    for kind, path in service_logs.items():
+        if not path.exists():
+            continue
+        counts = {"commit": 0, "abort": 0}
+        for line in path.read_text(errors="replace").splitlines():
+            for decision in counts:
+                counts[decision] += f'"msg": "3PC time-out: {decision} ' in line
+        if any(counts.values()):
+            notes.append(
+                f"{kind} decided {counts['commit'] + counts['abort']} 3PC holds on its own"
+                f" time-out: {counts['commit']} committed, {counts['abort']} aborted."
+            )
+    return notes
 
 
 def recovery_notes(coordinator_log: Path) -> list[str]:

@@ -160,3 +160,39 @@ def test_comparison_puts_2pc_and_saga_side_by_side(tmp_path: Path) -> None:
     assert "| coordinator-crash | 3,600.0 unit·s | — |" in text
     assert "| baseline | 0 | 12 |" in text
     assert text.index("| baseline |") < text.index("| coordinator-crash |")
+
+
+@pytest.mark.parametrize(
+    ("protocol", "aon", "named"),
+    [("3pc", "invalid", True), ("3pc", "valid", False), ("2pc", "invalid", False)],
+)
+def test_a_3pc_run_with_partial_trips_names_the_protocols_known_failure(
+    tmp_path: Path, measures: Measures, protocol: str, aon: str, named: bool
+) -> None:
+    results = [CheckResult("all-or-nothing", aon, count=1 if aon == "invalid" else 0)]
+    write_run_report(
+        tmp_path,
+        scenario="partition-during-commit",
+        protocol=protocol,
+        seed=1,
+        schedule=[],
+        fault_windows=[],
+        results=results,
+        measures=measures,
+        loss_model="",
+        notes=[],
+    )
+    summary = (tmp_path / "summary.md").read_text()
+    assert ("three-phase commit's known failure mode" in summary) is named
+
+
+def test_unilateral_notes_count_each_participants_own_decisions(tmp_path: Path) -> None:
+    from chaos.run import unilateral_notes
+
+    line = '{{"level": "WARNING", "msg": "3PC time-out: {} trip-1-flight on its own (x)"}}'
+    (tmp_path / "flight.log").write_text(
+        "\n".join([line.format("abort")] * 3 + [line.format("commit"), '{"msg": "other"}'])
+    )
+    (tmp_path / "hotel.log").write_text('{"msg": "nothing of the kind"}\n')
+    notes = unilateral_notes({k: tmp_path / f"{k}.log" for k in ("flight", "hotel", "car")})
+    assert notes == ["flight decided 4 3PC holds on its own time-out: 1 committed, 3 aborted."]
