@@ -19,15 +19,11 @@ from dataclasses import dataclass
 import grpc
 
 from chaos.history import HistoryWriter, Op, OpType
-from tripmesh.runtime.names import TRIP_STATUS_NAMES
+from tripmesh.runtime.names import PROTOCOL_BY_NAME, TRIP_STATUS_NAMES
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
-PROTOCOLS = {
-    "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
-    "saga": pb.PROTOCOL_SAGA,
-    "3pc": pb.PROTOCOL_THREE_PHASE_COMMIT,
-}
+PROTOCOLS = PROTOCOL_BY_NAME
 # Definitely not done: refused before anything was written.
 _FAIL = {
     grpc.StatusCode.INVALID_ARGUMENT,

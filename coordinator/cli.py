@@ -31,7 +31,7 @@ from rich.table import Table
 from coordinator.cli_views import console, money, name_of, report_error, show_trip
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
-from tripmesh.runtime.names import TRIP_STATUS_BY_NAME
+from tripmesh.runtime.names import PROTOCOL_BY_NAME, TRIP_STATUS_BY_NAME
 from tripmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -41,12 +41,7 @@ from tripmesh.v1 import (
 )
 from tripmesh.v1 import coordinator_pb2 as pb
 
-PROTOCOLS: dict[str, pb.Protocol] = {
-    "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
-    "3pc": pb.PROTOCOL_THREE_PHASE_COMMIT,
-    "saga": pb.PROTOCOL_SAGA,
-    "default": pb.PROTOCOL_UNSPECIFIED,
-}
+PROTOCOLS: dict[str, pb.Protocol] = {**PROTOCOL_BY_NAME, "default": pb.PROTOCOL_UNSPECIFIED}
 STATUSES = TRIP_STATUS_BY_NAME
 
 

@@ -34,6 +34,7 @@ from coordinator.domain import (
     LegStatus,
     Trip,
     TripEvent,
+    TripRequest,
     TripStatus,
 )
 
@@ -111,6 +112,15 @@ class TripJournal:
         if self._trip is None:
             self._trip = Change(legs=self._legs).apply(self._stored, self._stored.updated_at)
         return self._trip
+
+    @property
+    def trip_id(self) -> str:
+        return self._stored.trip_id
+
+    @property
+    def request(self) -> TripRequest:
+        """What was asked for (notes never change it)."""
+        return self._stored.request
 
     @property
     def decision(self) -> Decision | None:

@@ -38,6 +38,7 @@ from coordinator.clients import (
     Participant,
     ParticipantRejected,
     Participants,
+    RetryPolicy,
     StepReply,
     retry,
 )
@@ -135,8 +136,7 @@ class Saga(TripEngine):
         return await self._forward(journal)  # COMMIT (past the pivot) or undecided
 
     async def _forward(self, journal: TripJournal) -> Trip:
-        trip_id, request = journal.trip.trip_id, journal.trip.request
-        lock = request.semantic_lock
+        lock = journal.request.semantic_lock
         for step in self.steps:
             leg = journal.leg(step.leg)
             if leg.status is LegStatus.CONFIRMED:
@@ -146,26 +146,13 @@ class Saga(TripEngine):
                     TripEvent("step", step.leg.value, "reserve"),
                     legs={step.leg: LegUpdate(LegStatus.IN_FLIGHT)},
                 )
-            client = self.participants[step.leg]
             if journal.decision is Decision.COMMIT:  # past the pivot: only forward
                 stuck = await self._retry_forward(journal, step, leg.reservation_id)
                 if stuck is not None:
                     return stuck
                 continue
             try:
-                reply = await retry(
-                    partial(
-                        step.action,
-                        client,
-                        leg.reservation_id,
-                        trip_id,
-                        request.leg(step.leg),
-                        pending=lock,
-                    ),
-                    self.policies.step,
-                    f"{trip_id} reserve {step.leg.value}",
-                    **self.watch(journal, step.leg.value, "reserve"),
-                )
+                reply = await self._take(journal, step, leg.reservation_id, self.policies.step)
             except OutcomeUnknown as exc:
                 reason = f"{step.leg.value}: outcome unknown: {exc.message}"
                 return await self._start_compensation(
@@ -199,28 +186,33 @@ class Saga(TripEngine):
             decision=Decision.COMMIT,
         )
 
+    async def _take(
+        self, journal: TripJournal, step: SagaStep, reservation_id: str, policy: RetryPolicy
+    ) -> StepReply:
+        """The step's action (Reserve, pending under a semantic lock), retried within `policy`."""
+        trip_id, request = journal.trip_id, journal.request
+        return await retry(
+            partial(
+                step.action,
+                self.participants[step.leg],
+                reservation_id,
+                trip_id,
+                request.leg(step.leg),
+                pending=request.semantic_lock,
+            ),
+            policy,
+            f"{trip_id} reserve {step.leg.value}",
+            **self.watch(journal, step.leg.value, "reserve"),
+        )
+
     async def _retry_forward(
         self, journal: TripJournal, step: SagaStep, reservation_id: str
     ) -> Trip | None:
         """A step after the pivot: retried until it succeeds (None), never compensated; past
         the policy, or refused, the trip needs attention (returned)."""
-        trip_id, request = journal.trip.trip_id, journal.trip.request
-        client = self.participants[step.leg]
+        trip_id, lock = journal.trip_id, journal.request.semantic_lock
         try:
-            lock = request.semantic_lock
-            reply = await retry(
-                partial(
-                    step.action,
-                    client,
-                    reservation_id,
-                    trip_id,
-                    request.leg(step.leg),
-                    pending=lock,
-                ),
-                self.policies.compensation,
-                f"{trip_id} reserve {step.leg.value} (past the pivot)",
-                **self.watch(journal, step.leg.value, "reserve"),
-            )
+            reply = await self._take(journal, step, reservation_id, self.policies.compensation)
         except (OutcomeUnknown, ParticipantRejected) as exc:
             why = exc.message
         else:

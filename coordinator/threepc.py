@@ -54,6 +54,7 @@ from tripmesh.runtime import failpoints
 class ThreePhaseCommit(TwoPhaseCommit):
     protocol = Protocol.THREE_PHASE_COMMIT
     all_yes = Decision.PRE_COMMIT
+    before_decision = "3pc.before_decision"
     between_phase2 = "3pc.between_docommits"
 
     def _ask(self, client: Participant) -> Callable[[str, str, LegRequest], Awaitable[StepReply]]:

@@ -51,6 +51,7 @@ class TwoPhaseCommit(TripEngine):
     protocol = Protocol.TWO_PHASE_COMMIT
     # What the stored decision is once every vote is yes (3PC: PRE_COMMIT).
     all_yes = Decision.COMMIT
+    before_decision = "2pc.before_decision"
     between_phase2 = "2pc.between_phase2"
 
     async def book(self, trip: Trip) -> Trip:
@@ -62,7 +63,7 @@ class TwoPhaseCommit(TripEngine):
     async def _collect_votes(self, journal: TripJournal) -> Decision:
         """Ask every participant in parallel; store the votes and the decision they make."""
         votes = await asyncio.gather(*(self._vote(journal, kind) for kind in LEG_ORDER))
-        failpoints.hit(f"{self.protocol.value}.before_decision")
+        failpoints.hit(self.before_decision)
         legs = {kind: update for kind, update, _ in votes}
         reasons = [reason for _, update, reason in votes if update.status is not LegStatus.HELD]
         decision = Decision.ABORT if reasons else self.all_yes

@@ -13,8 +13,6 @@ MAX_ID = 128
 MAX_NIGHTS = 30
 MAX_UNITS = 9
 
-PROTOCOLS = PROTOCOL_FROM
-
 
 def _text(value: str, field: str, problems: list[FieldViolation]) -> None:
     if not value:
@@ -58,8 +56,8 @@ def trip_request_from_proto(
     _text(request.customer_id, "customer_id", problems)
     if request.protocol == pb.PROTOCOL_UNSPECIFIED:
         protocol = default_protocol
-    elif request.protocol in PROTOCOLS:
-        protocol = PROTOCOLS[request.protocol]
+    elif request.protocol in PROTOCOL_FROM:
+        protocol = PROTOCOL_FROM[request.protocol]
     else:
         problems.append(FieldViolation("protocol", f"unknown protocol {request.protocol}"))
         protocol = default_protocol

@@ -20,13 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.catalog import SeedResource, write_catalog_file
+from tripmesh.runtime.names import PROTOCOL_BY_NAME
 from tripmesh.v1 import coordinator_pb2 as pb
 
-PROTOCOLS = {
-    "2pc": pb.PROTOCOL_TWO_PHASE_COMMIT,
-    "3pc": pb.PROTOCOL_THREE_PHASE_COMMIT,
-    "saga": pb.PROTOCOL_SAGA,
-}
+PROTOCOLS = PROTOCOL_BY_NAME
 PROTOCOL_NAMES = {value: name for name, value in PROTOCOLS.items()}
 CHOICES = ("2pc", "3pc", "saga", "mixed")
 

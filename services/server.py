@@ -80,16 +80,18 @@ class ServiceConfig:
         parser.add_argument(
             "--resolve-after", type=float, default=float(env.get("TRIPMESH_RESOLVE_AFTER", 5))
         )
-        for flag, variable in (
-            ("--3pc-wait-timeout", "TRIPMESH_3PC_WAIT_TIMEOUT"),
-            ("--3pc-precommit-timeout", "TRIPMESH_3PC_PRECOMMIT_TIMEOUT"),
-        ):
-            parser.add_argument(
-                flag,
-                dest=flag.removeprefix("--").replace("3pc", "three_pc").replace("-", "_"),
-                type=float,
-                default=float(env.get(variable, 10)),
-            )
+        parser.add_argument(
+            "--3pc-wait-timeout",
+            dest="three_pc_wait_timeout",
+            type=float,
+            default=float(env.get("TRIPMESH_3PC_WAIT_TIMEOUT", 10)),
+        )
+        parser.add_argument(
+            "--3pc-precommit-timeout",
+            dest="three_pc_precommit_timeout",
+            type=float,
+            default=float(env.get("TRIPMESH_3PC_PRECOMMIT_TIMEOUT", 10)),
+        )
         args = parser.parse_args(argv)
         if min(args.three_pc_wait_timeout, args.three_pc_precommit_timeout) <= 0:
             parser.error("--3pc-wait-timeout and --3pc-precommit-timeout must be positive")

@@ -30,23 +30,18 @@ from coordinator.domain import (
 from coordinator.journal import Change
 from coordinator.store import TripStore
 from tripmesh.runtime import failpoints
-from tripmesh.runtime.database import Database, migrate
+from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind
-
-
-def _values(enum: Iterable[Protocol | TripStatus | Attention | Decision]) -> str:
-    return ", ".join(f"'{member.value}'" for member in enum)
-
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS trips (
   trip_id TEXT PRIMARY KEY,
-  protocol TEXT NOT NULL CHECK (protocol IN ({_values(Protocol)})),
-  status TEXT NOT NULL CHECK (status IN ({_values(TripStatus)})),
-  decision TEXT CHECK (decision IN ({_values(Decision)})),
+  protocol TEXT NOT NULL CHECK (protocol IN ({sql_values(Protocol)})),
+  status TEXT NOT NULL CHECK (status IN ({sql_values(TripStatus)})),
+  decision TEXT CHECK (decision IN ({sql_values(Decision)})),
   request TEXT NOT NULL,
   failure_reason TEXT NOT NULL DEFAULT '',
-  attention TEXT CHECK (attention IN ({_values(Attention)})),
+  attention TEXT CHECK (attention IN ({sql_values(Attention)})),
   attention_detail TEXT NOT NULL DEFAULT '',
   created_at REAL NOT NULL,
   updated_at REAL NOT NULL,
@@ -90,10 +85,6 @@ class SqliteTripStore(TripStore):
     def __init__(self, path: Path | str) -> None:
         self.db = Database(path)
         self.db.run_sync(migrate(SCHEMA, SCHEMA_VERSION, table="trips", what="the trip store"))
-
-    @property
-    def path(self) -> Path:
-        return self.db.path
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         self.db.on_writer_death(callback)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import grpc
 
@@ -28,17 +29,14 @@ _MAX_PAGE = 1000
 _MAX_ID = 200
 
 
-def _ids(
-    request: pb.CommitRequest
-    | pb.AbortRequest
-    | pb.CancelRequest
-    | pb.PreCommitRequest
-    | pb.DoCommitRequest
-    | pb.PrepareRequest
-    | pb.ReserveRequest
-    | pb.CanCommitRequest
-    | pb.ConfirmRequest,
-) -> tuple[str, str]:
+class _StepRequest(Protocol):
+    """Any protocol step's request: it names its reservation and trip."""
+
+    reservation_id: str
+    trip_id: str
+
+
+def _ids(request: _StepRequest) -> tuple[str, str]:
     problems = [
         FieldViolation(name, f"is required and at most {_MAX_ID} characters")
         for name in ("reservation_id", "trip_id")

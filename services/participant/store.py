@@ -33,7 +33,7 @@ from services.participant.domain import (
     wrong_state,
 )
 from tripmesh.runtime import failpoints
-from tripmesh.runtime.database import Database, migrate
+from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 
 SCHEMA = """
@@ -70,8 +70,8 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 CREATE INDEX IF NOT EXISTS reservations_by_status ON reservations(status, updated_at);
 CREATE INDEX IF NOT EXISTS reservations_by_trip ON reservations(trip_id);
-""".replace("{protocols}", ", ".join(f"'{p.value}'" for p in Protocol)).replace(
-    "{statuses}", ", ".join(f"'{s.value}'" for s in ReservationStatus)
+""".replace("{protocols}", sql_values(Protocol)).replace(
+    "{statuses}", sql_values(ReservationStatus)
 )
 # Bumped whenever SCHEMA changes; books written by another version are refused at
 # start-up rather than misread.
@@ -348,11 +348,8 @@ def _settle_timed_out(
         assert found.hold is not None
         if found.status is _S.HELD:  # voted yes, no PreCommit: abort on our own
             _move(conn, found.hold, "held", "available")
-            conn.execute(
-                "UPDATE reservations SET reason = ? WHERE reservation_id = ?",
-                ("3PC time-out: no PreCommit after a yes vote", found.reservation_id),
-            )
-            settled.append(_set_status(conn, found, _S.RELEASED, "timeout"))
+            why = "3PC time-out: no PreCommit after a yes vote"
+            settled.append(_set_status(conn, found, _S.RELEASED, "timeout", reason=why))
         else:  # pre-committed, nothing more: commit on our own
             _move(conn, found.hold, "held", "confirmed")
             settled.append(_set_status(conn, found, _S.CONFIRMED, "timeout"))
@@ -410,11 +407,18 @@ def _move(conn: sqlite3.Connection, hold: Hold, source: str, target: str) -> Non
 
 
 def _set_status(
-    conn: sqlite3.Connection, existing: Reservation, status: ReservationStatus, settled_by: str
+    conn: sqlite3.Connection,
+    existing: Reservation,
+    status: ReservationStatus,
+    settled_by: str,
+    *,
+    reason: str | None = None,
 ) -> Reservation:
+    """Move a reservation to `status` (and `reason`, when given); the record as it now is."""
     conn.execute(
-        "UPDATE reservations SET status = ?, settled_by = ?, updated_at = ? WHERE reservation_id = ?",
-        (status.value, settled_by, time.time(), existing.reservation_id),
+        "UPDATE reservations SET status = ?, settled_by = ?, updated_at = ?,"
+        " reason = coalesce(?, reason) WHERE reservation_id = ?",
+        (status.value, settled_by, time.time(), reason, existing.reservation_id),
     )
     return _load_required(conn, existing.reservation_id)
 

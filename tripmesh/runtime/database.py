@@ -27,12 +27,13 @@ Faults are loud and have a meaning:
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import queue
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +91,11 @@ def storage_error(exc: sqlite3.Error, path: Path) -> StorageUnavailable | None:
     )
 
 
+def sql_values(members: Iterable[enum.Enum]) -> str:
+    """An enum's values as a SQL list for a CHECK (... IN (...)): the schema follows the code."""
+    return ", ".join(f"'{member.value}'" for member in members)
+
+
 def migrate(schema: str, version: int, *, table: str, what: str) -> Job:
     """A job that creates `schema` in a new database, or checks an old one is of `version`.
 
@@ -142,12 +148,8 @@ class Database:
     # -- writes ----------------------------------------------------------------
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run `job(conn)` in a committed transaction and return its result."""
-        if self._dead is not None:
-            raise self._dead
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((job, future))
-        if self._dead is not None:  # the writer died meanwhile: nobody else will answer it
-            self._fail_queued()
+        self._enqueue(job, future)
         return await future
 
     def run_sync(self, job: Callable[[sqlite3.Connection], T]) -> T:
@@ -155,13 +157,17 @@ class Database:
         return self.submit(job).result()
 
     def submit(self, job: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._enqueue(job, future)
+        return future
+
+    def _enqueue(self, job: Job, reply: Reply) -> None:
+        """Queue a job for the writer; fail at once if the writer is dead."""
         if self._dead is not None:
             raise self._dead
-        future: Future[T] = Future()
-        self._queue.put((job, future))
-        if self._dead is not None:
+        self._queue.put((job, reply))
+        if self._dead is not None:  # the writer died meanwhile: nobody else will answer it
             self._fail_queued()
-        return future
 
     def on_writer_death(self, callback: Callable[[BaseException], None]) -> None:
         """Call `callback(cause)` (on the writer thread) if the writer ever dies; at once

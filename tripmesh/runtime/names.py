@@ -31,6 +31,10 @@ PROTOCOL_NAMES: dict[int, str] = {
     pb.PROTOCOL_THREE_PHASE_COMMIT: "3pc",
     pb.PROTOCOL_SAGA: "saga",
 }
+#: The reverse: {"3pc": PROTOCOL_THREE_PHASE_COMMIT}.
+PROTOCOL_BY_NAME: dict[str, pb.Protocol] = {
+    name: cast(pb.Protocol, v) for v, name in PROTOCOL_NAMES.items()
+}
 #: The same for a participant's record of which protocol a reservation is under.
 PARTICIPANT_PROTOCOL_NAMES: dict[int, str] = {
     ppb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT: "2pc",
