@@ -26,6 +26,8 @@ GENERATED := $(foreach p,$(patsubst $(PROTO_DIR)/%.proto,$(STUB_DIR)/%,$(PROTOS)
 
 PYTEST_ARGS ?=
 ARGS ?=
+# The protocols `make chaos-report` compares (comma-separated).
+PROTOCOLS ?= 2pc,3pc,saga
 
 .PHONY: help up down status logs reset test lint types check proto toxiproxy venv chaos chaos-report load bench
 
@@ -121,8 +123,9 @@ DURATION ?= 60
 chaos: venv proto toxiproxy ## One scenario: SCENARIO=<name> PROTOCOL=2pc|3pc|saga [SEED= DURATION=]; audits, exits 1 on a violation
 	$(PY) -m chaos.run $(SCENARIO) --protocol $(PROTOCOL) --seed $(SEED) --duration $(DURATION)
 
-chaos-report: venv proto toxiproxy ## Every scenario in both protocols, and the 2PC-against-saga table [DURATION=30]
-	$(PY) -m chaos.compare --seed $(SEED) --duration $(or $(filter-out 60,$(DURATION)),30)
+chaos-report: venv proto toxiproxy ## Every scenario in every protocol, side by side [DURATION=30 PROTOCOLS=2pc,3pc,saga SCENARIOS=a,b]
+	$(PY) -m chaos.compare --seed $(SEED) --duration $(or $(filter-out 60,$(DURATION)),30) \
+		--protocols $(PROTOCOLS) $(if $(SCENARIOS),--scenarios $(SCENARIOS))
 
 # make load PROTOCOL=2pc|saga|mixed USERS=50 DURATION=60s|5m SHAPE=steady|black-friday
 # [MESH=auto|running|isolated TARGET=host:port LOAD_ARGS="-- --think-time 0.5"]

@@ -7,6 +7,10 @@ every participant's reservations and inventory, exactly as a third party could.
 from __future__ import annotations
 
 import datetime as dt
+import gzip
+import json
+from dataclasses import asdict
+from pathlib import Path
 
 import grpc
 
@@ -108,3 +112,25 @@ def read_books(coordinator: str, participants: dict[str, str]) -> BooksSnapshot:
         reservations += rows
         inventory += days
     return BooksSnapshot(tuple(trips), tuple(reservations), tuple(inventory))
+
+
+def save_books(books: BooksSnapshot, path: Path) -> None:
+    """The audited books as gzipped JSON, so a run can be checked again without its mesh."""
+    data = {
+        "trips": [asdict(t) for t in books.trips],
+        "reservations": [asdict(r) for r in books.reservations],
+        "inventory": [asdict(i) for i in books.inventory],
+    }
+    with gzip.open(path, "wt") as out:
+        json.dump(data, out, separators=(",", ":"))
+
+
+def load_books(path: Path) -> BooksSnapshot:
+    """Books saved by `save_books`."""
+    with gzip.open(path, "rt") as source:
+        data = json.load(source)
+    return BooksSnapshot(
+        tuple(TripView(**t) for t in data["trips"]),
+        tuple(ReservationView(**{**r, "dates": tuple(r["dates"])}) for r in data["reservations"]),
+        tuple(InventoryRow(**i) for i in data["inventory"]),
+    )

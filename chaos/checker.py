@@ -19,8 +19,9 @@ from chaos.history import Op
 
 Verdict = Literal["valid", "invalid", "unknown"]
 LEGS = ("flight", "hotel", "car")
-# Reservation statuses that take units (held counts pre-committed 3PC holds too).
-HOLDING = {"held", "pre_committed"}
+# Reservation statuses that take units. Held counts pre-committed 3PC holds and a
+# saga's pending legs under a semantic lock: their units sit in the held column.
+HOLDING = {"held", "pre_committed", "pending"}
 TAKEN = {*HOLDING, "confirmed"}
 
 
@@ -38,7 +39,7 @@ class ReservationView:
     reservation_id: str
     trip_id: str
     kind: str  # flight / hotel / car
-    status: str  # held, confirmed, released, cancelled, refused
+    status: str  # held, pending, pre_committed, confirmed, released, cancelled, refused
     resource_id: str
     dates: tuple[str, ...]
     quantity: int
@@ -272,6 +273,25 @@ def no_unilateral_release(books: BooksSnapshot) -> CheckResult:
                 Violation(r.trip_id, f"{r.kind} settled by {r.settled_by or 'nobody'}", r.quantity)
             )
     return _result("2pc-no-unilateral-release", violations)
+
+
+def time_out_splits(books: BooksSnapshot) -> set[str]:
+    """3PC trips whose participants decided apart, at least one on its own time-out.
+
+    This is three-phase commit's known failure (Skeen 1981): a participant cut
+    off before PreCommit aborts on its time-out while the pre-committed ones
+    commit. A partial 3PC trip that is *not* in this set has no such excuse.
+    """
+    protocols = {t.trip_id: t.protocol for t in books.trips}
+    splits = set()
+    for trip_id, rows in _by_trip(books).items():
+        if (protocols.get(trip_id) or rows[0].protocol) != "3pc":
+            continue
+        committed = any(r.status == "confirmed" for r in rows)
+        aborted = any(r.status == "released" for r in rows)
+        if committed and aborted and any(r.settled_by == "timeout" for r in rows):
+            splits.add(trip_id)
+    return splits
 
 
 def check_all(history: list[Op], books: BooksSnapshot) -> list[CheckResult]:

@@ -1,6 +1,6 @@
-"""Every scenario in both protocols, side by side: `make chaos-report`.
+"""Every scenario in every protocol, side by side: `make chaos-report`.
 
-    python -m chaos.compare [--duration S] [--seed N] [--scenarios a,b,...]
+    python -m chaos.compare [--duration S] [--seed N] [--scenarios a,b,...] [--protocols 2pc,3pc,saga]
 
 Writes runs/chaos/comparison-<time>.md: the story's decision matrix, with a
 measured number in every cell instead of an adjective. Exits 1 if any run
@@ -14,6 +14,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
+from chaos.report import PROTOCOL_ORDER as PROTOCOLS
 from chaos.report import write_comparison
 from chaos.run import RunConfig, run
 from chaos.scenarios import registry
@@ -40,12 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--scenarios", default=",".join(registry()))
+    p.add_argument(
+        "--protocols", default="2pc,3pc,saga", help="comma-separated, from 2pc, 3pc, saga, mixed"
+    )
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "chaos")
     args = p.parse_args(argv)
     scenarios = registry()
+    protocols = args.protocols.split(",")
+    for name, known, flag in (
+        *((n, scenarios, "--scenarios") for n in args.scenarios.split(",")),
+        *((n, PROTOCOLS, "--protocols") for n in protocols),
+    ):
+        if name not in known:
+            p.error(f"{flag}: unknown {name!r}; choose from {', '.join(known)}")
     rows, worst = [], 0
     for name in args.scenarios.split(","):
-        for protocol in ("2pc", "saga"):
+        for protocol in protocols:
             outcome = run(
                 RunConfig(
                     scenarios[name],

@@ -3,8 +3,8 @@
 The checker says whether the books are right; the measures say what it took
 to keep them right: how many bookings went through, how slowly, how many
 retries and compensations, how long the system needed to settle after the
-heal, and how many unit-seconds of inventory 2PC kept blocked while a
-decision was awaited.
+heal, how many unit-seconds of inventory 2PC and 3PC kept blocked while a
+decision was awaited, and how much of that the faults caught open.
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ class Measures:
     settle_seconds: float | None
     """From the heal until nothing was pending or held (given by the runner); None if unknown."""
     blocked_inventory_seconds: float | None
-    """2PC: sum of units x dates x seconds held; None when the books carry no hold times."""
+    """2PC and 3PC: sum of units x dates x seconds held; None when the books carry no hold times."""
+    held_through_faults_seconds: float | None = None
+    """2PC and 3PC: units x dates x seconds of the holds a fault caught open, from the
+    fault's start until they settled: the blocking a fault caused, apart from the
+    holding every trip does anyway. None when unknown (no fault, or no times)."""
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data (tuples become lists)."""
@@ -108,13 +112,44 @@ def blocked_inventory_seconds(books: BooksSnapshot) -> float | None:
     None when a 2PC reservation that held units carries no timestamps: the
     figure would otherwise read as zero blocking, which nobody measured.
     """
+    holds = _timed_holds(books)
+    if holds is None:
+        return None
+    return sum(max(0.0, r.updated_at - r.created_at) * r.quantity * len(r.dates) for r in holds)
+
+
+def _timed_holds(books: BooksSnapshot) -> list[ReservationView] | None:
+    """2PC and 3PC reservations that held units; None if one of them has no timestamps."""
+    holds = [
+        r
+        for r in [*_of_protocol(books, "2pc"), *_of_protocol(books, "3pc")]
+        if r.status in _EVER_HELD and r.dates
+    ]
+    if any(not r.created_at or not r.updated_at for r in holds):
+        return None
+    return holds
+
+
+def held_through_faults(books: BooksSnapshot, fault_starts: Sequence[float]) -> float | None:
+    """Units x dates x seconds that 2PC and 3PC holds open when a fault began stayed held after.
+
+    `fault_starts` are epoch seconds. A hold counts from the first fault start
+    inside its life (created before it, settled after it) until it settled, so
+    a hold caught by two faults is counted once. This isolates what the fault
+    cost: 2PC holds wait for the coordinator's decision, 3PC holds decide on
+    their own time-outs. None when there was no fault or a hold has no times.
+    """
+    if not fault_starts:
+        return None
+    holds = _timed_holds(books)
+    if holds is None:
+        return None
+    starts = sorted(fault_starts)
     total = 0.0
-    for r in [*_of_protocol(books, "2pc"), *_of_protocol(books, "3pc")]:
-        if r.status not in _EVER_HELD or not r.dates:
-            continue
-        if not r.created_at or not r.updated_at:
-            return None
-        total += max(0.0, r.updated_at - r.created_at) * r.quantity * len(r.dates)
+    for r in holds:
+        caught = next((t for t in starts if r.created_at < t < r.updated_at), None)
+        if caught is not None:
+            total += (r.updated_at - caught) * r.quantity * len(r.dates)
     return total
 
 
@@ -144,9 +179,13 @@ def measure(
     settle_seconds: float | None,
     duration: float,
     blocked_seconds: float | None = None,
+    fault_starts: Sequence[float] = (),
     bucket_seconds: float = BUCKET_SECONDS,
 ) -> Measures:
-    """The measures of a run; `blocked_seconds` overrides what the books' timestamps say."""
+    """The measures of a run; `blocked_seconds` overrides what the books' timestamps say.
+
+    `fault_starts`: when each fault began, in epoch seconds (the books' clock).
+    """
     done = [op for op in history if op.type != "invoke"]
     invokes = [op for op in history if op.type == "invoke"]
     attempted = {op.key for op in invokes}
@@ -178,4 +217,5 @@ def measure(
         blocked_inventory_seconds=(
             blocked_seconds if blocked_seconds is not None else blocked_inventory_seconds(books)
         ),
+        held_through_faults_seconds=held_through_faults(books, fault_starts),
     )

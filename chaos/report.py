@@ -63,11 +63,27 @@ def _violation(v: Violation | None) -> str:
 # What a 3PC run's partial trips are: the protocol's known failure, named, not hidden.
 THREE_PC_UNDER_PARTITION = (
     "**This is three-phase commit's known failure mode** (Skeen 1981; Bernstein,"
-    " Hadzilacos and Goodman, ch. 7): 3PC is non-blocking only if no participant is cut off."
+    " Hadzilacos and Goodman, ch. 7): 3PC stays all-or-nothing only while every participant"
+    " hears the coordinator in time."
     " A participant that voted yes and heard no PreCommit aborted on its own time-out,"
     " while the others, pre-committed, committed (by DoCommit or by their own time-out):"
     " the partial trips above. 2PC blocks instead, and stays all-or-nothing."
 )
+
+
+def _partial_3pc_trips(protocol: str, results: list[CheckResult], splits: int) -> list[str]:
+    """What a 3PC run's partial trips are: how many a time-out explains, and how many not."""
+    partial = next((r.count for r in results if r.name == "all-or-nothing"), 0)
+    if protocol != "3pc" or not partial:
+        return []
+    lines = []
+    if splits:
+        explained = f"{splits:,} of the {partial:,} partial trips split on a participant's own"
+        lines += ["", f"{explained} time-out. {THREE_PC_UNDER_PARTITION}"]
+    if partial > splits:
+        unexplained = f"{partial - splits:,} partial trips are not explained by a 3PC time-out"
+        lines += ["", f"**{unexplained}: a defect, not the protocol.**"]
+    return lines
 
 
 def write_run_report(
@@ -82,8 +98,12 @@ def write_run_report(
     measures: Measures,
     loss_model: str,
     notes: list[str],
+    time_out_splits: int = 0,
 ) -> None:
-    """Write verdicts.json, measures.json, summary.md and chart.png into `run_dir`."""
+    """Write verdicts.json, measures.json, summary.md and chart.png into `run_dir`.
+
+    `time_out_splits`: how many partial trips `checker.time_out_splits` explains.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     verdict = overall(results)
     checks = []
@@ -94,7 +114,9 @@ def write_run_report(
     head = {"scenario": scenario, "protocol": protocol, "seed": seed, "verdict": verdict}
     (run_dir / "verdicts.json").write_text(json.dumps({**head, "checks": checks}, indent=2) + "\n")
     (run_dir / "measures.json").write_text(json.dumps(measures.to_dict(), indent=2) + "\n")
-    summary = _summary(head, schedule, fault_windows, results, measures, loss_model, notes)
+    summary = _summary(
+        head, schedule, fault_windows, results, measures, loss_model, notes, time_out_splits
+    )
     (run_dir / "summary.md").write_text(summary)
     title = f"{scenario} · {protocol} · seed {seed} · {verdict}"
     write_chart(run_dir / "chart.png", measures, fault_windows, title=title)
@@ -108,6 +130,7 @@ def _summary(
     m: Measures,
     loss_model: str,
     notes: list[str],
+    time_out_splits: int,
 ) -> str:
     bad = [r.name for r in results if r.verdict != "valid"]
     lines = [
@@ -130,8 +153,7 @@ def _summary(
     for r in results:
         if r.verdict != "valid" and r.detail:
             lines += ["", f"{r.name} ({r.verdict}):", "", "```", r.detail.rstrip(), "```"]
-    if head["protocol"] == "3pc" and "all-or-nothing" in bad:
-        lines += ["", THREE_PC_UNDER_PARTITION]
+    lines += _partial_3pc_trips(head["protocol"], results, time_out_splits)
     ops = m.ops
     statuses = ", ".join(f"{s} {n}" for s, n in m.ok_by_status.items()) or NA
     rate = m.ops.get("ok", 0) / m.duration if m.duration else None
@@ -154,6 +176,7 @@ def _summary(
         ("compensations (trips / legs)", f"{m.compensations} / {m.compensated_legs}"),
         ("settle after heal", _num(m.settle_seconds, " s")),
         ("blocked inventory", _num(m.blocked_inventory_seconds, " unit·s")),
+        ("of it, held through faults", _num(m.held_through_faults_seconds, " unit·s")),
         ("duration", _num(m.duration, " s")),
     ]
     lines += ["", "## Measures", "", "| measure | value |", "| --- | --- |"]
@@ -273,8 +296,13 @@ COMPARED: tuple[tuple[str, str, Column], ...] = (
     ),
     (
         "Blocked inventory",
-        "unit-seconds held by 2PC while a decision was awaited",
+        "unit-seconds held by 2PC and 3PC while a decision was awaited",
         lambda r: _num(r["measures"].get("blocked_inventory_seconds"), " unit·s"),
+    ),
+    (
+        "Held through faults",
+        "unit-seconds of 2PC/3PC holds a fault caught open, from its start until they settled",
+        lambda r: _num(r["measures"].get("held_through_faults_seconds"), " unit·s"),
     ),
     (
         "Compensations",
@@ -285,22 +313,35 @@ COMPARED: tuple[tuple[str, str, Column], ...] = (
 )
 
 
+# Column order of the comparison; a protocol appears when some run used it.
+PROTOCOL_ORDER = ("2pc", "3pc", "saga", "mixed")
+PROTOCOL_TITLES = {"2pc": "2PC", "3pc": "3PC", "saga": "saga", "mixed": "mixed"}
+
+
 def write_comparison(runs: Sequence[dict[str, Any]], out: Path) -> str:
-    """One Markdown table per measure: a row per scenario, 2PC against saga; written to `out`."""
+    """One Markdown table per measure: a row per scenario, a column per protocol; written to `out`."""
     scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
+    present = {r["protocol"] for r in runs}
+    protocols = [p for p in PROTOCOL_ORDER if p in present]
     by_cell = {(r["scenario"], r["protocol"]): r for r in runs}  # the last run of a cell wins
-    lines = ["# 2PC against saga, measured", ""]
+    titles = [PROTOCOL_TITLES[p] for p in protocols]
+    lines = [
+        f"# {', '.join(titles[:-1])} and {titles[-1]}, measured"
+        if len(titles) > 1
+        else f"# {''.join(titles)}, measured",
+        "",
+    ]
     for name, meaning, column in COMPARED:
         lines += [
             f"## {name}",
             "",
             f"_{meaning}_",
             "",
-            "| scenario | 2PC | saga |",
-            "| --- | ---: | ---: |",
+            "| scenario | " + " | ".join(titles) + " |",
+            "| --- |" + " ---: |" * len(titles),
         ]
         for scenario in scenarios:
-            cells = [by_cell.get((scenario, p)) for p in ("2pc", "saga")]
+            cells = [by_cell.get((scenario, p)) for p in protocols]
             lines.append(
                 f"| {scenario} | "
                 + " | ".join(NA if c is None else column(c) for c in cells)

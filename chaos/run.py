@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from chaos import checker
-from chaos.audit import read_books
+from chaos.audit import read_books, save_books
 from chaos.checker import BooksSnapshot, CheckResult
 from chaos.history import HistoryWriter, read_history
 from chaos.nemesis import Fault, Nemesis, Window
@@ -48,6 +48,8 @@ DAYS_ON_SALE = 30
 COORDINATOR_ARGS = ("--rpc-timeout", "1", "--step-give-up", "3", "--compensation-give-up", "60")
 # 3PC time-outs a lab run shows in seconds: a yes vote waits 2 s for PreCommit.
 SERVICE_ARGS = ("--resolve-after", "2", "--3pc-wait-timeout", "2", "--3pc-precommit-timeout", "4")
+# The audited books of a run, kept beside its history (gzipped JSON, chaos.audit.load_books).
+BOOKS_FILE = "books.json.gz"
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,17 @@ def write_catalogs(folder: Path) -> tuple[dict[str, Path], Catalog]:
     return files, catalog
 
 
+# Every status whose units sit in the held column: a 2PC hold, a 3PC hold (voted yes or
+# pre-committed) and a saga's pending leg under a semantic lock.
+HOLDING_STATUSES = (
+    ppb.RESERVATION_STATUS_HELD,
+    ppb.RESERVATION_STATUS_PRE_COMMITTED,
+    ppb.RESERVATION_STATUS_PENDING,
+)
+
+
 def _unsettled(mesh: Mesh) -> int:
-    """Trips still pending plus holds still held (0: settled). Read directly, not via proxies."""
+    """Trips still pending plus units still held (0: settled). Read directly, not via proxies."""
     layout = mesh.layout
     with grpc.insecure_channel(layout.address("coordinator")) as channel:
         pending = coordinator_pb2_grpc.CoordinatorStub(channel).ListTrips(
@@ -99,11 +110,12 @@ def _unsettled(mesh: Mesh) -> int:
     count = len(pending.trips)
     for kind in PARTICIPANTS:
         with grpc.insecure_channel(layout.address(kind)) as channel:
-            held = participant_pb2_grpc.ParticipantStub(channel).ListReservations(
-                ppb.ListReservationsRequest(status=ppb.RESERVATION_STATUS_HELD, page_size=500),
-                timeout=5,
-            )
-        count += len(held.reservations)
+            stub = participant_pb2_grpc.ParticipantStub(channel)
+            for status in HOLDING_STATUSES:
+                held = stub.ListReservations(
+                    ppb.ListReservationsRequest(status=status, page_size=500), timeout=5
+                )
+                count += len(held.reservations)
     return count
 
 
@@ -127,8 +139,9 @@ async def _traffic(
     plans: list[Planned],
     schedule: list[Fault],
     history: HistoryWriter,
-) -> list[Window]:
-    origin = time.monotonic()
+) -> tuple[float, list[Window]]:
+    """Run the clients and the nemesis; (the epoch time of the run's start, the fault windows)."""
+    origin, started_at = time.monotonic(), time.time()
     guard = None
     if config.scenario.restart_after is not None:
         guard = asyncio.create_task(nemesis.keep_alive(restart_after=config.scenario.restart_after))
@@ -146,7 +159,7 @@ async def _traffic(
     finally:
         if guard is not None:
             guard.cancel()
-    return windows
+    return started_at, windows
 
 
 def run(config: RunConfig) -> RunOutcome:
@@ -187,7 +200,7 @@ def run(config: RunConfig) -> RunOutcome:
     nemesis = Nemesis(mesh)
     history = HistoryWriter(run_dir / "history.jsonl")
     try:
-        windows = asyncio.run(_traffic(config, mesh, nemesis, plans, schedule, history))
+        started_at, windows = asyncio.run(_traffic(config, mesh, nemesis, plans, schedule, history))
         history.close()
         nemesis.heal_all()
         settled = settle(mesh, config.settle_timeout)
@@ -197,8 +210,9 @@ def run(config: RunConfig) -> RunOutcome:
     finally:
         history.close()
         mesh.down()
+    save_books(books, run_dir / BOOKS_FILE)
     results = checker.check_all(read_history(run_dir / "history.jsonl"), books)
-    _report(run_dir, config, schedule, windows, results, books, settled)
+    _report(run_dir, config, schedule, windows, results, books, settled, started_at)
     verdict = checker.overall(results)
     print(
         f"{config.scenario.name} {config.protocol} seed {config.seed}: {verdict.upper()}  ({run_dir})"
@@ -214,12 +228,19 @@ def _report(
     results: list[CheckResult],
     books: BooksSnapshot,
     settled: float | None,
+    started_at: float,
 ) -> None:
     from chaos.measures import measure
     from chaos.report import write_run_report
 
     history = read_history(run_dir / "history.jsonl")
-    measures = measure(history, books, settle_seconds=settled, duration=config.duration)
+    measures = measure(
+        history,
+        books,
+        settle_seconds=settled,
+        duration=config.duration,
+        fault_starts=[started_at + w.start for w in windows],
+    )
     notes = list(config.scenario.notes)
     notes += recovery_notes(run_dir / "mesh" / "logs" / "coordinator.log")
     notes += unilateral_notes({k: run_dir / "mesh" / "logs" / f"{k}.log" for k in PARTICIPANTS})
@@ -236,6 +257,7 @@ def _report(
         measures=measures,
         loss_model=config.scenario.loss_model,
         notes=notes,
+        time_out_splits=len(checker.time_out_splits(books)),
     )
 
 

@@ -19,8 +19,15 @@ from chaos.scenarios import Scenario
 # so that the crashes spread over the run and each is reached within seconds.
 COORDINATOR = {
     "2pc": ("2pc.before_decision@4", "2pc.after_decision@6", "2pc.between_phase2@8"),
+    "3pc": (
+        "3pc.before_decision@4",
+        "3pc.after_precommit_decision@6",
+        "3pc.between_docommits@8",
+    ),
     "saga": ("saga.after_step_rpc@6", "saga.mid_compensation@2"),
 }
+# The participants' failpoints are on the paths that hold first (2PC's and 3PC's):
+# a crash just after a yes vote is durable, and one just before the commit.
 PARTICIPANTS = {"flight": "participant.after_vote_yes@5", "hotel": "participant.before_commit@7"}
 
 
@@ -32,7 +39,7 @@ def environment(protocol: str, marker_dir: Path) -> dict[str, dict[str, str]]:
     protocols = ("2pc", "saga") if protocol == "mixed" else (protocol,)
     coordinator = [f"{fp.replace('@', '=crash@', 1)}" for p in protocols for fp in COORDINATOR[p]]
     env = {"coordinator": {"TRIPMESH_FAILPOINTS": ",".join(coordinator)}}
-    if "2pc" in protocols:  # the participants' failpoints are on the 2PC path
+    if {"2pc", "3pc"} & set(protocols):
         for kind, fp in PARTICIPANTS.items():
             env[kind] = {"TRIPMESH_FAILPOINTS": fp.replace("@", "=crash@", 1)}
     for process_env in env.values():

@@ -132,6 +132,8 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         reservation_id, trip_id = _ids(request)
         hold = hold_from_proto(request.hold)
         result = await self.store.can_commit(reservation_id, trip_id, hold)
+        if result.accepted:
+            failpoints.hit("participant.after_vote_yes")
         return pb.CanCommitResponse(
             vote=self._vote("can_commit", reservation_id, result),
             reason=result.reason,
@@ -150,6 +152,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: pb.DoCommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.DoCommitResponse:
         reservation_id, trip_id = _ids(request)
+        failpoints.hit("participant.before_commit")
         done = await self.store.do_commit(reservation_id, trip_id, settled_by="coordinator")
         self._done("do_commit", reservation_id, done.status.value)
         return pb.DoCommitResponse(reservation=reservation_to_proto(done))

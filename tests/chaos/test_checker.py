@@ -151,6 +151,64 @@ def test_leaked_hold_is_caught() -> None:
     assert checker.conservation(books).verdict == "valid"
 
 
+def test_a_pending_saga_leg_counts_as_held() -> None:
+    """A semantic-lock leg sits in the held column: counted there, and a leak if left."""
+    books = BooksSnapshot(
+        trips=(_trip("t1"), _trip("t6", "aborted")),
+        reservations=(
+            *_legs("t1"),
+            *(
+                replace(r, status="pending") if r.kind == "flight" else r
+                for r in _legs("t6", "cancelled")
+            ),
+        ),
+        inventory=tuple(
+            replace(row, available=row.available - 1, held=1) if row.kind == "flight" else row
+            for row in _inventory(confirmed=1)
+        ),
+    )
+    assert checker.conservation(books).verdict == "valid"
+    leaks = checker.no_leaks(books)
+    assert leaks.verdict == "invalid"
+    assert [v.what for v in leaks.examples] == ["flight t6-flight still held"]
+    whole = checker.all_or_nothing(books)
+    assert [v.what for v in whole.examples] == ["aborted trip still takes flight"]
+
+
+def _split(trip_id: str, aborted_by: str) -> list[ReservationView]:
+    """A 3PC trip: flight and hotel committed, the car released by `aborted_by`."""
+    return [
+        replace(r, protocol="3pc", status="released", settled_by=aborted_by)
+        if r.kind == "car"
+        else replace(r, protocol="3pc")
+        for r in _legs(trip_id)
+    ]
+
+
+def test_time_out_splits_name_only_3pc_trips_a_time_out_split() -> None:
+    books = BooksSnapshot(
+        trips=(
+            _trip("cut", "needs_attention", protocol="3pc"),
+            _trip("bug", "needs_attention", protocol="3pc"),
+            _trip("whole", "confirmed", protocol="3pc"),
+            _trip("aborted", "aborted", protocol="3pc"),
+        ),
+        reservations=(
+            *_split("cut", "timeout"),
+            *_split("bug", "coordinator"),
+            *(replace(r, protocol="3pc", settled_by="timeout") for r in _legs("whole")),
+            *(
+                replace(r, protocol="3pc", status="released", settled_by="timeout")
+                for r in _legs("aborted")
+            ),
+        ),
+        inventory=(),
+    )
+    # "bug" is partial with no time-out to explain it; "whole" and "aborted" agree.
+    assert checker.time_out_splits(books) == {"cut"}
+    assert {v.trip_id for v in checker.all_or_nothing(books).examples} == {"cut", "bug"}
+
+
 def test_unilateral_release_is_caught() -> None:
     books = BooksSnapshot(
         trips=(_trip("t5", "confirmed", protocol="2pc"),),

@@ -8,7 +8,7 @@ import pytest
 
 from chaos.checker import BooksSnapshot, ReservationView, TripView
 from chaos.history import Op
-from chaos.measures import blocked_inventory_seconds, measure, percentile
+from chaos.measures import blocked_inventory_seconds, held_through_faults, measure, percentile
 
 D1, D2 = "2030-01-01", "2030-01-02"
 
@@ -194,6 +194,28 @@ def test_blocked_inventory_is_unknown_without_timestamps_and_can_be_given() -> N
         HISTORY, _two_pc_books(unstamped), settle_seconds=None, duration=3.0, blocked_seconds=7.5
     )
     assert m.blocked_inventory_seconds == 7.5
+
+
+def test_held_through_faults_counts_only_what_a_fault_caught_open() -> None:
+    books = _two_pc_books()
+    # No fault: unknown, not zero.
+    assert held_through_faults(books, []) is None
+    # A fault at 102 s catches p1's seats (2 x 1 x 1 s) and p2's room (1 x 2 x 8 s);
+    # the saga's car is not a 2PC hold, the refused car and the tombstone held nothing.
+    assert held_through_faults(books, [102.0]) == pytest.approx(18.0)
+    # A second fault inside the same holds counts nothing twice; one after them, nothing.
+    assert held_through_faults(books, [102.0, 105.0, 300.0]) == pytest.approx(18.0)
+    # A fault before every hold began catches none of them.
+    assert held_through_faults(books, [99.0]) == 0.0
+    # 3PC holds count like 2PC's; a 3PC hold that decided on its own time-out 2 s in.
+    three = BooksSnapshot(
+        (TripView("t1", "k9", "3pc", "aborted", "abort"),),
+        (reservation("t1", "car", "released", (D1,), 1, created_at=100.0, updated_at=104.0),),
+        (),
+    )
+    assert held_through_faults(three, [102.0]) == pytest.approx(2.0)
+    m = measure(HISTORY, books, settle_seconds=None, duration=3.0, fault_starts=[102.0])
+    assert m.held_through_faults_seconds == pytest.approx(18.0)
 
 
 def test_to_dict_is_plain_json() -> None:

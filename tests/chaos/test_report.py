@@ -160,16 +160,42 @@ def test_comparison_puts_2pc_and_saga_side_by_side(tmp_path: Path) -> None:
     assert "| coordinator-crash | 3,600.0 unit·s | — |" in text
     assert "| baseline | 0 | 12 |" in text
     assert text.index("| baseline |") < text.index("| coordinator-crash |")
+    assert "| scenario | 2PC | saga |" in text
+
+
+def test_comparison_has_a_column_for_each_protocol_run(tmp_path: Path) -> None:
+    runs = [
+        {"scenario": "coordinator-crash", "protocol": p, "verdict": v,
+         "measures": {"held_through_faults_seconds": held}}
+        for p, v, held in (("saga", "valid", None), ("3pc", "valid", 40.0), ("2pc", "valid", 95.5))
+    ]  # fmt: skip
+    text = write_comparison(runs, tmp_path / "comparison.md")
+    assert text.startswith("# 2PC, 3PC and saga, measured")
+    assert "| scenario | 2PC | 3PC | saga |" in text
+    assert "| coordinator-crash | 95.5 unit·s | 40.0 unit·s | — |" in text
 
 
 @pytest.mark.parametrize(
-    ("protocol", "aon", "named"),
-    [("3pc", "invalid", True), ("3pc", "valid", False), ("2pc", "invalid", False)],
+    ("protocol", "partial", "splits", "named", "defect"),
+    [
+        ("3pc", 3, 3, True, False),
+        ("3pc", 3, 1, True, True),
+        ("3pc", 2, 0, False, True),
+        ("3pc", 0, 0, False, False),
+        ("2pc", 1, 0, False, False),
+    ],
 )
 def test_a_3pc_run_with_partial_trips_names_the_protocols_known_failure(
-    tmp_path: Path, measures: Measures, protocol: str, aon: str, named: bool
+    tmp_path: Path,
+    measures: Measures,
+    protocol: str,
+    partial: int,
+    splits: int,
+    named: bool,
+    defect: bool,
 ) -> None:
-    results = [CheckResult("all-or-nothing", aon, count=1 if aon == "invalid" else 0)]
+    aon = "invalid" if partial else "valid"
+    results = [CheckResult("all-or-nothing", aon, count=partial)]
     write_run_report(
         tmp_path,
         scenario="partition-during-commit",
@@ -181,9 +207,12 @@ def test_a_3pc_run_with_partial_trips_names_the_protocols_known_failure(
         measures=measures,
         loss_model="",
         notes=[],
+        time_out_splits=splits,
     )
     summary = (tmp_path / "summary.md").read_text()
     assert ("three-phase commit's known failure mode" in summary) is named
+    assert (f"{splits:,} of the {partial:,} partial trips split" in summary) is named
+    assert ("not explained by a 3PC time-out" in summary) is defect
 
 
 def test_unilateral_notes_count_each_participants_own_decisions(tmp_path: Path) -> None:

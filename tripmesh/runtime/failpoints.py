@@ -44,8 +44,8 @@ FAILPOINTS = {
     "saga.after_step_rpc": "coordinator: a saga step's RPC succeeded, its outcome is not logged",
     "saga.mid_compensation": "coordinator: one compensation acknowledged, others not yet",
     "coordinator.create_trip": "coordinator: a new trip is being written (inside the write batch)",
-    "participant.after_vote_yes": "participant: a yes vote is durable, the reply not sent",
-    "participant.before_commit": "participant: a Commit arrived, nothing applied yet",
+    "participant.after_vote_yes": "participant: a 2PC or 3PC yes vote is durable, not answered",
+    "participant.before_commit": "participant: a Commit or DoCommit arrived, nothing applied",
     "participant.before_cancel": "participant: a Cancel (compensation) arrived, nothing applied yet",
     "participant.take": "participant: a Prepare or Reserve is being written (inside the batch)",
 }
