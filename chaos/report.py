@@ -314,8 +314,14 @@ COMPARED: tuple[tuple[str, str, Column], ...] = (
 
 
 # Column order of the comparison; a protocol appears when some run used it.
-PROTOCOL_ORDER = ("2pc", "3pc", "saga", "mixed")
-PROTOCOL_TITLES = {"2pc": "2PC", "3pc": "3PC", "saga": "saga", "mixed": "mixed"}
+PROTOCOL_ORDER = ("2pc", "3pc", "saga", "saga-lock", "mixed")
+PROTOCOL_TITLES = {
+    "2pc": "2PC",
+    "3pc": "3PC",
+    "saga": "saga",
+    "saga-lock": "saga, semantic lock",
+    "mixed": "mixed",
+}
 
 
 def write_comparison(runs: Sequence[dict[str, Any]], out: Path) -> str:

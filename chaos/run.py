@@ -1,6 +1,6 @@
 """Run a chaos scenario: traffic and faults, heal, settle, audit, report.
 
-    python -m chaos.run SCENARIO --protocol 2pc|3pc|saga|mixed [--seed N] [--duration S] [--ops N]
+    python -m chaos.run SCENARIO --protocol 2pc|3pc|saga|saga-lock|mixed [--seed N] [--duration S]
 
 Each run starts its own mesh (on free ports, in its run folder under
 runs/chaos/), so it never touches a mesh started by `make up`. The exit status
@@ -34,6 +34,7 @@ from services.catalog import write_catalog_file
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh.layout import free_layout
 from tripmesh.mesh.mesh import ROOT, Mesh
+from tripmesh.runtime.names import BOOKING_MODES
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
@@ -201,6 +202,12 @@ def run(config: RunConfig) -> RunOutcome:
     history = HistoryWriter(run_dir / "history.jsonl")
     try:
         started_at, windows = asyncio.run(_traffic(config, mesh, nemesis, plans, schedule, history))
+        # The faults as applied, on the books' clock too (epoch seconds), for later audits.
+        (run_dir / "faults.json").write_text(
+            json.dumps(
+                {"started_at": started_at, "windows": [w.to_dict() for w in windows]}, indent=1
+            )
+        )
         history.close()
         nemesis.heal_all()
         settled = settle(mesh, config.settle_timeout)
@@ -292,7 +299,12 @@ def recovery_notes(coordinator_log: Path) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__.split("\n\n")[0])
     p.add_argument("scenario", choices=sorted(registry()))
-    p.add_argument("--protocol", choices=["2pc", "3pc", "saga", "mixed"], default="saga")
+    p.add_argument(
+        "--protocol",
+        choices=[*BOOKING_MODES, "mixed"],
+        default="saga",
+        help="saga-lock: the saga with its semantic lock; mixed: 2PC and saga, per trip",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic and faults")
     p.add_argument("--ops", type=int, default=100_000, help="booking requests at most")

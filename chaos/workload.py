@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import grpc
 
 from chaos.history import HistoryWriter, Op, OpType
-from tripmesh.runtime.names import PROTOCOL_BY_NAME, TRIP_STATUS_NAMES
+from tripmesh.runtime.names import BOOKING_MODES, TRIP_STATUS_NAMES
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
-PROTOCOLS = PROTOCOL_BY_NAME
 # Definitely not done: refused before anything was written.
 _FAIL = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -55,12 +54,14 @@ class Planned:
 def generate(
     seed: int, count: int, protocol: str, catalog: Catalog, *, hot_share: float = 0.3
 ) -> list[Planned]:
-    """`count` seeded booking requests; `protocol` is 2pc, saga or mixed."""
+    """`count` seeded booking requests; `protocol` is a mode of BOOKING_MODES (2pc, 3pc,
+    saga, saga-lock) or mixed (2PC and saga, chosen per trip)."""
     rng = random.Random(seed)
     plans = []
     window = max(1, catalog.days_on_sale - 8)
     for i in range(count):
         chosen = protocol if protocol != "mixed" else rng.choice(("2pc", "saga"))
+        protocol_value, semantic_lock = BOOKING_MODES[chosen]
         if rng.random() < hot_share:  # the Black-Friday deal: the story's trip, two dates
             flight, hotel, car = catalog.flights[0], catalog.hotels[0], catalog.cars[0]
             offset = 1 + rng.randrange(2)
@@ -79,7 +80,8 @@ def generate(
                 pb.BookTripRequest(
                     idempotency_key=key,
                     customer_id=f"customer-{rng.randrange(10_000)}",
-                    protocol=PROTOCOLS[chosen],
+                    protocol=protocol_value,
+                    semantic_lock=semantic_lock,
                     flight=pb.FlightSelection(flight_id=flight, date=date, seats=rng.randint(1, 2)),
                     hotel=pb.HotelSelection(hotel_id=hotel, check_in=date, nights=nights, rooms=1),
                     car=pb.CarSelection(car_id=car, pickup_date=date, days=nights, cars=1),

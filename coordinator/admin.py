@@ -2,7 +2,8 @@
 
     GET /metrics                      Prometheus exposition
     GET /                             the operator page (operator_page.html)
-    GET /api/summary                  trips by status, and units held/confirmed per service
+    GET /api/summary                  trips by status, and units held (of them pending under
+                                      a semantic lock) and confirmed per service
     GET /api/trips?status=&protocol=&limit=&page_token=   trips, newest first
     GET /api/trips/<trip_id>          one trip with its timeline
 
@@ -96,6 +97,7 @@ class AdminServer:
                 continue
             services[kind.value] = {
                 "held": sum(r.held for r in reply.resources),
+                "pending": sum(r.pending for r in reply.resources),
                 "confirmed": sum(r.confirmed for r in reply.resources),
                 "resources": [_json(r) for r in reply.resources],
             }

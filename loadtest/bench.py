@@ -1,4 +1,4 @@
-"""`make bench`: how close 2PC, 3PC and saga get to what this machine can do at all.
+"""`make bench`: how close 2PC, 3PC and the saga get to what this machine can do at all.
 
     python -m loadtest.bench [--duration 8] [--rss-trips 50000] [--profile]
 
@@ -11,13 +11,14 @@ with a catalog that never sells out (`loadtest.trips.bench_catalog`):
    Toxiproxy proxy, in RPCs/s, at each concurrency;
 2. saga trips/s and p50/p99 at concurrency 1, 16, 64, 256 (closed loop: each
    of `c` workers books its next trip when the last one returns CONFIRMED);
-3. 2PC and 3PC the same;
+3. the saga with its semantic lock (saga-lock), 2PC and 3PC the same;
 4. efficiency = trips/s x RPCs per trip / echo RPCs/s at the same concurrency.
    RPCs per trip, on the success path: the client's BookTrip (1) plus the
-   coordinator's participant calls: saga 3 Reserves (4 in all), 2PC 3 Prepares
-   and 3 Commits (7), 3PC 3 CanCommits, 3 PreCommits and 3 DoCommits (10). Each RPC crosses one proxy, as the echo does. Not counted:
-   the coordinator's log writes (saga 2, 2PC 3, group-committed; see
-   coordinator/journal.py) and the participants' (one per step).
+   coordinator's participant calls: saga 3 Reserves (4 in all), saga-lock 3
+   Reserves and 3 Confirms (7), 2PC 3 Prepares and 3 Commits (7), 3PC 3
+   CanCommits, 3 PreCommits and 3 DoCommits (10). Each RPC crosses one proxy, as
+   the echo does. Not counted: the coordinator's log writes (saga 2, 2PC 3,
+   group-committed; see coordinator/journal.py) and the participants' (one per step).
 
 Then: the coordinator's memory (VmRSS) over `--rss-trips` more trips, and the
 contended flight (`loadtest.contention`). With `--profile`, py-spy records the
@@ -56,7 +57,8 @@ from tripmesh.runtime import rpc
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 
-RPCS_PER_TRIP = {"saga": 4, "2pc": 7, "3pc": 10}
+# BookTrip plus the coordinator's participant calls; the semantic lock adds a Confirm a leg.
+RPCS_PER_TRIP = {"saga": 4, "saga-lock": 7, "2pc": 7, "3pc": 10}
 
 
 @dataclass(frozen=True)
@@ -195,12 +197,12 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         c = self.config
         print("warming up ...", flush=True)
-        for protocol in ("saga", "2pc", "3pc"):
+        for protocol in report.PROTOCOLS:
             await run_count(self.book(protocol, f"warm-{protocol}"), 16, 300)
         await run_count(self.echo(), 16, 1000)
-        print("contention: a flight with few seats, both protocols ...", flush=True)
+        print("contention: a flight with few seats, each protocol ...", flush=True)
         contended = {}
-        for protocol in ("2pc", "saga"):
+        for protocol in report.PROTOCOLS:
             contended[protocol] = await contention.contend(
                 self.trips[0],
                 participant_pb2_grpc.ParticipantStub(self.audit_channel),
@@ -213,7 +215,8 @@ class Bench:
         for line in contention.summarize(contended):
             print("  " + line, flush=True)
         print("throughput (closed loop) ...", flush=True)
-        points: dict[str, list[dict[str, Any]]] = {"echo": [], "saga": [], "2pc": [], "3pc": []}
+        points: dict[str, list[dict[str, Any]]] = {"echo": []}
+        points.update({protocol: [] for protocol in report.PROTOCOLS})
         for level in c.levels:
             for what, series in points.items():
                 series.append((await self.point(what, level)).summary())

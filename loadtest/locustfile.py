@@ -17,7 +17,7 @@ Two kinds of rows appear in Locust's tables:
   (sold out, compensated) are counted apart. A trip still PENDING or
   NEEDS_ATTENTION when the user gives up is a failure.
 
-Options (also in the web UI; env var in brackets): --protocol 2pc|saga|mixed
+Options (also in the web UI; env var in brackets): --protocol 2pc|3pc|saga|saga-lock|mixed
 [TRIPMESH_LOAD_PROTOCOL], --shape steady|black-friday [TRIPMESH_LOAD_SHAPE],
 --deadline seconds per BookTrip [TRIPMESH_LOAD_DEADLINE], --think-time mean
 seconds between a user's trips, --hot-share, --doomed-share, --seed, --last-offset
@@ -75,7 +75,8 @@ def _options(parser: Any) -> None:
         "--protocol",
         choices=CHOICES,
         default=env("TRIPMESH_LOAD_PROTOCOL", "mixed"),
-        help="2pc, saga, or mixed (each trip picks one)",
+        help="2pc, 3pc, saga, saga-lock (the saga with its semantic lock), or mixed (each"
+        " trip picks 2pc or saga)",
     )
     parser.add_argument(
         "--shape",

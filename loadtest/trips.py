@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.catalog import SeedResource, write_catalog_file
-from tripmesh.runtime.names import PROTOCOL_BY_NAME
+from tripmesh.runtime.names import BOOKING_MODES
 from tripmesh.v1 import coordinator_pb2 as pb
 
-PROTOCOLS = PROTOCOL_BY_NAME
-PROTOCOL_NAMES = {value: name for name, value in PROTOCOLS.items()}
-CHOICES = ("2pc", "3pc", "saga", "mixed")
+# A protocol by its short name, the saga with its semantic lock ("saga-lock"), or
+# "mixed": 2PC and saga, chosen per trip.
+CHOICES = (*BOOKING_MODES, "mixed")
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ class TripMix:
     last_offset: int = 45  # inside the 60 days a fresh mesh puts on sale, with room for 4 nights
 
     def plan(self, rng: random.Random, protocol: str, key: str, customer: str) -> Planned:
-        """One booking request; `protocol` is 2pc, saga or mixed (chosen per trip)."""
+        """One booking request; `protocol` is one of CHOICES (mixed: chosen per trip)."""
         chosen = rng.choice(("2pc", "saga")) if protocol == "mixed" else protocol
+        protocol_value, semantic_lock = BOOKING_MODES[chosen]
         draw = rng.random()
         nights, units = rng.randint(1, 4), 1
         if draw < self.doomed_share:
@@ -79,7 +80,8 @@ class TripMix:
         request = pb.BookTripRequest(
             idempotency_key=key,
             customer_id=customer,
-            protocol=PROTOCOLS[chosen],
+            protocol=protocol_value,
+            semantic_lock=semantic_lock,
             flight=pb.FlightSelection(flight_id=route.flight, date=date, seats=units),
             hotel=pb.HotelSelection(
                 hotel_id=rng.choice(route.hotels), check_in=date, nights=nights, rooms=1
@@ -97,7 +99,7 @@ class TripMix:
 @dataclass(frozen=True)
 class Planned:
     kind: str  # hot, doomed, spread
-    protocol: str  # 2pc or saga
+    protocol: str  # a mode of BOOKING_MODES: 2pc, 3pc, saga, saga-lock
     request: pb.BookTripRequest
 
 
@@ -133,7 +135,8 @@ def peak_catalog(path: Path, scale: int = 20) -> Path:
 # -- the benchmark's catalog: room for every trip of a run, and a contended flight --------
 
 BENCH_ROUTES = 8
-HOT_FLIGHTS = {"2pc": "HOT-2PC", "saga": "HOT-SAGA"}  # one per protocol, so runs do not mix
+# One contended flight per mode, so runs do not mix.
+HOT_FLIGHTS = {mode: f"HOT-{mode.upper()}" for mode in BOOKING_MODES}
 HOT_SEATS = 50
 DOOMED_VAN = "DOOM-VAN"  # fewer than DOOMED_CARS: every trip asking for it is refused
 
@@ -167,10 +170,12 @@ def bench_request(
     route = rng.randrange(BENCH_ROUTES)
     offset = rng.randint(1, 50) if offset is None else offset
     date = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=offset)).isoformat()
+    protocol_value, semantic_lock = BOOKING_MODES[protocol]
     return pb.BookTripRequest(
         idempotency_key=key,
         customer_id="bench",
-        protocol=PROTOCOLS[protocol],
+        protocol=protocol_value,
+        semantic_lock=semantic_lock,
         flight=pb.FlightSelection(flight_id=flight or f"BF{route}", date=date, seats=1),
         hotel=pb.HotelSelection(hotel_id=f"BH{route}", check_in=date, nights=2, rooms=1),
         car=pb.CarSelection(car_id=car or f"BC{route}", pickup_date=date, days=2, cars=cars),

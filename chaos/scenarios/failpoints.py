@@ -14,6 +14,7 @@ from pathlib import Path
 
 from chaos.nemesis import Fault
 from chaos.scenarios import Scenario
+from tripmesh.runtime.names import SAGA_WITH_LOCK
 
 # Hit counts are per process lifetime (a restart starts again from 0), staggered
 # so that the crashes spread over the run and each is reached within seconds.
@@ -36,7 +37,7 @@ def schedule(rng: random.Random, duration: float) -> list[Fault]:
 
 
 def environment(protocol: str, marker_dir: Path) -> dict[str, dict[str, str]]:
-    protocols = ("2pc", "saga") if protocol == "mixed" else (protocol,)
+    protocols = {"mixed": ("2pc", "saga"), SAGA_WITH_LOCK: ("saga",)}.get(protocol, (protocol,))
     coordinator = [f"{fp.replace('@', '=crash@', 1)}" for p in protocols for fp in COORDINATOR[p]]
     env = {"coordinator": {"TRIPMESH_FAILPOINTS": ",".join(coordinator)}}
     if {"2pc", "3pc"} & set(protocols):

@@ -219,8 +219,11 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                     available=available,
                     held=held,
                     confirmed=confirmed,
+                    pending=pending,
                 )
-                for resource, capacity, available, held, confirmed in await self.store.totals()
+                for resource, capacity, available, held, confirmed, pending in (
+                    await self.store.totals()
+                )
             ]
         )
 

@@ -175,14 +175,18 @@ class ParticipantStore:
     ) -> tuple[list[Reservation], int | None]:
         return await self.db.read(lambda c: read_reservations(c, after, limit, status, trip_id))
 
-    async def totals(self) -> list[tuple[str, int, int, int, int]]:
-        """(resource, capacity, available, held, confirmed) summed over every date."""
+    async def totals(self) -> list[tuple[str, int, int, int, int, int]]:
+        """(resource, capacity, available, held, confirmed, pending) summed over every date;
+        pending is the part of held that sagas took PENDING under a semantic lock."""
         return await self.db.read(
             lambda c: [
                 tuple(r)
                 for r in c.execute(
-                    "SELECT resource_id, sum(capacity), sum(available), sum(held), sum(confirmed)"
-                    " FROM inventory GROUP BY resource_id ORDER BY resource_id"
+                    "SELECT i.resource_id, sum(i.capacity), sum(i.available), sum(i.held),"
+                    " sum(i.confirmed), coalesce(p.units, 0) FROM inventory i LEFT JOIN"
+                    " (SELECT resource_id, sum(quantity * days) AS units FROM reservations"
+                    "  WHERE status = 'pending' GROUP BY resource_id) p USING (resource_id)"
+                    " GROUP BY i.resource_id ORDER BY i.resource_id"
                 )
             ]
         )
@@ -363,7 +367,8 @@ def _give_back(
     protocol: Protocol,
     settled_by: str,
 ) -> Reservation:
-    """Abort (2PC) or Cancel (saga); a tombstone when nothing is known yet."""
+    """Abort (2PC, 3PC) or Cancel (saga); a tombstone when nothing is known yet. A
+    refused step took nothing and stays refused, so no reader counts it as given back."""
     final = _S.RELEASED if protocol.holds_first else _S.CANCELLED
     existing = _load(conn, reservation_id)
     if existing is None:
@@ -384,8 +389,8 @@ def _give_back(
         )
         return _load_required(conn, reservation_id)
     _check_protocol(existing, protocol)
-    if existing.status is final:
-        return existing
+    if existing.status in (final, _S.REFUSED):
+        return existing  # already given back, or never taken: a refusal stays one
     if existing.status is _S.CONFIRMED and protocol.holds_first:
         why = " (on its own 3PC time-out)" if existing.settled_by == "timeout" else ""
         raise wrong_state(f"cannot abort {reservation_id}: it is already committed{why}")

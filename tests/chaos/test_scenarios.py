@@ -52,6 +52,8 @@ def test_reduced_scenario_finds_no_violation(tmp_path: Path, name: str, protocol
     assert len(completed) >= MIN_COMPLETED.get(name, 20), f"only {len(completed)} trips completed"
     schedule = json.loads((outcome.run_dir / "schedule.json").read_text())
     assert len(schedule) == len(scenario.schedule(random.Random(7), duration))
+    applied = json.loads((outcome.run_dir / "faults.json").read_text())
+    assert len(applied["windows"]) == len(schedule)
     if name == "failpoints":
         fired = {p.name.removesuffix(".fired") for p in (outcome.run_dir / "failpoints").iterdir()}
         expected = {fp.split("@")[0] for fp in COORDINATOR[protocol]}

@@ -2,7 +2,7 @@
 
 A few users for a few seconds, so that the locustfile cannot rot: Locust must
 start, its interceptor must report the RPCs, BookTrip must succeed for both
-protocols, and its CSV reports must be written, with no exception in any task.
+protocols (and the saga with its semantic lock), and its CSV reports must be written, with no exception in any task.
 """
 
 from __future__ import annotations
@@ -34,7 +34,17 @@ def _no_trip_pending(mesh: RunningMesh) -> None:
     assert not pending.trips, [t.trip_id for t in pending.trips]
 
 
-def test_locust_books_trips_through_the_mesh(running_mesh: RunningMesh, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("protocol", "labels"),
+    [
+        ("mixed", {"BookTrip 2pc", "BookTrip saga"}),
+        # The saga with its semantic lock: legs taken PENDING, then confirmed.
+        ("saga-lock", {"BookTrip saga-lock"}),
+    ],
+)
+def test_locust_books_trips_through_the_mesh(
+    running_mesh: RunningMesh, tmp_path: Path, protocol: str, labels: set[str]
+) -> None:
     prefix = tmp_path / "locust"
     command = [
         sys.executable,
@@ -53,7 +63,7 @@ def test_locust_books_trips_through_the_mesh(running_mesh: RunningMesh, tmp_path
         "--run-time",
         "6s",
         "--protocol",
-        "mixed",
+        protocol,
         "--shape",
         "steady",
         "--think-time",
@@ -80,7 +90,7 @@ def test_locust_books_trips_through_the_mesh(running_mesh: RunningMesh, tmp_path
     booked = {
         r["Name"]: r for r in rows if r["Type"] == "grpc" and r["Name"].startswith("BookTrip")
     }
-    assert set(booked) == {"BookTrip 2pc", "BookTrip saga"}, rows
+    assert set(booked) == labels, rows
     for name, row in booked.items():
         succeeded = int(row["Request Count"]) - int(row["Failure Count"])
         assert succeeded > 0, (name, row)

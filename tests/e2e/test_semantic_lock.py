@@ -60,16 +60,30 @@ def doomed_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh
         stop_and_check(mesh, env)
 
 
-def _dirty_reads(books: Books, lock: bool, tag: str) -> tuple[int, int, int]:
+def _flight_totals(books: Books) -> ppb.ResourceTotals:
+    reply = books.participants["flight"].SummarizeInventory(
+        ppb.SummarizeInventoryRequest(), timeout=5
+    )
+    return next(r for r in reply.resources if r.resource_id == "FX")
+
+
+def _dirty_reads(books: Books, lock: bool, tag: str) -> tuple[int, int, int, int]:
     """Book TRIPS doomed sagas while a reader polls; (seen confirmed then cancelled,
-    seen pending, trips aborted)."""
+    seen pending, trips aborted, the most pending units the inventory summary showed)."""
     seen: dict[str, set[int]] = {}
+    most_pending = 0
+    wrong: list[ppb.ResourceTotals] = []
     done = threading.Event()
 
     def read() -> None:
+        nonlocal most_pending
         while not done.is_set():
             for r in books.reservations("flight"):
                 seen.setdefault(r.reservation_id, set()).add(r.status)
+            totals = _flight_totals(books)
+            if totals.pending > totals.held:  # pending units are part of held, never more
+                wrong.append(totals)
+            most_pending = max(most_pending, totals.pending)
             time.sleep(0.01)
 
     reader = threading.Thread(target=read)
@@ -86,6 +100,7 @@ def _dirty_reads(books: Books, lock: bool, tag: str) -> tuple[int, int, int]:
     finally:
         done.set()
         reader.join()
+    assert not wrong, wrong
     final = {r.reservation_id: r.status for r in books.reservations("flight")}
     ours = {rid: statuses for rid, statuses in seen.items() if rid.startswith("trip-")}
     dirty = sum(
@@ -95,7 +110,7 @@ def _dirty_reads(books: Books, lock: bool, tag: str) -> tuple[int, int, int]:
         and final.get(rid) == ppb.RESERVATION_STATUS_CANCELLED
     )
     pending = sum(1 for statuses in ours.values() if ppb.RESERVATION_STATUS_PENDING in statuses)
-    return dirty, pending, aborted
+    return dirty, pending, aborted, most_pending
 
 
 def test_a_reader_never_sees_a_compensated_leg_confirmed_under_the_lock(
@@ -103,9 +118,9 @@ def test_a_reader_never_sees_a_compensated_leg_confirmed_under_the_lock(
 ) -> None:
     _, books = doomed_mesh
     before = {r.reservation_id for r in books.reservations("flight")}
-    dirty_off, pending_off, aborted_off = _dirty_reads(books, lock=False, tag="off")
+    dirty_off, pending_off, aborted_off, summary_off = _dirty_reads(books, False, "off")
     after_off = {r.reservation_id for r in books.reservations("flight")}
-    dirty_on, pending_on, aborted_on = _dirty_reads(books, lock=True, tag="on")
+    dirty_on, pending_on, aborted_on, summary_on = _dirty_reads(books, True, "on")
     print(
         f"\ndoomed sagas, {TRIPS} each: without the lock the reader saw {dirty_off} legs"
         f" confirmed that were then cancelled; with it {dirty_on} (and {pending_on} pending)"
@@ -116,8 +131,12 @@ def test_a_reader_never_sees_a_compensated_leg_confirmed_under_the_lock(
     assert pending_off == 0
     assert dirty_on == 0
     assert pending_on >= TRIPS // 2, "the reader was not looking while the locks were held"
+    # The inventory summary (the operator page's figures) shows the pending units apart.
+    assert summary_off == 0
+    assert summary_on >= 1
     totals = books.totals("flight", "FX")
     assert totals == (0, 0)  # everything compensated, nothing held
+    assert _flight_totals(books).pending == 0
 
 
 def test_the_lock_costs_a_confirm_per_leg(doomed_mesh: tuple[Mesh, Books]) -> None:

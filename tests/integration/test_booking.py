@@ -66,6 +66,21 @@ def test_car_sold_out_2pc_and_3pc_abort_with_nothing_held(make_cluster, protocol
     assert books.totals("flight", "FX") == (0, 0)
     assert books.totals("hotel", "H") == (0, 0)
     assert books.totals("car", "C-SOLD-OUT") == (0, 0)
+    # An Abort to the car (as a restarted coordinator sends to every leg) leaves its
+    # refusal a refusal: it took nothing, so nothing reads it as a hold given back.
+    (car,) = books.reservations("car", trip.trip_id)
+    again = books.participants["car"].Abort(
+        ppb.AbortRequest(
+            reservation_id=car.reservation_id,
+            trip_id=trip.trip_id,
+            protocol=ppb.PARTICIPANT_PROTOCOL_THREE_PHASE_COMMIT
+            if protocol == cpb.PROTOCOL_THREE_PHASE_COMMIT
+            else ppb.PARTICIPANT_PROTOCOL_TWO_PHASE_COMMIT,
+        ),
+        timeout=5,
+    )
+    assert again.reservation.status == ppb.RESERVATION_STATUS_REFUSED
+    assert books.trip_statuses(trip.trip_id)["car"] == ppb.RESERVATION_STATUS_REFUSED
 
 
 def test_car_sold_out_saga_compensates_hotel_then_flight(make_cluster) -> None:

@@ -202,6 +202,8 @@ class ParticipantMachine(RuleBasedStateMachine):
             return Verdict(error=ErrorKind.PRECONDITION)
         if known.status is _S.CONFIRMED and protocol.holds_first:
             return Verdict(error=ErrorKind.PRECONDITION)  # abort after commit
+        if known.status is _S.REFUSED:
+            return Verdict(status=_S.REFUSED)  # it took nothing: the refusal stands
         self.model[rid] = Expected(protocol, final, known.hold)
         return Verdict(status=final)
 

@@ -41,3 +41,12 @@ PARTICIPANT_PROTOCOL_NAMES: dict[int, str] = {
     ppb.PARTICIPANT_PROTOCOL_THREE_PHASE_COMMIT: "3pc",
     ppb.PARTICIPANT_PROTOCOL_SAGA: "saga",
 }
+
+#: The saga with its semantic lock, as the load tests, the bench and the chaos lab name it.
+SAGA_WITH_LOCK = "saga-lock"
+#: What a booking request carries for each way of booking those tools drive: the
+#: protocol and whether the saga takes its legs PENDING (the semantic lock).
+BOOKING_MODES: dict[str, tuple[pb.Protocol, bool]] = {
+    **{name: (protocol, False) for name, protocol in PROTOCOL_BY_NAME.items()},
+    SAGA_WITH_LOCK: (pb.PROTOCOL_SAGA, True),
+}
