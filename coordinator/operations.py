@@ -25,16 +25,14 @@ from coordinator.domain import (
 from coordinator.journal import TripJournal
 from coordinator.service import TripService
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
-
-MAX_TEXT = 500
+from tripmesh.runtime.fields import MAX_TEXT, check_text
 
 
 def _require(trip_id: str, operator: str, reason: str) -> None:
-    problems = [
-        FieldViolation(name, f"is required (at most {MAX_TEXT} characters)")
-        for name, value in (("trip_id", trip_id), ("operator", operator), ("reason", reason))
-        if not 0 < len(value) <= MAX_TEXT
-    ]
+    problems: list[FieldViolation] = []
+    check_text(trip_id, "trip_id", problems)
+    check_text(operator, "operator", problems)
+    check_text(reason, "reason", problems, most=MAX_TEXT)
     if problems:
         raise CoordinatorError.invalid(*problems)
 

@@ -20,6 +20,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
 from tripmesh.runtime import logs
 from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.fields import quote
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class TripService:
         self._active: dict[str, asyncio.Task[Trip | None]] = {}
         # Trips an operator action is changing: nobody else may start driving them.
         self._claimed: set[str] = set()
+        # Idempotency keys whose trip `book` is writing and has not started driving yet:
+        # the sweeper, which may read the new trip in that moment, must leave it alone.
+        self._creating: set[str] = set()
         self._recovery_slots = asyncio.Semaphore(recovery_concurrency)
         self.last_recovery_seconds: float | None = None
 
@@ -58,12 +62,20 @@ class TripService:
             raise CoordinatorError(
                 f"{len(self._active)} trips in flight; try again shortly", kind=ErrorKind.EXHAUSTED
             )
-        trip, replayed = await self.store.create(request)
-        logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
-        if not replayed:
-            self.metrics.trips_started.labels(trip.protocol.value).inc()
-            log.debug("trip created: %s", trip.protocol.value)  # its outcome is logged at INFO
-            self._start(trip, recovering=False)
+        key = request.idempotency_key
+        fresh = key not in self._creating  # else a concurrent duplicate creates it
+        if fresh:
+            self._creating.add(key)
+        try:
+            trip, replayed = await self.store.create(request)
+            logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
+            if not replayed:
+                self.metrics.trips_started.labels(trip.protocol.value).inc()
+                log.debug("trip created: %s", trip.protocol.value)  # its outcome: INFO
+                self._start(trip, recovering=False)
+        finally:
+            if fresh:
+                self._creating.discard(key)
         task = self._active.get(trip.trip_id)
         if task is None:
             return trip, replayed  # a replay of a trip nobody drives: as just read
@@ -78,7 +90,7 @@ class TripService:
     async def get(self, trip_id: str) -> Trip:
         trip = await self.store.get(trip_id)
         if trip is None:
-            raise CoordinatorError(f"no trip {trip_id!r}", kind=ErrorKind.NOT_FOUND)
+            raise CoordinatorError(f"no trip {quote(trip_id)}", kind=ErrorKind.NOT_FOUND)
         return trip
 
     async def decision(self, trip_id: str) -> Decision | None:
@@ -91,6 +103,11 @@ class TripService:
         return decision
 
     def _start(self, trip: Trip, *, recovering: bool) -> asyncio.Task[Trip | None]:
+        """The task driving `trip`: a new one, or the one already driving it (never two)."""
+        running = self._active.get(trip.trip_id)
+        if running is not None:
+            log.warning("trip already driven here; not starting a second driver")
+            return running
         engine = self.engines[trip.protocol]
         task = asyncio.create_task(self._drive(engine, trip, recovering), name=trip.trip_id)
         self._active[trip.trip_id] = task
@@ -129,6 +146,10 @@ class TripService:
         """True while a task drives this trip in this process, or an operator holds it."""
         return trip_id in self._active or trip_id in self._claimed
 
+    def _being_created(self, trip: Trip) -> bool:
+        """True from the moment `book` writes this trip until its driver has started."""
+        return trip.request.idempotency_key in self._creating
+
     @contextlib.contextmanager
     def claim(self, trip_id: str) -> Iterator[None]:
         """Hold a trip while an operator action changes it (the sweeper keeps off)."""
@@ -154,7 +175,7 @@ class TripService:
             if self.is_driven(trip_id):
                 continue
             trip = await self.store.get(trip_id)
-            if trip is None or self.is_driven(trip_id):
+            if trip is None or self.is_driven(trip_id) or self._being_created(trip):
                 continue
             self._start(trip, recovering=True)
             resumed.append(self._active[trip_id])

@@ -13,11 +13,19 @@ from coordinator.service import TripService
 from coordinator.validation import trip_request_from_proto
 from tripmesh.runtime import logs
 from tripmesh.runtime.errors import FieldViolation
+from tripmesh.runtime.fields import check_text
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
 
 _MAX_PAGE = 500
+
+
+def _check_trip_id(trip_id: str) -> None:
+    problems: list[FieldViolation] = []
+    check_text(trip_id, "trip_id", problems)
+    if problems:
+        raise CoordinatorError.invalid(*problems)
 
 
 def wait_within_deadline(context: grpc.aio.ServicerContext, max_wait: float) -> float:
@@ -53,8 +61,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def GetTrip(
         self, request: pb.GetTripRequest, context: grpc.aio.ServicerContext
     ) -> pb.Trip:
-        if not request.trip_id:
-            raise CoordinatorError.invalid(FieldViolation("trip_id", "is required"))
+        _check_trip_id(request.trip_id)
         trip = await self.service.get(request.trip_id)
         return trip_to_proto(trip, await self.service.store.events(trip.trip_id))
 
@@ -125,8 +132,7 @@ class DecisionsServicer(coordinator_pb2_grpc.DecisionsServicer):
     async def GetDecision(
         self, request: pb.GetDecisionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDecisionResponse:
-        if not request.trip_id:
-            raise CoordinatorError.invalid(FieldViolation("trip_id", "is required"))
+        _check_trip_id(request.trip_id)
         return pb.GetDecisionResponse(
             decision=DECISION[await self.service.decision(request.trip_id)]
         )

@@ -45,7 +45,7 @@ class CarSearch(catalog_pb2_grpc.CarServiceServicer):
         self, request: catalog_pb2.SearchCarsRequest, context: grpc.aio.ServicerContext
     ) -> catalog_pb2.SearchCarsResponse:
         problems: list[FieldViolation] = []
-        pickup = parse_date(request.pickup_date, "pickup_date", problems)
+        pickup = parse_date(request.pickup_date, "pickup_date", problems, days=request.days)
         if not 0 <= request.days <= MAX_DAYS:
             problems.append(FieldViolation("days", f"must be 1 to {MAX_DAYS}"))
         if request.cars < 0:

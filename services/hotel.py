@@ -39,7 +39,7 @@ class HotelSearch(catalog_pb2_grpc.HotelServiceServicer):
         self, request: catalog_pb2.SearchHotelsRequest, context: grpc.aio.ServicerContext
     ) -> catalog_pb2.SearchHotelsResponse:
         problems: list[FieldViolation] = []
-        check_in = parse_date(request.check_in, "check_in", problems)
+        check_in = parse_date(request.check_in, "check_in", problems, days=request.nights)
         if not 0 <= request.nights <= MAX_DAYS:
             problems.append(FieldViolation("nights", f"must be 1 to {MAX_DAYS}"))
         if request.rooms < 0:

@@ -32,6 +32,7 @@ from coordinator.store import TripStore
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.fields import quote
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS trips (
@@ -176,7 +177,7 @@ def _create(
     if row is not None:
         if row["fingerprint"] != fingerprint:
             raise CoordinatorError(
-                f"idempotency_key {request.idempotency_key!r} was already used for trip"
+                f"idempotency_key {quote(request.idempotency_key)} was already used for trip"
                 f" {row['trip_id']} with different parameters",
                 kind=ErrorKind.CONFLICT,
             )

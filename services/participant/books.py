@@ -19,6 +19,7 @@ from services.participant.domain import (
     Resource,
     not_found,
 )
+from tripmesh.runtime.fields import quote
 
 
 def read_inventory(
@@ -28,7 +29,7 @@ def read_inventory(
         conn.execute("SELECT 1 FROM resources WHERE resource_id = ?", (resource_id,)).fetchone()
         is None
     ):
-        raise not_found(f"unknown {kind} {resource_id!r}", "resource_id")
+        raise not_found(f"unknown {kind} {quote(resource_id)}", "resource_id")
     rows = conn.execute(
         "SELECT day, capacity, available, held, confirmed FROM inventory"
         " WHERE resource_id = ? AND day >= ? AND day <= ? ORDER BY day",

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError
+from tripmesh.runtime.fields import check_count, check_text, parse_day
 
 MAX_DAYS = 30
 MAX_QUANTITY = 9
@@ -68,47 +69,26 @@ class Hold:
     def parse(
         cls, resource_id: str, start_date: str, days: int, quantity: int, *, prefix: str = "hold"
     ) -> Hold:
-        """Build a Hold from wire values, naming every bad field."""
+        """Build a Hold from wire values, naming every bad field: the ids, dates and counts
+        are checked exactly as the coordinator checks a booking (tripmesh.runtime.fields)."""
         problems: list[FieldViolation] = []
-        if not resource_id:
-            problems.append(FieldViolation(f"{prefix}.resource_id", "is required"))
-        start = parse_date(start_date, f"{prefix}.start_date", problems)
-        if not 1 <= days <= MAX_DAYS:
-            problems.append(
-                FieldViolation(f"{prefix}.days", f"must be 1 to {MAX_DAYS}, got {days}")
-            )
-        if not 1 <= quantity <= MAX_QUANTITY:
-            problems.append(
-                FieldViolation(f"{prefix}.quantity", f"must be 1 to {MAX_QUANTITY}, got {quantity}")
-            )
-        if start is not None and not problems and _last_day(start, days) is None:
-            problems.append(
-                FieldViolation(
-                    f"{prefix}.start_date", f"{days} days from {start} run past the calendar"
-                )
-            )
+        check_text(resource_id, f"{prefix}.resource_id", problems)
+        check_count(days, f"{prefix}.days", MAX_DAYS, problems)
+        check_count(quantity, f"{prefix}.quantity", MAX_QUANTITY, problems)
+        start = parse_day(start_date, f"{prefix}.start_date", problems, days=days)
+        if start is not None and start < dt.datetime.now(dt.UTC).date():
+            problems.append(FieldViolation(f"{prefix}.start_date", f"{start_date} is in the past"))
         if problems or start is None:
             raise ParticipantError.invalid(*problems)
         return cls(resource_id, start, days, quantity)
 
 
-def _last_day(start: dt.date, days: int) -> dt.date | None:
-    try:
-        return start + dt.timedelta(days=days - 1)
-    except OverflowError:
-        return None
-
-
-def parse_date(text: str, field: str, problems: list[FieldViolation]) -> dt.date | None:
-    """Parse YYYY-MM-DD or add a violation for `field`."""
-    if not text:
-        problems.append(FieldViolation(field, "is required (YYYY-MM-DD)"))
-        return None
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        problems.append(FieldViolation(field, f"{text!r} is not a date (YYYY-MM-DD)"))
-        return None
+def parse_date(
+    text: str, field: str, problems: list[FieldViolation], *, days: int = 1
+) -> dt.date | None:
+    """Parse a YYYY-MM-DD date (the one form) with `days` days after it still inside the
+    calendar, or add a violation for `field`."""
+    return parse_day(text, field, problems, days=days)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.errors import FieldViolation
+from tripmesh.runtime.fields import check_text
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
 
 log = logging.getLogger(__name__)
 _MAX_PAGE = 1000
-_MAX_ID = 200
 
 
 class _StepRequest(Protocol):
@@ -37,11 +37,10 @@ class _StepRequest(Protocol):
 
 
 def _ids(request: _StepRequest) -> tuple[str, str]:
-    problems = [
-        FieldViolation(name, f"is required and at most {_MAX_ID} characters")
-        for name in ("reservation_id", "trip_id")
-        if not 0 < len(getattr(request, name)) <= _MAX_ID
-    ]
+    """The step's ids, checked as the coordinator checks every id it is sent."""
+    problems: list[FieldViolation] = []
+    check_text(request.reservation_id, "reservation_id", problems)
+    check_text(request.trip_id, "trip_id", problems)
     if problems:
         raise ParticipantError.invalid(*problems)
     return request.reservation_id, request.trip_id
@@ -199,6 +198,10 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> pb.ListReservationsResponse:
         limit, after = _page(request.page_size, request.page_token)
         status = status_from_proto(request.status) if request.status else None
+        if request.status and status is None:
+            raise ParticipantError.invalid(
+                FieldViolation("status", f"unknown reservation status {request.status}")
+            )
         rows, last = await self.store.reservations(
             after=after, limit=limit, status=status, trip_id=request.trip_id
         )

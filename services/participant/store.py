@@ -35,6 +35,7 @@ from services.participant.domain import (
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
+from tripmesh.runtime.fields import quote
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -433,7 +434,7 @@ def _price(conn: sqlite3.Connection, kind: str, hold: Hold) -> int:
         "SELECT price_cents FROM resources WHERE resource_id = ?", (hold.resource_id,)
     ).fetchone()
     if row is None:
-        raise not_found(f"unknown {kind} {hold.resource_id!r}", "hold.resource_id")
+        raise not_found(f"unknown {kind} {quote(hold.resource_id)}", "hold.resource_id")
     return int(row["price_cents"]) * hold.days * hold.quantity
 
 

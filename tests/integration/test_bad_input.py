@@ -163,6 +163,10 @@ BOOKINGS = [
     booking(INVALID, ("hotel.check_in",), hotel__check_in=day(SALE_DAYS - 2), hotel__nights=5),
     booking(INVALID, ("car.pickup_date",), car__pickup_date=day(20)),
     booking(INVALID, ("hotel.check_in",), hotel__check_in="9999-12-31", hotel__nights=2),
+    # A huge count once overflowed the calendar check (INTERNAL).
+    booking(INVALID, ("hotel.nights",), hotel__nights=2**31 - 1),
+    booking(INVALID, ("car.days",), car__days=2**31 - 1),
+    booking(INVALID, ("customer_id",), customer_id="   "),
 ]
 
 
@@ -180,6 +184,12 @@ LOOKUPS = [
         lambda m: m.books.coordinator.GetTrip(
             cpb.GetTripRequest(trip_id="trip-00000000000000000000"), timeout=10
         ),
+    ),
+    lookup(
+        "GetTrip 5,000-character id",
+        INVALID,
+        ("trip_id",),
+        lambda m: m.books.coordinator.GetTrip(cpb.GetTripRequest(trip_id="t" * 5000), timeout=10),
     ),
     lookup(
         "GetTrip empty id",
@@ -265,6 +275,14 @@ PARTICIPANT_CALLS = [
     prepare("hotel", INVALID, ("hold.start_date",), start_date=day(SALE_DAYS + 3)),
     prepare("car", INVALID, ("hold.start_date",), start_date=day(SALE_DAYS - 1), days=2),
     prepare("flight", INVALID, ("hold.start_date",), start_date="9999-12-31", days=2),
+    # The participants take dates and ids exactly as the coordinator does.
+    prepare("flight", INVALID, ("hold.start_date",), start_date=day(5).replace("-", "")),
+    prepare("hotel", INVALID, ("hold.start_date",), start_date="2030-W01-1"),
+    prepare("car", INVALID, ("hold.start_date",), start_date=day(-1)),
+    prepare("flight", INVALID, ("hold.days",), days=2**31 - 1),
+    prepare("flight", INVALID, ("reservation_id",), ids={"reservation_id": "r\x00"}),
+    prepare("hotel", INVALID, ("trip_id",), ids={"trip_id": "   "}),
+    prepare("car", INVALID, ("hold.resource_id",), resource_id="C\n1"),
     prepare("hotel", INVALID, ("hold.quantity",), saga=True, quantity=0),
     prepare("car", NOT_FOUND, ("hold.resource_id",), saga=True, resource_id="NO-SUCH-CAR"),
     prepare("hotel", INVALID, ("hold.start_date",), saga=True, start_date=day(SALE_DAYS)),
@@ -337,6 +355,9 @@ PARTICIPANT_CALLS = [
         ppb.ListReservationsRequest(page_size=-1),
         INVALID,
         ("page_size",),
+    ),
+    participant(
+        "car", "ListReservations", ppb.ListReservationsRequest(status=99), INVALID, ("status",)
     ),
 ]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.catalog import Catalog
-from coordinator.domain import CoordinatorError, LegKind, Protocol, Trip, TripStatus
+from coordinator.domain import CoordinatorError, LegKind, Protocol, Trip, TripRequest, TripStatus
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.operations import OperatorActions
 from coordinator.saga import Saga
@@ -101,3 +101,59 @@ def test_an_action_racing_a_finishing_driver_never_overwrites_its_status(
     assert not [kind for kind in events if kind.startswith("operator-")], events
     assert isinstance(outcome, CoordinatorError), outcome
     assert outcome.kind.name == "PRECONDITION"
+
+
+class CreatePausingStore(SqliteTripStore):
+    """A real store whose `create` writes the trip, then waits to be released before it
+    answers: the moment in which the trip is in the store but has no driver yet."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.created = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def create(self, request: TripRequest) -> tuple[Trip, bool]:
+        found = await super().create(request)
+        self.created.set()
+        await self.release.wait()
+        return found
+
+
+@pytest.mark.parametrize("protocol", [Protocol.TWO_PHASE_COMMIT, Protocol.SAGA])
+def test_the_sweeper_never_drives_a_trip_book_is_starting(
+    tmp_path: Path, protocol: Protocol
+) -> None:
+    """A chaos run found a 2PC trip driven twice: the sweeper read it between its write
+    and its driver's start, presumed it aborted, while `book` prepared and committed it."""
+
+    async def go() -> tuple[Trip, list[object], list[str], list[tuple[str, str]]]:
+        store = CreatePausingStore(tmp_path / "trips.db")
+        fakes = FakeParticipants()
+        metrics = CoordinatorMetrics()
+        engines = {
+            Protocol.TWO_PHASE_COMMIT: TwoPhaseCommit(store, fakes, FAST, metrics),
+            Protocol.SAGA: Saga(store, fakes, FAST, metrics),
+        }
+        service = TripService(store, engines, Catalog(fakes), metrics=metrics)
+        booking = asyncio.ensure_future(service.book(_request(protocol), wait=5))
+        await store.created.wait()
+        swept = await service.resume_unfinished()  # the housekeeping round, in that moment
+        store.release.set()
+        trip, _ = await booking
+        events = [e.kind for e in await store.events(trip.trip_id)]
+        calls = [call for fake in fakes.fakes.values() for call in fake.calls]
+        await service.stop()
+        store.close()
+        return trip, list(swept), events, calls
+
+    trip, swept, events, calls = asyncio.run(go())
+    assert swept == []
+    assert trip.status is TripStatus.CONFIRMED, trip
+    assert "recovery" not in events, events
+    methods = sorted(method for method, _ in calls if method != "catalog")
+    expected = (
+        ["commit"] * 3 + ["prepare"] * 3
+        if protocol is Protocol.TWO_PHASE_COMMIT
+        else ["reserve"] * 3
+    )
+    assert methods == expected

@@ -3,8 +3,10 @@
 - `start_server`: a grpc.aio server with health checking and reflection, bound
   to an address (port 0 picks a free one) and returning the bound port.
 - `CallGuard`: the one place where TripmeshError becomes a gRPC status,
-  with field violations in the rich error model (google.rpc.BadRequest), and
-  where the caller's trip and correlation id come into scope for logging.
+  with field violations in the rich error model (google.rpc.BadRequest), where
+  a body that is not a valid message gets INVALID_ARGUMENT (every method, the
+  streaming ones too), and where the caller's trip and correlation id come
+  into scope for logging.
 - `serve_until_signalled`: graceful shutdown on SIGTERM: health goes
   NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish; and
   a loud exit when the process's storage fails (`StorageFailure`).
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -32,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from tripmesh.runtime import logs
-from tripmesh.runtime.errors import ErrorKind, TripmeshError
+from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError, invalid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,15 +70,88 @@ async def abort_with(context: grpc.aio.ServicerContext, error: TripmeshError) ->
     await context.abort_with_status(rpc_status.to_status(status))
 
 
+class _Undecodable:
+    """What a request body that is not a valid message deserializes to (never raises)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, returning `_Undecodable` where it would raise.
+
+    grpc answers a deserializer's exception with UNKNOWN; a body that is not
+    the method's message is the caller's mistake, so the guard answers it with
+    INVALID_ARGUMENT instead.
+    """
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything a parser raises
+            return _Undecodable(type(exc).__name__)
+
+    return parse
+
+
+UNDECODABLE = FieldViolation("request", "the body is not a valid message of this method's type")
+
+
 def _rewrap(
     handler: grpc.RpcMethodHandler, behaviour: Callable[[Any, grpc.aio.ServicerContext], Any]
 ) -> grpc.RpcMethodHandler:
     """The same unary method, with `behaviour` (which calls the original) in its place."""
     return grpc.unary_unary_rpc_method_handler(
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+def _rewrap_stream(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A streaming method (health Watch, reflection) whose undecodable requests are refused.
+
+    The original may be an async generator or a coroutine that writes to the
+    context (health Watch is one); the wrapper is of the same kind.
+    """
+    deserialize = _tolerant(handler.request_deserializer)
+    serialize = handler.response_serializer
+    unary = handler.unary_stream is not None
+    inner = handler.unary_stream if unary else handler.stream_stream
+
+    async def checked(source: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for request in source:
+            if isinstance(request, _Undecodable):
+                await abort_with(context, invalid(UNDECODABLE))
+            yield request
+
+    async def prepare(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not unary:
+            return checked(request, context)
+        if isinstance(request, _Undecodable):
+            await abort_with(context, invalid(UNDECODABLE))
+        return request
+
+    behaviour: Callable[[Any, grpc.aio.ServicerContext], Any]
+    if inspect.isasyncgenfunction(inner):
+
+        async def generator(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for reply in inner(await prepare(request, context), context):
+                yield reply
+
+        behaviour = generator
+    else:
+
+        async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(await prepare(request, context), context)
+
+        behaviour = writer
+    make = grpc.unary_stream_rpc_method_handler if unary else grpc.stream_stream_rpc_method_handler
+    return make(behaviour, request_deserializer=deserialize, response_serializer=serialize)
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -105,14 +181,22 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # unknown methods, streams (reflection): as they are
-        self._wrapped[method] = wrapped = _rewrap(handler, _guarded(handler.unary_unary, method))
+        if handler is None:
+            return handler  # an unknown method: grpc answers UNIMPLEMENTED
+        if handler.unary_unary is not None:
+            wrapped = _rewrap(handler, _guarded(handler.unary_unary, method))
+        elif handler.unary_stream is not None or handler.stream_stream is not None:
+            wrapped = _rewrap_stream(handler)
+        else:
+            wrapped = handler  # no client-streaming method is served
+        self._wrapped[method] = wrapped
         return wrapped
 
 
 def _guarded(inner: Callable[[Any, grpc.aio.ServicerContext], Any], method: str) -> Any:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await abort_with(context, invalid(UNDECODABLE))
         metadata = context.invocation_metadata()
         if metadata:
             _bind_caller(metadata)
@@ -122,6 +206,8 @@ def _guarded(inner: Callable[[Any, grpc.aio.ServicerContext], Any], method: str)
             await abort_with(context, exc)
         except grpc.aio.AbortError:
             raise
+        except NotImplementedError:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
         except Exception:
             log.exception("unexpected error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
@@ -149,11 +235,25 @@ class Service:
     full_name: str
 
 
+class Health(health.aio.HealthServicer):
+    """grpc's asyncio health servicer, with List (the whole map of statuses) implemented."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: Health
     service_names: tuple[str, ...]
 
     async def set_serving(self, serving: bool) -> None:
@@ -192,7 +292,7 @@ async def start_server(
             ("grpc.http2.max_ping_strikes", 0),
         ],
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
         service.add_to_server(service.servicer, server)
