@@ -47,7 +47,17 @@ def describe(mesh: Mesh) -> str:
     for proxy in lay.proxies:
         target = f"{proxy.upstream} {lay.address(proxy.upstream)}"
         lines.append(f"  {proxy.name:23} {lay.address(proxy.name):17} -> {target}")
+    lines.append("")
+    lines.append(f"  clients (gRPC)          {lay.client_address}")
+    admin = layouts.admin_name("coordinator")
+    if admin in lay.ports:
+        lines.append(f"  operator page           http://{lay.address(admin)}/")
+    for process in ORDER:
+        name = layouts.admin_name(process)
+        if name in lay.ports:
+            lines.append(f"  metrics, {process:14} http://{lay.address(name)}/metrics")
     lines.append(f"  Toxiproxy API           http://{lay.address(TOXIPROXY)}/proxies")
+    lines.append("                          (or: .venv/bin/tripmesh fault list|cut|slow|heal)")
     lines.append(f"  data and logs           {_shown(mesh.data_dir)}/")
     day = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=14)).isoformat()
     key = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
