@@ -245,7 +245,12 @@ def cmd_operator(args: argparse.Namespace, channel: grpc.Channel) -> int:
     }[args.command]
     # The coordinator waits for the outcome until just before the deadline: --wait bounds it.
     trip = action(
-        pb.OperatorActionRequest(trip_id=args.trip_id, operator=args.operator, reason=args.reason),
+        pb.OperatorActionRequest(
+            trip_id=args.trip_id,
+            operator=args.operator,
+            reason=args.reason,
+            force=getattr(args, "force", False),
+        ),
         timeout=min(args.timeout, args.wait + 1.0),
     )
     _emit(trip, args.json, lambda: show_trip(trip))
@@ -418,6 +423,12 @@ def parser() -> argparse.ArgumentParser:
             default=5.0,
             help="seconds to wait for the trip to end before answering where it stands",
         )
+        if name == "resolve":
+            o.add_argument(
+                "--force",
+                action="store_true",
+                help="resolve although a leg still holds or confirms units (recorded)",
+            )
         o.set_defaults(run=cmd_operator)
 
     i = sub.add_parser("inventory", help="capacity, available, held, confirmed per date")

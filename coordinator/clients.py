@@ -42,6 +42,20 @@ _DEFINITE = {
 }
 
 
+_STATUS_NAMES = {
+    value: name.removeprefix("RESERVATION_STATUS_").lower()
+    for name, value in pb.ReservationStatus.items()
+}
+# Statuses whose units are taken: the held column (a hold, a 3PC hold, a pending saga
+# leg) or the confirmed one.
+_TAKING = {
+    pb.RESERVATION_STATUS_HELD,
+    pb.RESERVATION_STATUS_PRE_COMMITTED,
+    pb.RESERVATION_STATUS_PENDING,
+    pb.RESERVATION_STATUS_CONFIRMED,
+}
+
+
 class ParticipantRejected(CoordinatorError):
     """The participant definitely did not do it, and will not on a retry."""
 
@@ -50,6 +64,19 @@ class OutcomeUnknown(CoordinatorError):
     """The call may or may not have taken effect."""
 
     kind = ErrorKind.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What a participant's books say of one of a trip's reservations."""
+
+    reservation_id: str
+    status: str  # held, pending, pre_committed, confirmed, released, cancelled, refused
+    units: int  # quantity x days, while it holds or confirms them; else 0
+
+    @property
+    def takes(self) -> bool:
+        return self.units > 0
 
 
 @dataclass(frozen=True)
@@ -163,6 +190,10 @@ class Participant(abc.ABC):
     async def catalog(self) -> list[CatalogEntry]:
         """Every resource on sale, with its first and last date."""
 
+    @abc.abstractmethod
+    async def holdings(self, trip_id: str) -> list[Holding]:
+        """The trip's reservations as this participant's books have them (an audit)."""
+
     async def close(self) -> None:
         """Let go of what the client holds (a channel)."""
 
@@ -267,6 +298,20 @@ class ParticipantClient(Participant):
         await self._call(
             "Confirm", pb.ConfirmRequest(reservation_id=reservation_id, trip_id=trip_id)
         )
+
+    async def holdings(self, trip_id: str) -> list[Holding]:
+        reply = await self._call(
+            "ListReservations", pb.ListReservationsRequest(trip_id=trip_id, page_size=100)
+        )
+        assert isinstance(reply, pb.ListReservationsResponse)
+        return [
+            Holding(
+                r.reservation_id,
+                _STATUS_NAMES.get(r.status, "unknown"),
+                r.hold.quantity * r.hold.days if r.status in _TAKING else 0,
+            )
+            for r in reply.reservations
+        ]
 
     async def catalog(self) -> list[CatalogEntry]:
         entries: list[CatalogEntry] = []

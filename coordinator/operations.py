@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from coordinator.clients import Holding, OutcomeUnknown, ParticipantRejected, Participants
 from coordinator.domain import (
     CoordinatorError,
     Decision,
+    LegKind,
     Protocol,
     Trip,
     TripEvent,
@@ -45,8 +47,9 @@ def _refuse(trip: Trip, action: str, why: str) -> CoordinatorError:
 
 
 class OperatorActions:
-    def __init__(self, service: TripService) -> None:
+    def __init__(self, service: TripService, participants: Participants) -> None:
         self.service = service
+        self.participants = participants
         self.store = service.store
         self.metrics = service.metrics
 
@@ -102,15 +105,62 @@ class OperatorActions:
             self.metrics.operator_actions.labels("force_compensation").inc()
             return await self._drive_and_wait(trip, wait)
 
-    async def mark_resolved(self, trip_id: str, operator: str, reason: str) -> Trip:
-        """After a repair by hand: the trip is RESOLVED (and stays in the store)."""
+    async def mark_resolved(
+        self, trip_id: str, operator: str, reason: str, *, force: bool = False
+    ) -> Trip:
+        """After a repair by hand: the trip is RESOLVED (and stays in the store).
+
+        The participants' books are read first. While a leg still holds units,
+        or some legs are confirmed and others not, resolving would hide inventory
+        that nobody will ever give back: it is refused, naming the legs and what
+        to do, unless `force`d, and then the timeline records what was left.
+        """
         _require(trip_id, operator, reason)
         with self.service.claim(trip_id):
             trip = await self.service.get(trip_id)
             if trip.status is not TripStatus.NEEDS_ATTENTION:
                 raise _refuse(trip, "resolve", "; only a trip that needs attention can be")
+            left = await self._left(trip)
+            if left and not force:
+                raise CoordinatorError(
+                    f"trip {trip_id} cannot be resolved yet: {'; '.join(left)}. Finish or give"
+                    " up the trip (retry, compensate), or repair the legs by hand (README,"
+                    " 'Repairing a leg by hand'); or resolve with force, which records this",
+                    kind=ErrorKind.PRECONDITION,
+                )
+            detail = reason if not left else f"{reason} (forced; left: {'; '.join(left)})"
             self.metrics.operator_actions.labels("mark_resolved").inc()
             return await TripJournal(self.store, trip).write(
-                TripEvent("operator-resolved", detail=reason, actor=operator),
+                TripEvent("operator-resolved", detail=detail, actor=operator),
                 status=TripStatus.RESOLVED,
             )
+
+    async def _left(self, trip: Trip) -> list[str]:
+        """What the participants' books say would be left behind, leg by leg (empty: none).
+
+        Consistent, and nothing to say: no leg takes units, or every leg is confirmed.
+        """
+        found: dict[LegKind, Holding | None] = {}
+        unread = []
+        for leg in trip.legs:
+            try:
+                rows = await self.participants[leg.kind].holdings(trip.trip_id)
+            except (OutcomeUnknown, ParticipantRejected) as exc:
+                unread.append(f"the {leg.kind.value} books could not be read ({exc.message})")
+                continue
+            found[leg.kind] = next(
+                (h for h in rows if h.reservation_id == leg.reservation_id), None
+            )
+        held = [
+            f"{kind.value} still holds {h.units} units ({h.status}, {h.reservation_id})"
+            for kind, h in found.items()
+            if h is not None and h.takes and h.status != "confirmed"
+        ]
+        confirmed = {k: h for k, h in found.items() if h is not None and h.status == "confirmed"}
+        partial = []
+        if confirmed and (len(confirmed) < len(trip.legs) or unread):
+            partial = [
+                f"{kind.value} still confirmed ({h.units} units, {h.reservation_id})"
+                for kind, h in confirmed.items()
+            ]
+        return [*unread, *held, *partial]

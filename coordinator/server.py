@@ -172,7 +172,7 @@ async def serve(config: CoordinatorConfig) -> None:
             ),
             rpc.Service(
                 coordinator_pb2_grpc.add_OperatorServicer_to_server,
-                OperatorServicer(OperatorActions(service), max_wait=config.max_wait),
+                OperatorServicer(OperatorActions(service, participants), max_wait=config.max_wait),
                 names["Operator"].full_name,
             ),
             rpc.Service(

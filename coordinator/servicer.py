@@ -121,7 +121,9 @@ class OperatorServicer(coordinator_pb2_grpc.OperatorServicer):
     async def MarkResolved(
         self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Trip:
-        await self.actions.mark_resolved(request.trip_id, request.operator, request.reason)
+        await self.actions.mark_resolved(
+            request.trip_id, request.operator, request.reason, force=request.force
+        )
         return await self._answer(request.trip_id)
 
 

@@ -272,16 +272,41 @@ def test_operator_cannot_compensate_a_committed_2pc_trip_and_can_resolve(make_cl
             timeout=5,
         )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    resolved = operator.MarkResolved(
-        cpb.OperatorActionRequest(trip_id=trip.trip_id, operator="bob", reason="refunded by phone"),
-        timeout=5,
-    )
+    # Resolving now would hide a confirmed seat nobody gives back: refused, legs named.
+    ask = cpb.OperatorActionRequest(trip_id=trip.trip_id, operator="bob", reason="refunded")
+    with pytest.raises(grpc.RpcError) as refused:
+        operator.MarkResolved(ask, timeout=15)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "the hotel books could not be read" in refused.value.details()  # hotel is down
+    assert f"flight still confirmed (1 units, {trip.trip_id}-flight)" in refused.value.details()
+    cluster.services["hotel"].start(extra_env={"TRIPMESH_FAILPOINTS": ""})
+
+    def refused_naming_both() -> str:
+        with pytest.raises(grpc.RpcError) as still:
+            operator.MarkResolved(ask, timeout=15)
+        why = still.value.details()
+        # Once the coordinator's channel to the hotel is back from its backoff:
+        assert "hotel still confirmed" in why, why
+        return why
+
+    assert "flight still confirmed" in eventually(refused_naming_both, timeout=20)
+    assert books.coordinator.GetTrip(
+        cpb.GetTripRequest(trip_id=trip.trip_id), timeout=5
+    ).status == (cpb.TRIP_STATUS_NEEDS_ATTENTION)
+    assert books.totals("flight", "FX") == (0, 1)
+    # Forced, it is resolved, and the timeline says what was left.
+    ask.force = True
+    resolved = operator.MarkResolved(ask, timeout=15)
     assert resolved.status == cpb.TRIP_STATUS_RESOLVED
     assert resolved.events[-1].kind == "operator-resolved" and resolved.events[-1].actor == "bob"
+    assert resolved.events[-1].detail.startswith("refunded (forced; left: ")
+    assert f"flight still confirmed (1 units, {trip.trip_id}-flight)" in resolved.events[-1].detail
     # Resolving is final: it cannot be resolved again, and the trip is still there.
     with pytest.raises(grpc.RpcError) as again:
         operator.MarkResolved(
-            cpb.OperatorActionRequest(trip_id=trip.trip_id, operator="bob", reason="twice"),
+            cpb.OperatorActionRequest(
+                trip_id=trip.trip_id, operator="bob", reason="twice", force=True
+            ),
             timeout=5,
         )
     assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -6,6 +6,7 @@ import asyncio
 
 from coordinator.clients import (
     CatalogEntry,
+    Holding,
     OutcomeUnknown,
     Participant,
     ParticipantRejected,
@@ -80,6 +81,12 @@ class FakeParticipant(Participant):
         await asyncio.sleep(self.delay)
         self._enter("catalog", "")
         return [CatalogEntry("X", "2030-01-01", "2030-12-31")]
+
+    async def holdings(self, trip_id: str) -> list[Holding]:
+        self._enter("holdings", trip_id)
+        return [
+            Holding(rid, "confirmed", 1) for rid in sorted(self.held) if rid.startswith(trip_id)
+        ]
 
 
 class FakeParticipants(Participants):

@@ -66,7 +66,7 @@ def test_an_action_racing_a_finishing_driver_never_overwrites_its_status(
             Protocol.SAGA: Saga(store, fakes, FAST, metrics),
         }
         service = TripService(store, engines, Catalog(fakes), metrics=metrics)
-        actions = OperatorActions(service)
+        actions = OperatorActions(service, fakes)
         trip, _ = await service.book(_request(Protocol.TWO_PHASE_COMMIT), wait=0)
         while (await store.get(trip.trip_id)).status is not TripStatus.NEEDS_ATTENTION:  # type: ignore[union-attr]
             await asyncio.sleep(0.01)
