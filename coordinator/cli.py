@@ -52,6 +52,7 @@ from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
 from tripmesh.mesh.layout import TOXIPROXY, Layout
 from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
+from tripmesh.runtime import auth
 from tripmesh.runtime.names import PROTOCOL_BY_NAME, TRIP_STATUS_BY_NAME
 from tripmesh.v1 import (
     catalog_pb2,
@@ -252,6 +253,7 @@ def cmd_operator(args: argparse.Namespace, channel: grpc.Channel) -> int:
             force=getattr(args, "force", False),
         ),
         timeout=min(args.timeout, args.wait + 1.0),
+        metadata=_operator_credentials(),
     )
     _emit(trip, args.json, lambda: show_trip(trip))
     code = EXIT_BY_STATUS.get(trip.status, EXIT_FAILED)
@@ -334,12 +336,24 @@ def id_column(header: str) -> Column:
     return Column(header, no_wrap=True, overflow="ignore", min_width=len(header))
 
 
+def _data_dir() -> Path:
+    return Path(os.environ.get("TRIPMESH_DATA_DIR") or Path(__file__).parents[1] / ".data")
+
+
+def _operator_credentials() -> tuple[tuple[str, str], ...]:
+    """The operator's token: TRIPMESH_OPERATOR_TOKEN, else the one `make up` wrote."""
+    token = os.environ.get("TRIPMESH_OPERATOR_TOKEN", "")
+    path = _data_dir() / auth.SECRETS / auth.OPERATOR_TOKEN
+    if not token and path.exists():
+        token = path.read_text().strip()
+    return auth.bearer(token) if token else ()
+
+
 def mesh_layout() -> Layout:
     """Where the mesh is: the port variables when set, else the running mesh's layout.json."""
     if any(name.startswith("TRIPMESH_PORT_") for name in os.environ):
         return layouts.load()
-    data_dir = Path(os.environ.get("TRIPMESH_DATA_DIR") or Path(__file__).parents[1] / ".data")
-    stored = data_dir / "layout.json"
+    stored = _data_dir() / "layout.json"
     if stored.exists():
         return Layout.from_json(json.loads(stored.read_text()))
     return layouts.load()
@@ -415,7 +429,9 @@ def parser() -> argparse.ArgumentParser:
         o.add_argument(
             "--operator",
             default=os.environ.get("USER", "operator"),
-            help="who acts (default: $USER)",
+            help="who acts, where the coordinator runs without credentials; a mesh from"
+            " `make up` records the operator its token names (TRIPMESH_OPERATOR_TOKEN, else"
+            " DATA_DIR/secrets/operator.token)",
         )
         o.add_argument(
             "--wait",

@@ -26,7 +26,7 @@ from prometheus_client.metrics import Histogram as HistogramChild
 
 from coordinator.domain import CoordinatorError, LegKind, LegRequest
 from coordinator.metrics import CoordinatorMetrics
-from tripmesh.runtime import logs, rpc
+from tripmesh.runtime import auth, logs, rpc
 from tripmesh.runtime.errors import ErrorKind
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
@@ -208,10 +208,13 @@ class ParticipantClient(Participant):
         *,
         timeout: float,
         metrics: CoordinatorMetrics | None = None,
+        token: str | None = None,
     ) -> None:
         self.kind = kind
         self.channel = channel
         self.timeout = timeout
+        # The mesh's token, presented on every call (the protocol steps require it).
+        self._credentials = auth.bearer(token) if token else ()
         self.metrics = metrics or CoordinatorMetrics()
         self._stub = participant_pb2_grpc.ParticipantStub(channel)
         # The duration histogram of each method, looked up once (labels() locks and hashes).
@@ -227,7 +230,9 @@ class ParticipantClient(Participant):
         started = time.perf_counter()
         try:
             return await getattr(self._stub, method)(
-                request, timeout=self.timeout, metadata=logs.outgoing_metadata()
+                request,
+                timeout=self.timeout,
+                metadata=(*logs.outgoing_metadata(), *self._credentials),
             )
         except grpc.aio.AioRpcError as exc:
             message = f"{self.kind.value}.{method}: {exc.code().name}: {exc.details()}"
@@ -345,8 +350,10 @@ class Participants:
         *,
         timeout: float,
         metrics: CoordinatorMetrics | None = None,
+        token: str | None = None,
     ) -> Participants:
-        """gRPC clients, one long-lived channel each (UNAVAILABLE retried by the channel)."""
+        """gRPC clients, one long-lived channel each (UNAVAILABLE retried by the channel);
+        `token` is the mesh's, when the participants require it."""
         service = pb.DESCRIPTOR.services_by_name["Participant"].full_name
         return cls(
             {
@@ -355,6 +362,7 @@ class Participants:
                     rpc.channel(address, retry_services=[service]),
                     timeout=timeout,
                     metrics=metrics,
+                    token=token,
                 )
                 for kind, address in addresses.items()
             }

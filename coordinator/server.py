@@ -42,7 +42,7 @@ from coordinator.threepc import ThreePhaseCommit
 from coordinator.twopc import TwoPhaseCommit
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
-from tripmesh.runtime import failpoints, logs, rpc
+from tripmesh.runtime import auth, failpoints, logs, rpc
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,30 @@ class CoordinatorConfig:
         )
 
 
+def _guards(data_dir: Path) -> list[auth.Guard]:
+    """Operators only on `Operator`, the mesh only on `Decisions` (when secrets exist)."""
+    names = coordinator_pb2.DESCRIPTOR.services_by_name
+    rules = {}
+    operators, mesh = auth.operator_credentials(data_dir), auth.mesh_credentials(data_dir)
+    if operators is not None:
+        rules[names["Operator"].full_name] = operators
+    if mesh is not None:
+        rules[names["Decisions"].full_name] = mesh
+    if not rules:
+        log.warning(
+            "no %s in %s: Operator and Decisions are open to anyone", auth.SECRETS, data_dir
+        )
+        return []
+    return [auth.Guard(rules)]
+
+
 async def serve(config: CoordinatorConfig) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = SqliteTripStore(config.data_dir / "coordinator.db")
     metrics = CoordinatorMetrics()
+    mesh_token = auth.read_mesh_token(config.data_dir)
     participants = Participants.connect(
-        config.participants, timeout=config.rpc_timeout, metrics=metrics
+        config.participants, timeout=config.rpc_timeout, metrics=metrics, token=mesh_token
     )
     catalog = Catalog(participants)
     engines = {
@@ -181,6 +199,7 @@ async def serve(config: CoordinatorConfig) -> None:
                 names["Decisions"].full_name,
             ),
         ],
+        interceptors=_guards(config.data_dir),
     )
     # Decisions must be answerable while we recover: prepared participants are asking.
     await catalog.load()

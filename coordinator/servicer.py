@@ -11,7 +11,7 @@ from coordinator.domain import CoordinatorError, Protocol
 from coordinator.operations import OperatorActions
 from coordinator.service import TripService
 from coordinator.validation import trip_request_from_proto
-from tripmesh.runtime import logs
+from tripmesh.runtime import auth, logs
 from tripmesh.runtime.errors import FieldViolation
 from tripmesh.runtime.fields import check_text
 from tripmesh.runtime.paging import position_from_token
@@ -90,6 +90,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
 
 
+def _operator(request: pb.OperatorActionRequest) -> str:
+    """Who acts: the authenticated operator; the request's free-text field only where
+    the coordinator runs without credentials (a bare process in a test)."""
+    return auth.CALLER.get() or request.operator
+
+
 class OperatorServicer(coordinator_pb2_grpc.OperatorServicer):
     def __init__(self, actions: OperatorActions, *, max_wait: float) -> None:
         self.actions = actions
@@ -106,7 +112,7 @@ class OperatorServicer(coordinator_pb2_grpc.OperatorServicer):
         self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Trip:
         await self.actions.retry(
-            request.trip_id, request.operator, request.reason, wait=self._wait(context)
+            request.trip_id, _operator(request), request.reason, wait=self._wait(context)
         )
         return await self._answer(request.trip_id)
 
@@ -114,7 +120,7 @@ class OperatorServicer(coordinator_pb2_grpc.OperatorServicer):
         self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Trip:
         await self.actions.force_compensation(
-            request.trip_id, request.operator, request.reason, wait=self._wait(context)
+            request.trip_id, _operator(request), request.reason, wait=self._wait(context)
         )
         return await self._answer(request.trip_id)
 
@@ -122,7 +128,7 @@ class OperatorServicer(coordinator_pb2_grpc.OperatorServicer):
         self, request: pb.OperatorActionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Trip:
         await self.actions.mark_resolved(
-            request.trip_id, request.operator, request.reason, force=request.force
+            request.trip_id, _operator(request), request.reason, force=request.force
         )
         return await self._answer(request.trip_id)
 

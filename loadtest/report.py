@@ -106,26 +106,33 @@ def render(results: Mapping[str, Any], console: Console | None = None) -> None:
         title="tripmesh bench: every hop through Toxiproxy, synchronous=FULL"
         f" ({results.get('runs', 1)} run(s){', medians' if results.get('runs', 1) > 1 else ''})"
     )
-    table.add_column("c", justify="right")
-    table.add_column("echo RPC/s", justify="right")
-    for protocol in _measured(points):
-        for head in ("trips/s", "p50 ms", "p99 ms", "eff."):
-            table.add_column(f"{protocol} {head}", justify="right")
+    # A row per protocol and concurrency: readable at 80 columns however many protocols.
+    for head in ("run", "c", "per s", "p50 ms", "p99 ms", "RPCs/trip", "eff."):
+        table.add_column(head, justify="left" if head == "run" else "right")
+    rpcs = results.get("rpcs_per_trip", {})
     for echo in points["echo"]:
         level = echo["concurrency"]
-        row = [str(level), f"{echo['per_second']:.0f}"]
-        for protocol in _measured(points):
-            p = _at(points[protocol], level)
-            if p is None:
-                row += ["-"] * 4
-                continue
-            row += [
+        table.add_row(
+            "echo (RPCs)",
+            str(level),
+            f"{echo['per_second']:.0f}",
+            f"{echo['p50_ms']:.1f}",
+            f"{echo['p99_ms']:.1f}",
+            "1",
+            "",
+        )
+    for protocol in _measured(points):
+        for p in points[protocol]:
+            level = p["concurrency"]
+            table.add_row(
+                f"{protocol} (trips)",
+                str(level),
                 f"{p['per_second']:.1f}",
                 f"{p['p50_ms']:.1f}",
                 f"{p['p99_ms']:.1f}",
+                str(rpcs.get(protocol, "")),
                 f"{eff[protocol].get(str(level), float('nan')):.2f}",
-            ]
-        table.add_row(*row)
+            )
     console.print(table)
     cpu = Table(title="CPU, percent of one core, during each run at c=64")
     names = sorted({n for w in points for p in points[w] for n in p.get("cpu_percent", {})})

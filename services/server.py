@@ -37,7 +37,7 @@ from services.participant.servicer import ParticipantServicer
 from services.participant.store import ParticipantStore
 from services.participant.timeouts import ThreePhaseTimer
 from tripmesh.mesh import layout as layouts
-from tripmesh.runtime import failpoints, logs, rpc
+from tripmesh.runtime import auth, failpoints, logs, rpc
 from tripmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -152,6 +152,20 @@ def open_store(config: ServiceConfig) -> ParticipantStore:
     return store
 
 
+# The participant's writes, which only the coordinator may ask for (reads stay open).
+PROTOCOL_STEPS = (
+    "Prepare",
+    "Commit",
+    "Abort",
+    "CanCommit",
+    "PreCommit",
+    "DoCommit",
+    "Reserve",
+    "Cancel",
+    "Confirm",
+)
+
+
 async def serve(config: ServiceConfig) -> None:
     store = open_store(config)
     metrics = ParticipantMetrics(config.kind, store.db.path)
@@ -163,13 +177,23 @@ async def serve(config: ServiceConfig) -> None:
         ParticipantServicer(store, KINDS[config.kind].unit, metrics),
         participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name,
     )
+    mesh = auth.mesh_credentials(config.data_dir)
+    guards = []
+    if mesh is None:
+        log.warning(
+            "no %s in %s: the protocol steps are open to anyone", auth.SECRETS, config.data_dir
+        )
+    else:
+        guards = [auth.Guard({f"/{participant.full_name}/{m}": mesh for m in PROTOCOL_STEPS})]
     running = await rpc.start_server(
-        config.listen, [participant, _search_service(config.kind, store)]
+        config.listen, [participant, _search_service(config.kind, store)], interceptors=guards
     )
     decisions_channel = rpc.channel(config.decisions)
+    token = auth.read_mesh_token(config.data_dir)
     resolver = InDoubtResolver(
         store,
         coordinator_pb2_grpc.DecisionsStub(decisions_channel),
+        credentials=auth.bearer(token) if token else (),
         after=config.resolve_after,
         interval=config.resolve_interval,
         metrics=metrics,

@@ -18,8 +18,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.books import Books, trip_request
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh.layout import free_port
+from tripmesh.v1 import coordinator_pb2 as cpb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,3 +206,16 @@ def long_folder(base: Path, length: int) -> Path:
         left -= part + 1
     folder = base.joinpath(*parts)
     return folder
+
+
+def stuck_saga(cluster: Cluster, books: Books, key: str = "stuck") -> cpb.Trip:
+    """A saga that NEEDS_ATTENTION: its car is sold out and the hotel crashes on the Cancel
+    of its compensation (the hotel stays down; the flight stays confirmed)."""
+    hotel = cluster.services["hotel"]
+    hotel.restart(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_cancel=crash"})
+    trip = books.coordinator.BookTrip(
+        trip_request(key, cpb.PROTOCOL_SAGA, flight="FX", hotel="H", car="C-SOLD-OUT"),
+        timeout=10,
+    ).trip
+    assert hotel.wait_exit() == -signal.SIGKILL
+    return books.wait_trip(trip.trip_id, lambda t: t.status == cpb.TRIP_STATUS_NEEDS_ATTENTION)

@@ -33,8 +33,10 @@ class InDoubtResolver:
         interval: float,
         deadline: float = 2.0,
         metrics: ParticipantMetrics | None = None,
+        credentials: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.metrics = metrics
+        self.credentials = credentials  # the mesh's token: Decisions answers the mesh only
         self.store = store
         self.decisions = decisions
         self.after = after
@@ -60,6 +62,7 @@ class InDoubtResolver:
                 answer = await self.decisions.GetDecision(
                     coordinator_pb2.GetDecisionRequest(trip_id=held.trip_id),
                     timeout=self.deadline,
+                    metadata=self.credentials,
                 )
             except grpc.aio.AioRpcError as exc:
                 log.warning(

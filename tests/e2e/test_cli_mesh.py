@@ -102,3 +102,20 @@ def test_fault_cuts_slows_and_heals_an_edge(running_mesh: RunningMesh) -> None:
     assert healed.returncode == 0, healed.stderr
     proxies = running_mesh.toxiproxy.proxies()
     assert all(p.enabled and not p.toxics for p in proxies.values())
+
+
+def test_operator_commands_carry_the_operators_token(running_mesh: RunningMesh) -> None:
+    env = _state_file_only(running_mesh)
+    booked = _cli(
+        env, "--json", "book", "--key", "cli-mesh-operator", "--date", day(9), *STORY_TRIP
+    )
+    trip_id = json.loads(booked.stdout)["trip"]["trip_id"]
+    # With the token `make up` wrote, the coordinator hears an operator: a confirmed trip
+    # needs no resolving, and it says so.
+    resolved = _cli(env, "resolve", trip_id, "--reason", "nothing to do")
+    assert resolved.returncode == 1
+    assert "FAILED_PRECONDITION" in resolved.stdout, resolved.stdout
+    # With a token nobody was given, it does not listen at all.
+    forged = _cli({**env, "TRIPMESH_OPERATOR_TOKEN": "forged"}, "resolve", trip_id, "--reason", "x")
+    assert forged.returncode == 1
+    assert "PERMISSION_DENIED" in forged.stdout, forged.stdout

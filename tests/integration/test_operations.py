@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.books import eventually, trip_request
+from tests.procs import stuck_saga
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
@@ -192,17 +192,8 @@ def test_one_grep_finds_a_trip_in_all_four_logs(make_cluster) -> None:
 
 
 def _stuck_saga(make_cluster):
-    cluster, books = make_cluster(
-        coordinator_args=["--compensation-give-up", "2"],
-    )
-    hotel = cluster.services["hotel"]
-    hotel.restart(extra_env={"TRIPMESH_FAILPOINTS": "participant.before_cancel=crash"})
-    trip = books.coordinator.BookTrip(
-        trip_request("stuck", SAGA, flight="FX", hotel="H", car="C-SOLD-OUT"), timeout=10
-    ).trip
-    assert hotel.wait_exit() == -signal.SIGKILL
-    trip = books.wait_trip(trip.trip_id, lambda t: t.status == cpb.TRIP_STATUS_NEEDS_ATTENTION)
-    return cluster, books, trip
+    cluster, books = make_cluster(coordinator_args=["--compensation-give-up", "2"])
+    return cluster, books, stuck_saga(cluster, books)
 
 
 def test_a_stuck_saga_needs_attention_and_an_operator_retry_finishes_it(make_cluster) -> None:

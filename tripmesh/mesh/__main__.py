@@ -38,6 +38,7 @@ from tripmesh.mesh.layout import TOXIPROXY, LayoutError
 from tripmesh.mesh.mesh import ORDER, ROOT, SERVING, Mesh
 from tripmesh.mesh.supervise import SupervisorError
 from tripmesh.mesh.toxiproxy import ToxiproxyError
+from tripmesh.runtime import auth
 
 
 def describe(mesh: Mesh) -> str:
@@ -59,6 +60,8 @@ def describe(mesh: Mesh) -> str:
     lines.append(f"  Toxiproxy API           http://{lay.address(TOXIPROXY)}/proxies")
     lines.append("                          (or: .venv/bin/tripmesh fault list|cut|slow|heal)")
     lines.append(f"  data and logs           {_shown(mesh.data_dir)}/")
+    secrets = mesh.data_dir / auth.SECRETS
+    lines.append(f"  operator token          {_shown(secrets / auth.OPERATOR_TOKEN)} (owner-only)")
     day = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=14)).isoformat()
     key = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     request = {

@@ -32,6 +32,7 @@ from tripmesh.mesh.errors import MeshError
 from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY, Layout
 from tripmesh.mesh.supervise import Program, Supervisor, SupervisorError, render_config
 from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
+from tripmesh.runtime import auth
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = (TOXIPROXY, *PARTICIPANTS, COORDINATOR)  # start order; supervisord stops in reverse
@@ -185,6 +186,8 @@ class Mesh:
             return bool(stopped)
         self._check_ports_free()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The operator's and the mesh's tokens (owner-only; kept across restarts).
+        auth.ensure_secrets(self.data_dir, operator=os.environ.get("USER") or "operator")
         (self.data_dir / "toxiproxy.json").write_text(
             json.dumps(self.layout.toxiproxy_config(), indent=2) + "\n"
         )

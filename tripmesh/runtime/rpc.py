@@ -161,16 +161,15 @@ def timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-class CallGuard(grpc.aio.ServerInterceptor):
-    """Around every unary call: the caller's ids in scope, and errors mapped to a status.
-
-    The caller's trip and correlation id (gRPC metadata) are bound for the
-    handler's log lines; a TripmeshError becomes its status code, anything else
-    a plain INTERNAL. The wrapped handler is built once per method, not per call.
-    """
+class MethodWrapper(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once, the first time it is called."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler to serve `method` with (`handler`, to leave it as it is)."""
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -181,16 +180,26 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if method in self._wrapped:
             return self._wrapped[method]
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # an unknown method: grpc answers UNIMPLEMENTED
-        if handler.unary_unary is not None:
-            wrapped = _rewrap(handler, _guarded(handler.unary_unary, method))
-        elif handler.unary_stream is not None or handler.stream_stream is not None:
-            wrapped = _rewrap_stream(handler)
-        else:
-            wrapped = handler  # no client-streaming method is served
+        # An unknown method stays None: grpc answers UNIMPLEMENTED.
+        wrapped = None if handler is None else self.wrap(method, handler)
         self._wrapped[method] = wrapped
         return wrapped
+
+
+class CallGuard(MethodWrapper):
+    """Around every call: the caller's ids in scope, and errors mapped to a status.
+
+    The caller's trip and correlation id (gRPC metadata) are bound for the
+    handler's log lines; a TripmeshError becomes its status code, anything else
+    a plain INTERNAL; a body that is not a valid message, INVALID_ARGUMENT.
+    """
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            return _rewrap(handler, _guarded(handler.unary_unary, method))
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            return _rewrap_stream(handler)
+        return handler  # no client-streaming method is served
 
 
 def _guarded(inner: Callable[[Any, grpc.aio.ServicerContext], Any], method: str) -> Any:
