@@ -14,13 +14,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator.domain import TripStatus
+from tripmesh.runtime.prometheus import new_registry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class CoordinatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or new_registry()
         r = self.registry
         self.trips_started = Counter(
             "tripmesh_trips_started", "Trips started.", ["protocol"], registry=r
@@ -33,8 +34,8 @@ class CoordinatorMetrics:
         )
         self.trip_duration = Histogram(
             "tripmesh_trip_duration_seconds",
-            "From BookTrip to the trip's end state.",
-            ["protocol"],
+            "From BookTrip to the trip's end state, by the state it ended in.",
+            ["protocol", "outcome"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -139,7 +139,9 @@ class TripService:
         if trip.status.terminal or trip.status is TripStatus.NEEDS_ATTENTION:
             protocol = trip.protocol.value
             self.metrics.trips_finished.labels(protocol, trip.status.value).inc()
-            self.metrics.trip_duration.labels(protocol).observe(trip.updated_at - trip.created_at)
+            self.metrics.trip_duration.labels(protocol, trip.status.value).observe(
+                trip.updated_at - trip.created_at
+            )
             log.info("trip %s: %s", trip.status.value, trip.failure_reason or "all legs confirmed")
 
     def is_driven(self, trip_id: str) -> bool:

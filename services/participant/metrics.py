@@ -1,4 +1,5 @@
-"""A participant's Prometheus metrics. Labels are bounded: step, outcome, vote, resource.
+"""A participant's Prometheus metrics. Labels are bounded: participant (flight, hotel,
+car: the same label as the coordinator's), step, outcome, vote, resource.
 
 Units per resource (available, held, confirmed) are read from the database at
 scrape time, on the metrics server's thread with its own read-only connection,
@@ -15,31 +16,35 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tripmesh.runtime.database import connect
+from tripmesh.runtime.prometheus import new_registry
 
 
 class ParticipantMetrics:
     def __init__(self, kind: str, db_path: Path, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or new_registry()
         r = self.registry
         self.steps = Counter(
             "tripmesh_participant_steps",
             "Protocol steps handled, by outcome (accepted, refused, error).",
-            ["service", "step", "outcome"],
+            ["participant", "step", "outcome"],
             registry=r,
         )
         self.votes = Counter(
-            "tripmesh_participant_votes", "2PC and 3PC votes cast.", ["service", "vote"], registry=r
+            "tripmesh_participant_votes",
+            "2PC and 3PC votes cast.",
+            ["participant", "vote"],
+            registry=r,
         )
         self.unilateral = Counter(
             "tripmesh_participant_unilateral_decisions",
             "3PC holds this participant decided on its own time-out (commit or abort).",
-            ["service", "decision"],
+            ["participant", "decision"],
             registry=r,
         )
         self.in_doubt_settled = Counter(
             "tripmesh_participant_in_doubt_settled",
             "Prepared holds settled by asking the coordinator for its decision.",
-            ["service", "decision"],
+            ["participant", "decision"],
             registry=r,
         )
         self.kind = kind
@@ -55,7 +60,7 @@ class Units(Collector):
         units = GaugeMetricFamily(
             "tripmesh_participant_units",
             "Units summed over every date on sale, by state (held is blocked inventory).",
-            labels=["service", "resource", "state"],
+            labels=["participant", "resource", "state"],
         )
         conn = connect(self.db_path, readonly=True)
         try:

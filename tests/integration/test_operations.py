@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.books import eventually, trip_request
 from tests.procs import stuck_saga
+from tripmesh import PARTICIPANTS
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
@@ -109,6 +110,17 @@ def test_metrics_agree_with_the_books(make_cluster) -> None:
         assert total(participant, "tripmesh_participant_votes_total") == 2
     car = scrape(metrics_address(cluster, "car"))
     assert total(car, "tripmesh_participant_votes_total", vote="no") == 1  # the sold-out 2PC car
+    # One label name per concept: `participant`, in the coordinator and the services alike.
+    assert total(car, "tripmesh_participant_votes_total", participant="car") == 2
+    assert total(coordinator, "tripmesh_step_duration_seconds_count", participant="car") > 0
+    # Trip durations by how the trip ended.
+    assert total(coordinator, "tripmesh_trip_duration_seconds_count", outcome="aborted") == 2
+    # Process and runtime collectors everywhere, and no `_created` series anywhere.
+    for address in (cluster.admin_address, *(metrics_address(cluster, k) for k in PARTICIPANTS)):
+        exported = declared(address)
+        assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= exported
+        assert "python_info" in exported
+        assert not [name for name in exported if name.endswith("_created")], address
 
 
 PROMQL_WORDS = {
@@ -129,7 +141,7 @@ PROMQL_WORDS = {
     "status",
     "outcome",
     "state",
-    "service",
+    "participant",
     "pending",
     "needs_attention",
     "confirmed",
