@@ -17,12 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.books import eventually, trip_request
 from tests.procs import stuck_saga
 from tripmesh import PARTICIPANTS
+from tripmesh.mesh import layout as layouts
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "coordinator" / "alert_rules.yml"
+MONITORING = ROOT / "tripmesh" / "mesh" / "monitoring"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
 TWO_PC, SAGA = cpb.PROTOCOL_TWO_PHASE_COMMIT, cpb.PROTOCOL_SAGA
 
 
@@ -142,6 +145,13 @@ PROMQL_WORDS = {
     "outcome",
     "state",
     "participant",
+    "histogram_quantile",
+    "le",
+    "protocol",
+    "step",
+    "decision",
+    "action",
+    "process",
     "pending",
     "needs_attention",
     "confirmed",
@@ -168,12 +178,35 @@ def test_alert_rules_load_and_name_only_exported_metrics(make_cluster) -> None:
         exported |= declared(metrics_address(cluster, kind))
     # A counter nothing has incremented yet is declared all the same.
     assert "tripmesh_compensation_failures_total" in exported
-    for rule in rules:
-        expr = re.sub(r'"[^"]*"', "", rule["expr"])  # drop label values
+    # Every alert says what to do, and so does nothing else: a runbook line each.
+    assert all(r["annotations"]["runbook"].strip() for r in rules)
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [(r["alert"], r["expr"]) for r in rules]
+    exprs += [(p["title"], t["expr"]) for p in panels for t in p["targets"]]
+    assert len(panels) >= 10
+    for name, text in exprs:
+        expr = re.sub(r'"[^"]*"', "", text)  # drop label values
         words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)) - PROMQL_WORDS
-        unknown = {w for w in words if w.startswith("tripmesh_") and w not in exported}
-        assert not unknown, f"{rule['alert']} names metrics nobody exports: {unknown}"
-        assert any(w.startswith("tripmesh_") for w in words), rule["alert"]
+        unknown = {w for w in words if w not in exported}
+        assert not unknown, f"{name} names metrics nobody exports: {unknown}"
+        assert words, name
+
+
+def test_the_scrape_configuration_scrapes_every_declared_metrics_port() -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for group in job["static_configs"]
+        for target in group["targets"]
+    }
+    declared_layout = layouts.load(environ={})
+    assert targets == {
+        declared_layout.address(layouts.admin_name(p)) for p in ("coordinator", *PARTICIPANTS)
+    }
+    # Its rule file is the one the alert test checks.
+    (rule_file,) = config["rule_files"]
+    assert (MONITORING / rule_file).resolve() == RULES.resolve()
 
 
 def test_one_grep_finds_a_trip_in_all_four_logs(make_cluster) -> None:
