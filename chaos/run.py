@@ -92,12 +92,10 @@ def write_catalogs(folder: Path) -> tuple[dict[str, Path], Catalog]:
     return files, catalog
 
 
-# Every status whose units sit in the held column: a 2PC hold, a 3PC hold (voted yes or
-# pre-committed) and a saga's pending leg under a semantic lock.
-HOLDING_STATUSES = (
-    ppb.RESERVATION_STATUS_HELD,
-    ppb.RESERVATION_STATUS_PRE_COMMITTED,
-    ppb.RESERVATION_STATUS_PENDING,
+# Every status whose units sit in the held column, as the checker names them.
+HOLDING_STATUSES = tuple(
+    ppb.ReservationStatus.Value(f"RESERVATION_STATUS_{name.upper()}")
+    for name in sorted(checker.HOLDING)
 )
 
 
