@@ -87,8 +87,13 @@ def test_the_same_seed_gives_the_same_faults_and_workload(tmp_path: Path) -> Non
 SAFE_FOR_3PC = ("baseline", "geo-latency")
 
 
+# 3PC completes fewer trips while black-friday crashes its coordinator again and again
+# (a 12 s run once completed 4, under the 5 required): it gets more time, not a lower bar.
+DURATION_3PC = {**DURATION, "black-friday": 18.0}
+
+
 def _3pc_run(tmp_path: Path, name: str) -> tuple[RunOutcome, dict[str, dict[str, object]]]:
-    duration = DURATION.get(name, 6.0)
+    duration = DURATION_3PC.get(name, 6.0)
     outcome = run(RunConfig(registry()[name], "3pc", 7, duration, 100_000, 8, 60.0, tmp_path))
     verdicts = json.loads((outcome.run_dir / "verdicts.json").read_text())
     return outcome, {c["name"]: c for c in verdicts["checks"]}
