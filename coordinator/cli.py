@@ -11,7 +11,9 @@
 Where the mesh is: TRIPMESH_PORT_OFFSET / TRIPMESH_PORT_<NAME> when set (as
 `make up` reads them); else the ports the mesh in TRIPMESH_DATA_DIR (default
 .data in the repo) was started with, from its layout.json; else the declared
-defaults (the client proxy 127.0.0.1:16050). Flags and TRIPMESH_COORDINATOR,
+defaults (the client proxy 127.0.0.1:16050). `retry`, `compensate` and
+`resolve` go to the coordinator's operator plane (127.0.0.1:15058), with the
+operator's token. Flags and TRIPMESH_COORDINATOR, TRIPMESH_OPERATOR_PLANE,
 TRIPMESH_FLIGHT_SERVICE / _HOTEL_ / _CAR_ override any of them.
 
 Exit status: 0 done (for `book`, `retry` and `compensate`: the trip is
@@ -376,6 +378,12 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("TRIPMESH_COORDINATOR") or mesh_layout().client_address,
         help="host:port of the coordinator (default: the running mesh's client proxy)",
     )
+    p.add_argument(
+        "--operator-plane",
+        default=os.environ.get("TRIPMESH_OPERATOR_PLANE") or mesh_layout().operator_address,
+        help="host:port of the coordinator's operator plane, for retry, compensate and resolve"
+        " (default: the running mesh's)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     p.add_argument("--timeout", type=float, default=30.0, help="RPC deadline, seconds")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -493,7 +501,8 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        with grpc.insecure_channel(args.coordinator) as channel:
+        address = args.operator_plane if args.run is cmd_operator else args.coordinator
+        with grpc.insecure_channel(address) as channel:
             code: int = args.run(args, channel)
     except grpc.RpcError as error:
         report_error(error)

@@ -4,7 +4,9 @@ Configuration (flags override the environment):
 
 | variable | default | meaning |
 |---|---|---|
-| TRIPMESH_LISTEN | 127.0.0.1:15050 | where to listen (Coordinator, Operator, Decisions) |
+| TRIPMESH_LISTEN | 127.0.0.1:15050 | the client plane: Coordinator (with health and reflection) |
+| TRIPMESH_OPERATOR_LISTEN | 127.0.0.1:15058 | the operator plane: Operator, operators' tokens only (empty: off) |
+| TRIPMESH_DECISIONS_LISTEN | 127.0.0.1:15059 | the mesh plane: Decisions, for the participants' queries (mesh token) |
 | TRIPMESH_ADMIN_LISTEN | 127.0.0.1:9100 | the admin HTTP port: /metrics, the operator page, /api (empty: off) |
 | TRIPMESH_DATA_DIR | .data | the trip store is DATA_DIR/coordinator.db |
 | TRIPMESH_FLIGHT / _HOTEL / _CAR | 127.0.0.1:16051 / 16052 / 16053 | participants (their Toxiproxy proxies) |
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CoordinatorConfig:
     listen: str
+    operator_listen: str
+    decisions_listen: str
     admin_listen: str
     data_dir: Path
     participants: dict[LegKind, str]
@@ -71,6 +75,19 @@ class CoordinatorConfig:
         p = argparse.ArgumentParser(prog="python -m coordinator.server")
         p.add_argument(
             "--listen", default=env.get("TRIPMESH_LISTEN", declared.address(layouts.COORDINATOR))
+        )
+        p.add_argument(
+            "--operator-listen",
+            default=env.get("TRIPMESH_OPERATOR_LISTEN", declared.operator_address),
+            help="host:port of the operator plane (Operator); empty: no operator plane",
+        )
+        p.add_argument(
+            "--decisions-listen",
+            default=env.get(
+                "TRIPMESH_DECISIONS_LISTEN",
+                declared.address(layouts.plane_name(layouts.COORDINATOR, layouts.DECISIONS_PLANE)),
+            ),
+            help="host:port where the participants ask for 2PC/3PC decisions (Decisions)",
         )
         p.add_argument(
             "--admin-listen",
@@ -116,12 +133,16 @@ class CoordinatorConfig:
         )
         a = p.parse_args(argv)
         try:
-            layouts.check_listen(a.listen, "--listen")
-            layouts.check_listen(a.admin_listen, "--admin-listen")
+            for flag in ("listen", "operator_listen", "decisions_listen", "admin_listen"):
+                layouts.check_listen(getattr(a, flag), "--" + flag.replace("_", "-"))
+            if not a.decisions_listen:
+                raise layouts.LayoutError("--decisions-listen: the participants need it")
         except layouts.LayoutError as exc:
             p.error(exc.message)
         return cls(
             listen=a.listen,
+            operator_listen=a.operator_listen,
+            decisions_listen=a.decisions_listen,
             admin_listen=a.admin_listen,
             data_dir=Path(a.data_dir),
             participants={kind: getattr(a, kind.value) for kind in LegKind},
@@ -138,21 +159,12 @@ class CoordinatorConfig:
         )
 
 
-def _guards(data_dir: Path) -> list[auth.Guard]:
-    """Operators only on `Operator`, the mesh only on `Decisions` (when secrets exist)."""
-    names = coordinator_pb2.DESCRIPTOR.services_by_name
-    rules = {}
-    operators, mesh = auth.operator_credentials(data_dir), auth.mesh_credentials(data_dir)
-    if operators is not None:
-        rules[names["Operator"].full_name] = operators
-    if mesh is not None:
-        rules[names["Decisions"].full_name] = mesh
-    if not rules:
-        log.warning(
-            "no %s in %s: Operator and Decisions are open to anyone", auth.SECRETS, data_dir
-        )
+def _guard(credentials: auth.Credentials | None, service: str) -> list[auth.Guard]:
+    """The interceptor that lets only holders of `credentials` call `service`."""
+    if credentials is None:
+        log.warning("no %s: %s is open to anyone who reaches its plane", auth.SECRETS, service)
         return []
-    return [auth.Guard(rules)]
+    return [auth.Guard({service: credentials})]
 
 
 async def serve(config: CoordinatorConfig) -> None:
@@ -178,29 +190,52 @@ async def serve(config: CoordinatorConfig) -> None:
         admin = AdminServer(config.admin_listen, store, metrics, config.participants)
         log.info("admin (metrics, operator page) on http://%s/", config.admin_listen)
     names = coordinator_pb2.DESCRIPTOR.services_by_name
-    running = await rpc.start_server(
-        config.listen,
-        [
-            rpc.Service(
-                coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
-                CoordinatorServicer(
-                    service, default_protocol=config.default_protocol, max_wait=config.max_wait
+    # Three planes, three listeners: a client can reach only Coordinator.
+    planes = [
+        await rpc.start_server(
+            config.listen,
+            [
+                rpc.Service(
+                    coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+                    CoordinatorServicer(
+                        service, default_protocol=config.default_protocol, max_wait=config.max_wait
+                    ),
+                    names["Coordinator"].full_name,
+                )
+            ],
+        ),
+        await rpc.start_server(
+            config.decisions_listen,
+            [
+                rpc.Service(
+                    coordinator_pb2_grpc.add_DecisionsServicer_to_server,
+                    DecisionsServicer(service),
+                    names["Decisions"].full_name,
+                )
+            ],
+            interceptors=_guard(
+                auth.mesh_credentials(config.data_dir), names["Decisions"].full_name
+            ),
+        ),
+    ]
+    if config.operator_listen:
+        planes.append(
+            await rpc.start_server(
+                config.operator_listen,
+                [
+                    rpc.Service(
+                        coordinator_pb2_grpc.add_OperatorServicer_to_server,
+                        OperatorServicer(
+                            OperatorActions(service, participants), max_wait=config.max_wait
+                        ),
+                        names["Operator"].full_name,
+                    )
+                ],
+                interceptors=_guard(
+                    auth.operator_credentials(config.data_dir), names["Operator"].full_name
                 ),
-                names["Coordinator"].full_name,
-            ),
-            rpc.Service(
-                coordinator_pb2_grpc.add_OperatorServicer_to_server,
-                OperatorServicer(OperatorActions(service, participants), max_wait=config.max_wait),
-                names["Operator"].full_name,
-            ),
-            rpc.Service(
-                coordinator_pb2_grpc.add_DecisionsServicer_to_server,
-                DecisionsServicer(service),
-                names["Decisions"].full_name,
-            ),
-        ],
-        interceptors=_guards(config.data_dir),
-    )
+            )
+        )
     # Decisions must be answerable while we recover: prepared participants are asking.
     await catalog.load()
     recovery = asyncio.create_task(service.recover_unfinished(), name="recovery")
@@ -212,11 +247,17 @@ async def serve(config: CoordinatorConfig) -> None:
     )
     failure = rpc.StorageFailure()
     store.on_failure(failure)
-    await running.set_serving(True)
-    log.info("coordinator serving on port %d", running.port)
+    for plane in planes:
+        await plane.set_serving(True)
+    log.info(
+        "coordinator serving: clients on port %d, decisions on %d, operators on %s",
+        planes[0].port,
+        planes[1].port,
+        planes[2].port if len(planes) > 2 else "(off)",
+    )
     failed = False
     try:
-        failed = await rpc.serve_until_signalled(running, grace=config.grace, failure=failure)
+        failed = await rpc.serve_until_signalled(planes, grace=config.grace, failure=failure)
     finally:
         for task in (recovery, housekeeping):
             task.cancel()

@@ -115,6 +115,9 @@ class Cluster:
     def __post_init__(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.admin_address = f"127.0.0.1:{free_port()}"
+        #: The coordinator's planes: clients (coordinator.address), operators, the mesh.
+        self.operator_address = f"127.0.0.1:{free_port()}"
+        self.decisions_address = f"127.0.0.1:{free_port()}"
         coordinator_address = f"127.0.0.1:{free_port()}"
         for kind in PARTICIPANTS:
             address = f"127.0.0.1:{free_port()}"
@@ -128,7 +131,7 @@ class Cluster:
                 "--data-dir",
                 str(self.data_dir),
                 "--decisions",
-                coordinator_address,
+                self.decisions_address,
                 "--resolve-after",
                 "1",
                 "--metrics-listen",
@@ -145,6 +148,10 @@ class Cluster:
             "coordinator.server",
             "--listen",
             coordinator_address,
+            "--operator-listen",
+            self.operator_address,
+            "--decisions-listen",
+            self.decisions_address,
             "--data-dir",
             str(self.data_dir),
             "--flight",

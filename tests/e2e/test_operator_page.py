@@ -226,7 +226,7 @@ def retry_as_operator(cluster: Cluster, books: Books, trip_id: str) -> cpb.Trip:
     """Bring the hotel back without its failpoint, then RetryTrip over gRPC."""
     cluster.services["hotel"].start(extra_env={"TRIPMESH_FAILPOINTS": ""})
     assert cluster.coordinator is not None
-    with grpc.insecure_channel(cluster.coordinator.address) as channel:
+    with grpc.insecure_channel(cluster.operator_address) as channel:
         coordinator_pb2_grpc.OperatorStub(channel).RetryTrip(
             cpb.OperatorActionRequest(trip_id=trip_id, operator=OPERATOR, reason="hotel is back"),
             timeout=30,

@@ -13,6 +13,7 @@ import stat
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.books import Books, trip_request
 from tests.procs import Cluster, stuck_saga
@@ -63,7 +64,7 @@ def test_only_an_operator_acts_and_the_timeline_names_who(make_cluster) -> None:
     cluster.services["hotel"].start(extra_env={"TRIPMESH_FAILPOINTS": ""})
     before = len(stuck.events)
 
-    channel = grpc.insecure_channel(cluster.coordinator.address)
+    channel = grpc.insecure_channel(cluster.operator_address)
     operator = coordinator_pb2_grpc.OperatorStub(channel)
     ask = cpb.OperatorActionRequest(trip_id=stuck.trip_id, operator="mallory", reason="hotel back")
     assert _refused(lambda: operator.RetryTrip(ask, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
@@ -101,9 +102,7 @@ def test_only_the_mesh_calls_a_participants_steps_and_decisions(make_cluster) ->
     (leg,) = books.reservations("flight", trip.trip_id)
     assert leg.status == ppb.RESERVATION_STATUS_CONFIRMED
     # Decisions answer the mesh only.
-    decisions = coordinator_pb2_grpc.DecisionsStub(
-        grpc.insecure_channel(cluster.coordinator.address)
-    )
+    decisions = coordinator_pb2_grpc.DecisionsStub(grpc.insecure_channel(cluster.decisions_address))
     ask = cpb.GetDecisionRequest(trip_id=trip.trip_id)
     assert (
         _refused(lambda: decisions.GetDecision(ask, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
@@ -113,3 +112,49 @@ def test_only_the_mesh_calls_a_participants_steps_and_decisions(make_cluster) ->
     # The repair by hand (README) presents the mesh's token.
     undone = flight.Cancel(cancel, timeout=5, metadata=auth.bearer(mesh_token))
     assert undone.reservation.status == ppb.RESERVATION_STATUS_CANCELLED
+
+
+def _listed(address: str) -> set[str]:
+    """The services reflection lists at `address`."""
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = list(stub.ServerReflectionInfo(iter([ask]), timeout=5))
+    return {s.name for s in reply.list_services_response.service}
+
+
+HEALTH, REFLECTION = "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"
+
+
+def test_each_plane_serves_only_its_own_callers(make_cluster) -> None:
+    cluster, books, operator_token, mesh_token = _secured(make_cluster)
+    assert cluster.coordinator is not None
+    assert _listed(cluster.coordinator.address) == {"tripmesh.v1.Coordinator", HEALTH, REFLECTION}
+    assert _listed(cluster.operator_address) == {"tripmesh.v1.Operator", HEALTH, REFLECTION}
+    assert _listed(cluster.decisions_address) == {"tripmesh.v1.Decisions", HEALTH, REFLECTION}
+
+    stuck = stuck_saga(cluster, books, key="planes")
+    before = books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=stuck.trip_id), timeout=5)
+    ask = cpb.OperatorActionRequest(trip_id=stuck.trip_id, operator="ada", reason="try")
+    # A client holding even the operator's token cannot act through the client port...
+    with grpc.insecure_channel(cluster.coordinator.address) as client_port:
+        unknown = _refused(
+            lambda: coordinator_pb2_grpc.OperatorStub(client_port).ForceCompensation(
+                ask, timeout=5, metadata=auth.bearer(operator_token)
+            )
+        )
+        assert unknown == grpc.StatusCode.UNIMPLEMENTED
+        decide = coordinator_pb2_grpc.DecisionsStub(client_port).GetDecision
+        asked = cpb.GetDecisionRequest(trip_id=stuck.trip_id)
+        refused = _refused(lambda: decide(asked, timeout=5, metadata=auth.bearer(mesh_token)))
+        assert refused == grpc.StatusCode.UNIMPLEMENTED
+    # ...nor book through the operator or the decisions plane.
+    request = trip_request("wrong-plane", SAGA, flight="FX", hotel="H", car="C")
+    for plane in (cluster.operator_address, cluster.decisions_address):
+        with grpc.insecure_channel(plane) as channel:
+            book = coordinator_pb2_grpc.CoordinatorStub(channel).BookTrip
+            assert _refused(lambda b=book: b(request, timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+    after = books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=stuck.trip_id), timeout=5)
+    assert (after.status, len(after.events)) == (before.status, len(before.events))
+    listed = books.coordinator.ListTrips(cpb.ListTripsRequest(), timeout=5).trips
+    assert [t.trip_id for t in listed] == [stuck.trip_id]  # no trip booked on a wrong plane

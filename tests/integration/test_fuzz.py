@@ -240,7 +240,12 @@ def fuzzed(make_cluster: Callable[..., tuple[Cluster, Books]]) -> Iterator[tuple
     # One real trip, so that reads and operator calls have something to find.
     seed = trip_request("fuzz-seed", cpb.PROTOCOL_SAGA, flight="FX", hotel="H", car="C")
     books.coordinator.BookTrip(seed, timeout=10)
-    addresses = {"coordinator": cluster.coordinator.address}
+    # The coordinator's three planes are three servers: clients, operators, the mesh.
+    addresses = {
+        "coordinator": cluster.coordinator.address,
+        "coordinator-operator": cluster.operator_address,
+        "coordinator-decisions": cluster.decisions_address,
+    }
     addresses |= {kind: proc.address for kind, proc in cluster.services.items()}
     yield books, addresses
 

@@ -251,7 +251,7 @@ def test_a_stuck_saga_needs_attention_and_an_operator_retry_finishes_it(make_clu
     assert total(metrics, "tripmesh_compensation_failures_total", participant="hotel") == 1
     assert total(metrics, "tripmesh_trips", status="needs_attention") == 1
 
-    operator = coordinator_pb2_grpc.OperatorStub(grpc.insecure_channel(cluster.coordinator.address))
+    operator = coordinator_pb2_grpc.OperatorStub(grpc.insecure_channel(cluster.operator_address))
     with pytest.raises(grpc.RpcError) as caught:
         operator.RetryTrip(
             cpb.OperatorActionRequest(trip_id=trip.trip_id, operator="alice"), timeout=5
@@ -298,7 +298,7 @@ def test_a_stuck_saga_needs_attention_and_an_operator_retry_finishes_it(make_clu
 
 def test_operator_cannot_compensate_a_committed_2pc_trip_and_can_resolve(make_cluster) -> None:
     cluster, books, trip = _stuck_saga(make_cluster)
-    operator = coordinator_pb2_grpc.OperatorStub(grpc.insecure_channel(cluster.coordinator.address))
+    operator = coordinator_pb2_grpc.OperatorStub(grpc.insecure_channel(cluster.operator_address))
     confirmed = books.coordinator.BookTrip(
         trip_request("fine", TWO_PC, flight="FX", hotel="H", car="C"), timeout=10
     ).trip

@@ -77,6 +77,28 @@ def test_proxies_are_derived_from_who_dials_whom() -> None:
     assert len(set(lay.ports.values())) == len(lay.ports)
 
 
+def test_participants_reach_only_the_coordinators_decisions_plane() -> None:
+    lay = layouts.load(environ={})
+    decisions = layouts.plane_name(layouts.COORDINATOR, layouts.DECISIONS_PLANE)
+    upstreams = {p.name: p.upstream for p in lay.proxies}
+    assert {upstreams[f"{k}-to-coordinator"] for k in PARTICIPANTS} == {decisions}
+    assert upstreams["client-to-coordinator"] == layouts.COORDINATOR
+    argv = lay.coordinator_argv()
+    planes = {argv[i]: argv[i + 1] for i in range(0, len(argv), 2)}
+    listening = [planes["--listen"], planes["--operator-listen"], planes["--decisions-listen"]]
+    assert len(set(listening)) == 3
+    assert planes["--decisions-listen"] == lay.address(decisions)
+
+
+def test_a_dial_to_an_undeclared_plane_is_refused(tmp_path: Path) -> None:
+    text = (
+        (layouts.DECLARATION).read_text().replace('"coordinator/decisions"', '"coordinator/x"', 1)
+    )
+    (tmp_path / "processes.json").write_text(text)
+    with pytest.raises(layouts.LayoutError, match="coordinator/x"):
+        layouts.load(environ={}, declaration=tmp_path / "processes.json")
+
+
 def test_every_default_port_lies_outside_the_ephemeral_range() -> None:
     low, high = layouts.ephemeral_range()
     lay = layouts.load(environ={})

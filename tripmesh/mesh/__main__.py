@@ -50,6 +50,9 @@ def describe(mesh: Mesh) -> str:
         lines.append(f"  {proxy.name:23} {lay.address(proxy.name):17} -> {target}")
     lines.append("")
     lines.append(f"  clients (gRPC)          {lay.client_address}")
+    lines.append(
+        f"  operators (gRPC)        {lay.operator_address} (Operator, with the token below)"
+    )
     admin = layouts.admin_name("coordinator")
     if admin in lay.ports:
         lines.append(f"  operator page           http://{lay.address(admin)}/")

@@ -1,9 +1,14 @@
 """Where everything listens: the mesh's processes, the proxies derived from them, their ports.
 
 `processes.json` beside this file is the one declaration: each process with
-its gRPC port, its admin HTTP port and the processes it dials. Every dialled
-edge gets a Toxiproxy proxy named after it (`coordinator-to-hotel`), and
-clients get `client-to-coordinator`. A `Layout` is that declaration with the
+its gRPC port, its admin HTTP port, its other gRPC planes and the processes it
+dials. Every dialled edge gets a Toxiproxy proxy named after it
+(`coordinator-to-hotel`), and clients get `client-to-coordinator`. A plane is
+a listener of its own, named `<process>-<plane>`: the coordinator serves its
+clients on `coordinator`, operators on `coordinator-operator` and the
+participants' decision queries on `coordinator-decisions` (which their
+`<kind>-to-coordinator` proxies lead to), so that no client can reach what
+only operators or the mesh may call. A `Layout` is that declaration with the
 ports actually used, which can be moved all at once (`--port-offset`, or
 TRIPMESH_PORT_OFFSET) or one by one (TRIPMESH_PORT_<NAME>, e.g.
 TRIPMESH_PORT_COORDINATOR_TO_HOTEL=16052), so that a test can run a whole mesh
@@ -32,6 +37,8 @@ from tripmesh.mesh.errors import MeshError
 
 DECLARATION = Path(__file__).with_name("processes.json")
 COORDINATOR = "coordinator"
+OPERATOR_PLANE = "operator"
+DECISIONS_PLANE = "decisions"
 TOXIPROXY = "toxiproxy"
 CLIENT = "client"
 
@@ -78,11 +85,20 @@ class Layout:
             self.address(admin_name(kind)),
         ]
 
+    @property
+    def operator_address(self) -> str:
+        """Where operators dial the coordinator's `Operator` service (the admin plane)."""
+        return self.address(plane_name(COORDINATOR, OPERATOR_PLANE))
+
     def coordinator_argv(self) -> list[str]:
         """Flags of `python -m coordinator.server`: it dials services only through proxies."""
         argv = [
             "--listen",
             self.address(COORDINATOR),
+            "--operator-listen",
+            self.operator_address,
+            "--decisions-listen",
+            self.address(plane_name(COORDINATOR, DECISIONS_PLANE)),
             "--admin-listen",
             self.address(admin_name(COORDINATOR)),
         ]
@@ -169,6 +185,11 @@ def admin_name(process: str) -> str:
     return f"{process}-admin"
 
 
+def plane_name(process: str, plane: str) -> str:
+    """The name of one of a process's other gRPC listeners: coordinator-decisions."""
+    return f"{process}-{plane}"
+
+
 def proxy_name(source: str, target: str) -> str:
     return f"{source}-to-{target}"
 
@@ -177,14 +198,28 @@ def declared(declaration: Path = DECLARATION) -> tuple[dict[str, int], tuple[Pro
     """The declared ports by name, and the proxies derived from who dials whom."""
     data = json.loads(declaration.read_text())
     processes: dict[str, Any] = data["processes"]
+    ports: dict[str, int] = {name: int(spec["port"]) for name, spec in processes.items()}
+    ports |= {
+        plane_name(name, plane): int(port)
+        for name, spec in processes.items()
+        for plane, port in spec.get("planes", {}).items()
+    }
     edges = [(CLIENT, target) for target in data["clients_dial"]]
     edges += [(name, target) for name, spec in processes.items() for target in spec["dials"]]
-    unknown = sorted({target for _, target in edges} - set(processes))
+    # "coordinator/decisions": the edge is named after the process, it leads to the plane.
+    dialled = [(source, *target.partition("/")[::2]) for source, target in edges]
+    unknown = sorted(
+        f"{process}/{plane}" if plane else process
+        for _, process, plane in dialled
+        if (plane_name(process, plane) if plane else process) not in ports
+    )
     if unknown:
-        raise LayoutError(f"{declaration}: processes dial undeclared processes {unknown}")
-    proxies = tuple(ProxySpec(proxy_name(source, target), target) for source, target in edges)
+        raise LayoutError(f"{declaration}: processes dial undeclared processes or planes {unknown}")
+    proxies = tuple(
+        ProxySpec(proxy_name(source, process), plane_name(process, plane) if plane else process)
+        for source, process, plane in dialled
+    )
     first = int(data["proxies"]["first_port"])
-    ports: dict[str, int] = {name: int(spec["port"]) for name, spec in processes.items()}
     ports |= {proxy.name: first + i for i, proxy in enumerate(proxies)}
     ports |= {admin_name(name): int(spec["admin"]) for name, spec in processes.items()}
     ports[TOXIPROXY] = int(data["toxiproxy_api"])

@@ -342,14 +342,16 @@ class StorageFailure:
 
 
 async def serve_until_signalled(
-    running: RunningServer,
+    running: RunningServer | Sequence[RunningServer],
     *,
     grace: float = 5.0,
     failure: StorageFailure | None = None,
     linger: float = 1.0,
 ) -> bool:
     """Serve until SIGTERM or SIGINT (shut down gracefully; False) or a storage failure
-    (health NOT_SERVING, then stop; True)."""
+    (health NOT_SERVING, then stop; True). Several servers (one process's
+    listeners) go NOT_SERVING and drain together."""
+    servers = [running] if isinstance(running, RunningServer) else list(running)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -367,12 +369,12 @@ async def serve_until_signalled(
             failure.cause,
             linger,
         )
-        await running.set_serving(False)
+        await asyncio.gather(*(server.set_serving(False) for server in servers))
         await asyncio.sleep(linger)
-        await running.stop(0.5)
+        await asyncio.gather(*(server.stop(0.5) for server in servers))
         return True
     log.info("signal received: NOT_SERVING, draining for up to %.1fs", grace)
-    await running.stop(grace)
+    await asyncio.gather(*(server.stop(grace) for server in servers))
     return False
 
 
