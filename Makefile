@@ -37,8 +37,8 @@ help: ## Show the targets
 	@grep -E '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
 		awk -F'\t' '{ printf "  make %-22s %s\n", $$1, $$2 }'
 
-up: venv proto toxiproxy ## Install what is missing, start the mesh, wait until all of it is SERVING
-	@$(PY) -m tripmesh.mesh up
+up: venv proto toxiproxy ## Install what is missing, start the mesh, wait until all of it is SERVING (TLS=1: mTLS on every hop)
+	@$(PY) -m tripmesh.mesh up $(if $(filter 1,$(TLS)),--tls)
 
 down: ## Stop every process gracefully (SIGTERM, in-flight RPCs finish); none is left
 	@if [ -f $(INSTALLED) ]; then $(PY) -m tripmesh.mesh down; else echo "tripmesh is not running (nothing installed yet)"; fi
@@ -51,7 +51,7 @@ logs: ## Last lines of every log; ARGS="-f coordinator" follows one
 	@if [ -f $(INSTALLED) ]; then $(PY) -m tripmesh.mesh logs $(ARGS); else echo "no logs yet"; fi
 
 reset: venv proto toxiproxy ## Stop, wipe the databases and logs, start again (reseeds the catalog)
-	@$(PY) -m tripmesh.mesh reset
+	@$(PY) -m tripmesh.mesh reset $(if $(filter 1,$(TLS)),--tls)
 
 test: venv proto toxiproxy browser ## The whole suite: unit, integration, end-to-end through Toxiproxy
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -34,6 +34,7 @@ from coordinator.convert import trip_to_proto
 from coordinator.domain import LegKind, Protocol, TripStatus
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
+from tripmesh.runtime import tls
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import participant_pb2, participant_pb2_grpc
 
@@ -57,12 +58,14 @@ class AdminServer:
         store: TripStore,
         metrics: CoordinatorMetrics,
         participants: dict[LegKind, str],
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """Start serving; call from the coordinator's event loop (reads are handed to it)."""
+        """Start serving; call from the coordinator's event loop (reads are handed to it).
+        `credentials`: TLS to the participants."""
         self.store = store
         self.metrics = metrics
         self._loop = asyncio.get_running_loop()
-        self._channels = {k: grpc.insecure_channel(a) for k, a in participants.items()}
+        self._channels = {k: tls.dial(a, credentials) for k, a in participants.items()}
         metrics.watch_store(
             lambda: self._read(store.counts()), lambda: self._read(store.in_doubt())
         )

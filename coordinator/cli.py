@@ -11,7 +11,9 @@
 Where the mesh is: TRIPMESH_PORT_OFFSET / TRIPMESH_PORT_<NAME> when set (as
 `make up` reads them); else the ports the mesh in TRIPMESH_DATA_DIR (default
 .data in the repo) was started with, from its layout.json; else the declared
-defaults (the client proxy 127.0.0.1:16050). `retry`, `compensate` and
+defaults (the client proxy 127.0.0.1:16050). A mesh started with TLS
+(`make up TLS=1`) is dialled over TLS with the `client` certificate in its data
+folder (or in TRIPMESH_TLS_DIR). `retry`, `compensate` and
 `resolve` go to the coordinator's operator plane (127.0.0.1:15058), with the
 operator's token. Flags and TRIPMESH_COORDINATOR, TRIPMESH_OPERATOR_PLANE,
 TRIPMESH_FLIGHT_SERVICE / _HOTEL_ / _CAR_ override any of them.
@@ -54,7 +56,7 @@ from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
 from tripmesh.mesh.layout import TOXIPROXY, Layout
 from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
-from tripmesh.runtime import auth
+from tripmesh.runtime import auth, tls
 from tripmesh.runtime.names import PROTOCOL_BY_NAME, TRIP_STATUS_BY_NAME
 from tripmesh.v1 import (
     catalog_pb2,
@@ -153,7 +155,7 @@ def cmd_trips(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace, _: grpc.Channel) -> int:
-    with grpc.insecure_channel(_service_address(args.kind)) as channel:
+    with tls.dial(_service_address(args.kind), _credentials()) as channel:
         reply = participant_pb2_grpc.ParticipantStub(channel).GetInventory(
             participant_pb2.GetInventoryRequest(
                 resource_id=args.resource_id, from_date=args.from_date, to_date=args.to_date
@@ -181,7 +183,7 @@ def cmd_inventory(args: argparse.Namespace, _: grpc.Channel) -> int:
 def cmd_search(args: argparse.Namespace, _: grpc.Channel) -> int:
     kind = {"flights": "flight", "hotels": "hotel", "cars": "car"}[args.what]
     date = args.date or (dt.date.today() + dt.timedelta(days=7)).isoformat()
-    with grpc.insecure_channel(_service_address(kind)) as channel:
+    with tls.dial(_service_address(kind), _credentials()) as channel:
         if kind == "flight":
             reply = catalog_pb2_grpc.FlightServiceStub(channel).SearchFlights(
                 catalog_pb2.SearchFlightsRequest(
@@ -361,6 +363,22 @@ def mesh_layout() -> Layout:
     return layouts.load()
 
 
+def _credentials() -> grpc.ChannelCredentials | None:
+    """TLS when the mesh speaks it: the `client` certificate from TRIPMESH_TLS_DIR, else
+    from the mesh's data folder."""
+    folder = os.environ.get("TRIPMESH_TLS_DIR")
+    if folder:
+        return tls.Identity.load(Path(folder), tls.CLIENT).channel_credentials()
+    stored = _data_dir() / "layout.json"
+    if not stored.exists():
+        return None
+    started = Layout.from_json(json.loads(stored.read_text()))
+    # Only for the mesh that folder describes, not one found on other ports.
+    if started.tls and dict(started.ports) == dict(mesh_layout().ports):
+        return tls.client_credentials(_data_dir())
+    return None
+
+
 def _service_address(kind: str) -> str:
     return os.environ.get(f"TRIPMESH_{kind.upper()}_SERVICE") or mesh_layout().address(kind)
 
@@ -502,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         address = args.operator_plane if args.run is cmd_operator else args.coordinator
-        with grpc.insecure_channel(address) as channel:
+        with tls.dial(address, _credentials()) as channel:
             code: int = args.run(args, channel)
     except grpc.RpcError as error:
         report_error(error)

@@ -351,15 +351,16 @@ class Participants:
         timeout: float,
         metrics: CoordinatorMetrics | None = None,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> Participants:
         """gRPC clients, one long-lived channel each (UNAVAILABLE retried by the channel);
-        `token` is the mesh's, when the participants require it."""
+        `token` is the mesh's, when the participants require it; `credentials`: TLS."""
         service = pb.DESCRIPTOR.services_by_name["Participant"].full_name
         return cls(
             {
                 kind: ParticipantClient(
                     kind,
-                    rpc.channel(address, retry_services=[service]),
+                    rpc.channel(address, retry_services=[service], credentials=credentials),
                     timeout=timeout,
                     metrics=metrics,
                     token=token,

@@ -16,6 +16,7 @@ Configuration (flags override the environment):
 | TRIPMESH_STEP_GIVE_UP | 5 | seconds a vote or saga step is retried before aborting |
 | TRIPMESH_COMPENSATION_GIVE_UP | 60 | seconds a compensation is retried before NEEDS_ATTENTION |
 | TRIPMESH_KEY_RETENTION_HOURS | 72 | how long idempotency keys are kept |
+| TRIPMESH_TLS_DIR | (none: plaintext) | TLS on every plane and to the participants, with the CA and certificates in this folder (tripmesh.runtime.tls) |
 | TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
 """
 
@@ -28,6 +29,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
 
 from coordinator.admin import AdminServer
 from coordinator.catalog import Catalog
@@ -44,7 +47,7 @@ from coordinator.threepc import ThreePhaseCommit
 from coordinator.twopc import TwoPhaseCommit
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
-from tripmesh.runtime import auth, failpoints, logs, rpc
+from tripmesh.runtime import auth, failpoints, logs, rpc, tls
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,8 @@ class CoordinatorConfig:
     rpc_timeout: float
     policies: Policies
     key_retention: float
+    #: The CA and certificates (tripmesh.runtime.tls); None: plaintext.
+    tls_dir: Path | None = None
     max_wait: float = 30.0
     sweep_every: float = 5.0
     grace: float = 5.0
@@ -131,6 +136,11 @@ class CoordinatorConfig:
             type=float,
             default=float(env.get("TRIPMESH_KEY_RETENTION_HOURS", 72)),
         )
+        p.add_argument(
+            "--tls-dir",
+            default=env.get("TRIPMESH_TLS_DIR", ""),
+            help="TLS on every plane and to the participants, certificates from this folder",
+        )
         a = p.parse_args(argv)
         try:
             for flag in ("listen", "operator_listen", "decisions_listen", "admin_listen"):
@@ -156,14 +166,19 @@ class CoordinatorConfig:
                 phase2_attention_after=a.compensation_give_up,
             ),
             key_retention=a.key_retention_hours * 3600,
+            tls_dir=Path(a.tls_dir) if a.tls_dir else None,
         )
 
 
-def _guard(credentials: auth.Credentials | None, service: str) -> list[auth.Guard]:
+def _guard(
+    credentials: auth.Credentials | None, service: str, *, peers: tuple[str, ...] = ()
+) -> list[auth.Guard]:
     """The interceptor that lets only holders of `credentials` call `service`."""
     if credentials is None:
         log.warning("no %s: %s is open to anyone who reaches its plane", auth.SECRETS, service)
         return []
+    if peers:
+        credentials = credentials.requiring_peers(peers)
     return [auth.Guard({service: credentials})]
 
 
@@ -172,8 +187,16 @@ async def serve(config: CoordinatorConfig) -> None:
     store = SqliteTripStore(config.data_dir / "coordinator.db")
     metrics = CoordinatorMetrics()
     mesh_token = auth.read_mesh_token(config.data_dir)
+    identity = (
+        None if config.tls_dir is None else tls.Identity.load(config.tls_dir, tls.COORDINATOR)
+    )
+    to_participants = None if identity is None else identity.channel_credentials()
     participants = Participants.connect(
-        config.participants, timeout=config.rpc_timeout, metrics=metrics, token=mesh_token
+        config.participants,
+        timeout=config.rpc_timeout,
+        metrics=metrics,
+        token=mesh_token,
+        credentials=to_participants,
     )
     catalog = Catalog(participants)
     engines = {
@@ -187,9 +210,17 @@ async def serve(config: CoordinatorConfig) -> None:
     service = TripService(store, engines, catalog, metrics=metrics)
     admin = None
     if config.admin_listen:
-        admin = AdminServer(config.admin_listen, store, metrics, config.participants)
+        admin = AdminServer(
+            config.admin_listen, store, metrics, config.participants, to_participants
+        )
         log.info("admin (metrics, operator page) on http://%s/", config.admin_listen)
     names = coordinator_pb2.DESCRIPTOR.services_by_name
+
+    def tls_with(require_client_certificate: bool) -> grpc.ServerCredentials | None:
+        if identity is None:
+            return None
+        return identity.server_credentials(require_client_certificate=require_client_certificate)
+
     # Three planes, three listeners: a client can reach only Coordinator.
     planes = [
         await rpc.start_server(
@@ -203,6 +234,7 @@ async def serve(config: CoordinatorConfig) -> None:
                     names["Coordinator"].full_name,
                 )
             ],
+            credentials=tls_with(False),
         ),
         await rpc.start_server(
             config.decisions_listen,
@@ -214,8 +246,11 @@ async def serve(config: CoordinatorConfig) -> None:
                 )
             ],
             interceptors=_guard(
-                auth.mesh_credentials(config.data_dir), names["Decisions"].full_name
+                auth.mesh_credentials(config.data_dir),
+                names["Decisions"].full_name,
+                peers=PARTICIPANTS if identity is not None else (),
             ),
+            credentials=tls_with(True),
         ),
     ]
     if config.operator_listen:
@@ -234,6 +269,7 @@ async def serve(config: CoordinatorConfig) -> None:
                 interceptors=_guard(
                     auth.operator_credentials(config.data_dir), names["Operator"].full_name
                 ),
+                credentials=tls_with(False),
             )
         )
     # Decisions must be answerable while we recover: prepared participants are asking.

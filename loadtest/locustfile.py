@@ -41,6 +41,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -51,6 +52,7 @@ from locust.util.timespan import parse_timespan
 from loadtest.shapes import black_friday, steady
 from loadtest.trips import CHOICES, TripMix
 from tripmesh.mesh import layout as layouts
+from tripmesh.runtime import tls
 from tripmesh.runtime.names import TRIP_STATUS_NAMES
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
@@ -188,8 +190,13 @@ class TripCustomer(User):
             doomed_share=float(options.doomed_share),
             last_offset=int(options.last_offset),
         )
+        # A mesh started with TLS=1: `make load` says where its certificates are.
+        folder = os.environ.get("TRIPMESH_TLS_DIR")
+        credentials = None
+        if folder:
+            credentials = tls.Identity.load(Path(folder), tls.CLIENT).channel_credentials()
         self.channel = grpc.intercept_channel(
-            grpc.insecure_channel(self.host), LocustInterceptor(self.environment)
+            tls.dial(self.host, credentials), LocustInterceptor(self.environment)
         )
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 

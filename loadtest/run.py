@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 from loadtest.meshes import isolated_mesh, running_mesh
 from loadtest.trips import CHOICES, peak_catalog
 from tripmesh.mesh.mesh import ROOT
+from tripmesh.runtime import tls
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 
@@ -59,6 +61,8 @@ def target(args: argparse.Namespace, folder: Path) -> Iterator[tuple[str, str]]:
         return
     running = running_mesh() if args.mesh in ("auto", "running") else None
     if running is not None:
+        if running.layout.tls:  # Locust (a child process) dials it with the client certificate
+            os.environ["TRIPMESH_TLS_DIR"] = str(tls.folder_of(running.data_dir))
         yield running.layout.client_address, f"the running mesh in {running.data_dir}"
         return
     if args.mesh == "running":

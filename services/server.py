@@ -13,6 +13,7 @@ Configuration (flags override the environment):
 | TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared 2PC hold waits before we ask about it |
 | TRIPMESH_3PC_WAIT_TIMEOUT | 10 | seconds a 3PC yes vote waits for PreCommit before aborting on its own |
 | TRIPMESH_3PC_PRECOMMIT_TIMEOUT | 10 | seconds a pre-committed 3PC hold waits before committing on its own |
+| TRIPMESH_TLS_DIR | (none: plaintext) | mTLS with the CA and certificates in this folder: callers must present a certificate the CA signed, the protocol steps only the coordinator's (tripmesh.runtime.tls) |
 | TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
 """
 
@@ -37,7 +38,7 @@ from services.participant.servicer import ParticipantServicer
 from services.participant.store import ParticipantStore
 from services.participant.timeouts import ThreePhaseTimer
 from tripmesh.mesh import layout as layouts
-from tripmesh.runtime import auth, failpoints, logs, rpc
+from tripmesh.runtime import auth, failpoints, logs, rpc, tls
 from tripmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -65,6 +66,8 @@ class ServiceConfig:
     three_phase_wait: float
     three_phase_pre_committed: float
     grace: float
+    #: The CA and certificates (tripmesh.runtime.tls); None: plaintext.
+    tls_dir: Path | None = None
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> ServiceConfig:
@@ -91,6 +94,11 @@ class ServiceConfig:
             dest="three_pc_precommit_timeout",
             type=float,
             default=float(env.get("TRIPMESH_3PC_PRECOMMIT_TIMEOUT", 10)),
+        )
+        parser.add_argument(
+            "--tls-dir",
+            default=env.get("TRIPMESH_TLS_DIR", ""),
+            help="mTLS, with the CA and certificates in this folder",
         )
         args = parser.parse_args(argv)
         if min(args.three_pc_wait_timeout, args.three_pc_precommit_timeout) <= 0:
@@ -122,6 +130,7 @@ class ServiceConfig:
             three_phase_wait=args.three_pc_wait_timeout,
             three_phase_pre_committed=args.three_pc_precommit_timeout,
             grace=5.0,
+            tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         )
 
 
@@ -177,6 +186,7 @@ async def serve(config: ServiceConfig) -> None:
         ParticipantServicer(store, KINDS[config.kind].unit, metrics),
         participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name,
     )
+    identity = None if config.tls_dir is None else tls.Identity.load(config.tls_dir, config.kind)
     mesh = auth.mesh_credentials(config.data_dir)
     guards = []
     if mesh is None:
@@ -184,11 +194,20 @@ async def serve(config: ServiceConfig) -> None:
             "no %s in %s: the protocol steps are open to anyone", auth.SECRETS, config.data_dir
         )
     else:
+        if identity is not None:  # and only the coordinator's certificate
+            mesh = mesh.requiring_peers([tls.COORDINATOR])
         guards = [auth.Guard({f"/{participant.full_name}/{m}": mesh for m in PROTOCOL_STEPS})]
     running = await rpc.start_server(
-        config.listen, [participant, _search_service(config.kind, store)], interceptors=guards
+        config.listen,
+        [participant, _search_service(config.kind, store)],
+        interceptors=guards,
+        credentials=None
+        if identity is None
+        else identity.server_credentials(require_client_certificate=True),
     )
-    decisions_channel = rpc.channel(config.decisions)
+    decisions_channel = rpc.channel(
+        config.decisions, credentials=None if identity is None else identity.channel_credentials()
+    )
     token = auth.read_mesh_token(config.data_dir)
     resolver = InDoubtResolver(
         store,

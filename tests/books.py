@@ -12,6 +12,7 @@ from typing import TypeVar
 import grpc
 
 from services.catalog import SeedResource, write_catalog_file
+from tripmesh.runtime import tls
 from tripmesh.runtime.paging import paged
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
@@ -60,11 +61,17 @@ class Books:
     _channels: list[grpc.Channel]
 
     @classmethod
-    def open(cls, coordinator: str, participants: dict[str, str]) -> Books:
-        channels = [grpc.insecure_channel(coordinator)]
+    def open(
+        cls,
+        coordinator: str,
+        participants: dict[str, str],
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> Books:
+        """Plaintext channels, or TLS ones presenting `credentials` (a TLS mesh's client)."""
+        channels = [tls.dial(coordinator, credentials)]
         stubs = {}
         for kind, address in participants.items():
-            channel = grpc.insecure_channel(address)
+            channel = tls.dial(address, credentials)
             channels.append(channel)
             stubs[kind] = participant_pb2_grpc.ParticipantStub(channel)
         return cls(coordinator_pb2_grpc.CoordinatorStub(channels[0]), stubs, channels)

@@ -42,11 +42,11 @@ class RunningMesh:
 
 
 def run_launcher(
-    command: str, data_dir: Path, env: dict[str, str]
+    command: str, data_dir: Path, env: dict[str, str], *flags: str
 ) -> subprocess.CompletedProcess[str]:
     """`python -m tripmesh.mesh COMMAND --data-dir DATA_DIR`, as the Makefile runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "tripmesh.mesh", command, "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "tripmesh.mesh", command, "--data-dir", str(data_dir), *flags],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -70,9 +70,9 @@ def isolated_env() -> dict[str, str]:
     return env
 
 
-def start(data_dir: Path, env: dict[str, str]) -> Mesh:
+def start(data_dir: Path, env: dict[str, str], *flags: str) -> Mesh:
     """`up`, as `make up` does; the launcher stops what it started if this fails."""
-    started = run_launcher("up", data_dir, env)
+    started = run_launcher("up", data_dir, env, *flags)
     assert started.returncode == 0, started.stdout + started.stderr
     return Mesh(data_dir)
 

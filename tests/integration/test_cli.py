@@ -25,7 +25,13 @@ def _cli(cluster, *args: str) -> subprocess.CompletedProcess[str]:
             *args,
         ],
         cwd=ROOT,
-        env={**os.environ, **env_addresses, "COLUMNS": "200"},
+        # Its own data folder: nothing read from a mesh `make up` left in the repo.
+        env={
+            **os.environ,
+            **env_addresses,
+            "TRIPMESH_DATA_DIR": str(cluster.data_dir),
+            "COLUMNS": "200",
+        },
         capture_output=True,
         check=False,
         text=True,

@@ -13,6 +13,7 @@ Every command takes:
 |---|---|---|---|
 | --data-dir | TRIPMESH_DATA_DIR | .data (in the repo) | databases, logs, supervisord socket |
 | --port-offset | TRIPMESH_PORT_OFFSET | 0 | added to every port in tripmesh/mesh/processes.json |
+| --tls (up, reset) | | off | mTLS on every gRPC hop, with a local CA and certificates made in DATA_DIR/secrets/tls (`make up TLS=1`) |
 | | TRIPMESH_PORT_<NAME> | | one port, e.g. TRIPMESH_PORT_COORDINATOR_TO_HOTEL |
 | | TRIPMESH_TOXIPROXY_SERVER | .bin/toxiproxy-server, else on PATH | the Toxiproxy binary |
 
@@ -30,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tripmesh.mesh import layout as layouts
@@ -38,7 +40,7 @@ from tripmesh.mesh.layout import TOXIPROXY, LayoutError
 from tripmesh.mesh.mesh import ORDER, ROOT, SERVING, Mesh
 from tripmesh.mesh.supervise import SupervisorError
 from tripmesh.mesh.toxiproxy import ToxiproxyError
-from tripmesh.runtime import auth
+from tripmesh.runtime import auth, tls
 
 
 def describe(mesh: Mesh) -> str:
@@ -65,6 +67,10 @@ def describe(mesh: Mesh) -> str:
     lines.append(f"  data and logs           {_shown(mesh.data_dir)}/")
     secrets = mesh.data_dir / auth.SECRETS
     lines.append(f"  operator token          {_shown(secrets / auth.OPERATOR_TOKEN)} (owner-only)")
+    if lay.tls:
+        lines.append(
+            f"  TLS (every gRPC hop)    CA and certificates in {_shown(tls.folder_of(mesh.data_dir))}/"
+        )
     day = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=14)).isoformat()
     key = "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     request = {
@@ -75,12 +81,22 @@ def describe(mesh: Mesh) -> str:
         "hotel": {"hotel_id": "TOKYO-GRAND", "check_in": day, "nights": 3, "rooms": 1},
         "car": {"car_id": "CAMRY-NRT", "pickup_date": day, "days": 3, "cars": 1},
     }
-    flag = "" if lay == layouts.load() else f" --coordinator {lay.client_address}"
+    flag = (
+        "" if replace(lay, tls=False) == layouts.load() else f" --coordinator {lay.client_address}"
+    )
+    if lay.tls:
+        certificates = tls.folder_of(mesh.data_dir)
+        security = (
+            f"-cacert {_shown(certificates / 'ca.pem')} -cert {_shown(certificates / 'client.pem')}"
+            f" -key {_shown(certificates / 'client.key')}"
+        )
+    else:
+        security = "-plaintext"
     lines += [
         "",
         "Book a trip (saga; PROTOCOL_TWO_PHASE_COMMIT / --protocol 2pc for 2PC):",
         f"  .venv/bin/tripmesh{flag} book --protocol saga",
-        f"  grpcurl -plaintext -d '{json.dumps(request)}' \\",
+        f"  grpcurl {security} -d '{json.dumps(request)}' \\",
         f"    {lay.client_address} tripmesh.v1.Coordinator/BookTrip",
     ]
     return "\n".join(lines)
@@ -95,7 +111,9 @@ def _shown(path: Path) -> str:
 
 def _up(mesh: Mesh, args: argparse.Namespace) -> int:
     if args.layout != mesh.layout:
-        print(f"note: the mesh in {_shown(mesh.data_dir)} keeps the ports it was started with")
+        print(
+            f"note: the mesh in {_shown(mesh.data_dir)} keeps the ports and TLS setting it was started with"
+        )
     started = time.monotonic()
     if not mesh.up(timeout=args.timeout):
         print(f"tripmesh is already up and SERVING ({_shown(mesh.data_dir)}).")
@@ -187,7 +205,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "reset": "stop, wipe the databases and logs, start again",
     }
     for name, text in helps.items():
-        commands.add_parser(name, parents=[common], help=text, description=text)
+        command = commands.add_parser(name, parents=[common], help=text, description=text)
+        if name in ("up", "reset"):
+            command.add_argument(
+                "--tls",
+                action="store_true",
+                help="mTLS on every gRPC hop (a local CA and certificates in DATA_DIR/secrets/tls)",
+            )
     logs = commands.add_parser("logs", parents=[common], help="print or follow the logs")
     logs.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(LOGS)}")
     logs.add_argument("-n", "--lines", type=int, default=40, help="lines of each (default 40)")
@@ -203,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; errors are printed as one line and exit 1."""
     args = parse_args(argv)
     try:
-        args.layout = layouts.load(offset=args.port_offset)
+        args.layout = replace(
+            layouts.load(offset=args.port_offset), tls=getattr(args, "tls", False)
+        )
         # Commands other than `up` follow the ports the folder's mesh was started with.
         mesh = Mesh(args.data_dir, args.layout if args.command in ("up", "reset") else None)
         return COMMANDS[args.command](mesh, args)

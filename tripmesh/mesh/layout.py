@@ -63,6 +63,8 @@ class Layout:
     #: Every port by name: "coordinator", "flight", ..., proxy names, "toxiproxy" (the API).
     ports: Mapping[str, int]
     proxies: tuple[ProxySpec, ...]
+    #: Every gRPC hop speaks TLS (tripmesh.runtime.tls; certificates in the data folder).
+    tls: bool = False
 
     def address(self, name: str) -> str:
         """host:port of a process or a proxy."""
@@ -123,6 +125,7 @@ class Layout:
             "host": self.host,
             "ports": dict(self.ports),
             "proxies": [{"name": p.name, "upstream": p.upstream} for p in self.proxies],
+            "tls": self.tls,
         }
 
     @classmethod
@@ -131,6 +134,7 @@ class Layout:
             host=data["host"],
             ports=MappingProxyType({k: int(v) for k, v in data["ports"].items()}),
             proxies=tuple(ProxySpec(p["name"], p["upstream"]) for p in data["proxies"]),
+            tls=bool(data.get("tls", False)),
         )
 
 

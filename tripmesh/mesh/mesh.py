@@ -9,7 +9,9 @@ HTTP API with every proxy present. `Mesh.down` asks supervisord to stop them
 all (SIGTERM, in reverse start order) and checks that none outlived it.
 
 The ports a mesh was started with are kept in DATA_DIR/layout.json, so that
-anything that knows only the data folder can find it again.
+anything that knows only the data folder can find it again; so is whether it
+speaks TLS (`Layout.tls`: `make up TLS=1`), its certificates being in the
+data folder too (tripmesh.runtime.tls).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tripmesh.mesh.errors import MeshError
 from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY, Layout
 from tripmesh.mesh.supervise import Program, Supervisor, SupervisorError, render_config
 from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
-from tripmesh.runtime import auth
+from tripmesh.runtime import auth, tls
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = (TOXIPROXY, *PARTICIPANTS, COORDINATOR)  # start order; supervisord stops in reverse
@@ -55,9 +57,11 @@ def find_toxiproxy() -> Path:
     )
 
 
-def grpc_health(address: str, timeout: float = 1.0) -> str:
+def grpc_health(
+    address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None
+) -> str:
     """SERVING, NOT_SERVING, or the gRPC status code that came back instead."""
-    with grpc.insecure_channel(address) as channel:
+    with tls.dial(address, credentials) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
@@ -106,6 +110,14 @@ class Mesh:
         return Layout.from_json(json.loads(self.layout_file.read_text()))
 
     @property
+    def client_credentials(self) -> grpc.ChannelCredentials | None:
+        """What a client presents to this mesh: its `client` certificate under TLS, else None."""
+        return tls.client_credentials(self.data_dir) if self.layout.tls else None
+
+    def _tls_args(self) -> list[str]:
+        return ["--tls-dir", str(tls.folder_of(self.data_dir))] if self.layout.tls else []
+
+    @property
     def toxiproxy(self) -> Toxiproxy:
         return Toxiproxy(self.layout.host, self.layout.ports[TOXIPROXY], timeout=2.0)
 
@@ -139,6 +151,7 @@ class Mesh:
                     *self.layout.service_argv(k),
                     "--data-dir",
                     data,
+                    *self._tls_args(),
                     *self.extra_args.get(k, ()),
                 ],
                 20,
@@ -154,6 +167,7 @@ class Mesh:
             *self.layout.coordinator_argv(),
             "--data-dir",
             data,
+            *self._tls_args(),
             *self.extra_args.get("coordinator", ()),
         ]
         # Started once the services answer, so its catalog loads at once; stopped first.
@@ -188,6 +202,8 @@ class Mesh:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # The operator's and the mesh's tokens (owner-only; kept across restarts).
         auth.ensure_secrets(self.data_dir, operator=os.environ.get("USER") or "operator")
+        if self.layout.tls:
+            tls.ensure_certificates(self.data_dir, self.layout.host)
         (self.data_dir / "toxiproxy.json").write_text(
             json.dumps(self.layout.toxiproxy_config(), indent=2) + "\n"
         )
@@ -221,10 +237,11 @@ class Mesh:
                 return "UNREACHABLE"
             missing = [p.name for p in self.layout.proxies if p.name not in found]
             return f"missing proxies {missing}" if missing else SERVING
-        direct = grpc_health(self.layout.address(name))
+        credentials = self.client_credentials
+        direct = grpc_health(self.layout.address(name), credentials=credentials)
         if name == "coordinator" and direct == SERVING:
             # Also the way clients come in, so `up` proves the path a booking takes.
-            via_proxy = grpc_health(self.layout.client_address)
+            via_proxy = grpc_health(self.layout.client_address, credentials=credentials)
             return SERVING if via_proxy == SERVING else f"{via_proxy} through client-to-coordinator"
         return direct
 

@@ -11,6 +11,10 @@ Two kinds of caller are told apart from a client:
   (Prepare, Commit, Reserve, Cancel...), and a participant asking the
   coordinator for a decision (`Decisions`). They share DATA_DIR/secrets/mesh.token.
 
+With TLS on (tripmesh.runtime.tls), a guarded method also checks the
+caller's certificate: a participant's steps accept only the coordinator's,
+the coordinator's decisions only a participant's.
+
 Every secret file is created owner-only (0600, in a 0700 folder). A call to a
 guarded method without credentials gets UNAUTHENTICATED, with credentials that
 are not valid PERMISSION_DENIED, and its handler never runs, so nothing is
@@ -29,13 +33,14 @@ import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from tripmesh.runtime.rpc import MethodWrapper
+from tripmesh.runtime.tls import peer_names
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +87,14 @@ def _identity(name: str) -> str:
 
 @dataclass(frozen=True)
 class Credentials:
-    """The tokens a server accepts, by the identity each one stands for."""
+    """The tokens a server accepts, by the identity each one stands for; with TLS, also
+    the certificates (common names) the caller must present (empty: any the CA signed)."""
 
     by_token: Mapping[str, str]
+    peers: frozenset[str] = frozenset()
+
+    def requiring_peers(self, peers: Iterable[str]) -> Credentials:
+        return replace(self, peers=frozenset(peers))
 
     def who(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
         """The caller's identity; "" without credentials; None with invalid ones."""
@@ -161,6 +171,12 @@ def _guarded(inner: Handler, credentials: Credentials, method: str) -> Handler:
         if identity is None:
             log.warning("refused %s: credentials not valid here", method)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not allowed to call {method}")
+        if credentials.peers and not credentials.peers.intersection(peer_names(context)):
+            log.warning("refused %s: certificate %s", method, peer_names(context) or "none")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} accepts only the certificate of {', '.join(sorted(credentials.peers))}",
+            )
         token = CALLER.set(identity or "")
         try:
             return await inner(request, context)

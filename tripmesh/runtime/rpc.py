@@ -284,8 +284,10 @@ async def start_server(
     services: Sequence[Service],
     *,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
-    """Start a server on `address` ("127.0.0.1:0" for a free port) and return it.
+    """Start a server on `address` ("127.0.0.1:0" for a free port) and return it;
+    TLS only when given `credentials` (tripmesh.runtime.tls).
 
     Health reports NOT_SERVING until the caller says `set_serving(True)`, so a
     process can finish its start-up work (recovery) before it takes traffic.
@@ -309,7 +311,10 @@ async def start_server(
     reflection.enable_server_reflection(
         (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
@@ -410,8 +415,14 @@ def _service_config(services: Sequence[str]) -> str:
     )
 
 
-def channel(target: str, *, retry_services: Sequence[str] = ()) -> grpc.aio.Channel:
-    """A long-lived channel to `target`; calls to `retry_services` retry UNAVAILABLE.
+def channel(
+    target: str,
+    *,
+    retry_services: Sequence[str] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.aio.Channel:
+    """A long-lived channel to `target`; calls to `retry_services` retry UNAVAILABLE;
+    TLS when given `credentials`.
 
     Only list services whose every method is idempotent.
     """
@@ -428,4 +439,6 @@ def channel(target: str, *, retry_services: Sequence[str] = ()) -> grpc.aio.Chan
     if retry_services:
         options.append(("grpc.enable_retries", 1))
         options.append(("grpc.service_config", _service_config(retry_services)))
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options)
     return grpc.aio.insecure_channel(target, options=options)
