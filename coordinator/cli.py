@@ -41,6 +41,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.table import Column, Table
 
 from coordinator.cli_views import (
@@ -133,6 +134,9 @@ def cmd_trips(args: argparse.Namespace, channel: grpc.Channel) -> int:
             status=STATUSES.get(args.status or "", pb.TRIP_STATUS_UNSPECIFIED),
             protocol=PROTOCOLS[args.protocol or "default"],
             page_size=args.limit,
+            customer_id=args.customer,
+            idempotency_key=args.key,
+            created_after=_since(args.since),
         ),
         timeout=args.timeout,
     )
@@ -363,6 +367,28 @@ def mesh_layout() -> Layout:
     return layouts.load()
 
 
+def _time_arg(text: str) -> dt.datetime:
+    """--since: 2026-11-30T05:00, or a span back from now (45s, 30m, 2h, 1d)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time (2026-11-30T05:00) or a span (30m, 2h, 1d)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _since(moment: dt.datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
 def _credentials() -> grpc.ChannelCredentials | None:
     """TLS when the mesh speaks it: the `client` certificate from TRIPMESH_TLS_DIR, else
     from the mesh's data folder."""
@@ -441,6 +467,13 @@ def parser() -> argparse.ArgumentParser:
     ts.add_argument("--status", choices=sorted(STATUSES), help="only trips in this status")
     ts.add_argument("--protocol", choices=sorted(PROTOCOL_BY_NAME), help="only this protocol")
     ts.add_argument("--limit", type=int, default=20, help="at most this many")
+    ts.add_argument("--customer", default="", help="only this customer's trips")
+    ts.add_argument("--key", default="", help="only the trip booked with this idempotency key")
+    ts.add_argument(
+        "--since",
+        type=_time_arg,
+        help="only trips created since: an ISO 8601 time (UTC unless it says), or 30m, 2h, 1d ago",
+    )
     ts.set_defaults(run=cmd_trips)
 
     helps = {

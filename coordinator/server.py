@@ -17,6 +17,7 @@ Configuration (flags override the environment):
 | TRIPMESH_COMPENSATION_GIVE_UP | 60 | seconds a compensation is retried before NEEDS_ATTENTION |
 | TRIPMESH_KEY_RETENTION_HOURS | 72 | how long idempotency keys are kept |
 | TRIPMESH_TLS_DIR | (none: plaintext) | TLS on every plane and to the participants, with the CA and certificates in this folder (tripmesh.runtime.tls) |
+| TRIPMESH_TOXIPROXY_API | (none) | host:port of Toxiproxy's API: the operator page shows each edge's state, and tells a cut edge from a dead service |
 | TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
 """
 
@@ -68,6 +69,8 @@ class CoordinatorConfig:
     key_retention: float
     #: The CA and certificates (tripmesh.runtime.tls); None: plaintext.
     tls_dir: Path | None = None
+    #: host:port of Toxiproxy's API: the operator page shows the edges' state ("": unknown).
+    toxiproxy_api: str = ""
     max_wait: float = 30.0
     sweep_every: float = 5.0
     grace: float = 5.0
@@ -141,10 +144,17 @@ class CoordinatorConfig:
             default=env.get("TRIPMESH_TLS_DIR", ""),
             help="TLS on every plane and to the participants, certificates from this folder",
         )
+        p.add_argument(
+            "--toxiproxy-api",
+            default=env.get("TRIPMESH_TOXIPROXY_API", ""),
+            help="host:port of Toxiproxy's API, for the operator page's edges (default: none)",
+        )
         a = p.parse_args(argv)
         try:
             for flag in ("listen", "operator_listen", "decisions_listen", "admin_listen"):
                 layouts.check_listen(getattr(a, flag), "--" + flag.replace("_", "-"))
+            if a.toxiproxy_api and not a.toxiproxy_api.rpartition(":")[2].isdigit():
+                raise layouts.LayoutError(f"--toxiproxy-api {a.toxiproxy_api!r}: not host:port")
             if not a.decisions_listen:
                 raise layouts.LayoutError("--decisions-listen: the participants need it")
         except layouts.LayoutError as exc:
@@ -167,6 +177,7 @@ class CoordinatorConfig:
             ),
             key_retention=a.key_retention_hours * 3600,
             tls_dir=Path(a.tls_dir) if a.tls_dir else None,
+            toxiproxy_api=a.toxiproxy_api,
         )
 
 
@@ -208,10 +219,19 @@ async def serve(config: CoordinatorConfig) -> None:
         )
     }
     service = TripService(store, engines, catalog, metrics=metrics)
+    actions = OperatorActions(service, participants)
+    operators = auth.operator_credentials(config.data_dir)
     admin = None
     if config.admin_listen:
         admin = AdminServer(
-            config.admin_listen, store, metrics, config.participants, to_participants
+            config.admin_listen,
+            store,
+            metrics,
+            config.participants,
+            credentials=to_participants,
+            actions=actions,
+            operators=operators,
+            toxiproxy_api=config.toxiproxy_api,
         )
         log.info("admin (metrics, operator page) on http://%s/", config.admin_listen)
     names = coordinator_pb2.DESCRIPTOR.services_by_name
@@ -260,15 +280,11 @@ async def serve(config: CoordinatorConfig) -> None:
                 [
                     rpc.Service(
                         coordinator_pb2_grpc.add_OperatorServicer_to_server,
-                        OperatorServicer(
-                            OperatorActions(service, participants), max_wait=config.max_wait
-                        ),
+                        OperatorServicer(actions, max_wait=config.max_wait),
                         names["Operator"].full_name,
                     )
                 ],
-                interceptors=_guard(
-                    auth.operator_credentials(config.data_dir), names["Operator"].full_name
-                ),
+                interceptors=_guard(operators, names["Operator"].full_name),
                 credentials=tls_with(False),
             )
         )

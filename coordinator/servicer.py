@@ -10,10 +10,11 @@ from coordinator.convert import DECISION, PROTOCOL_FROM, STATUS_FROM, trip_to_pr
 from coordinator.domain import CoordinatorError, Protocol
 from coordinator.operations import OperatorActions
 from coordinator.service import TripService
+from coordinator.store import TripQuery
 from coordinator.validation import trip_request_from_proto
 from tripmesh.runtime import auth, logs
 from tripmesh.runtime.errors import FieldViolation
-from tripmesh.runtime.fields import check_text
+from tripmesh.runtime.fields import check_text, seconds_of
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
@@ -76,13 +77,27 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             problems.append(FieldViolation("status", f"unknown status {request.status}"))
         if request.protocol and request.protocol not in PROTOCOL_FROM:
             problems.append(FieldViolation("protocol", f"unknown protocol {request.protocol}"))
+        check_text(request.customer_id, "customer_id", problems, required=False)
+        check_text(request.idempotency_key, "idempotency_key", problems, required=False)
+        after = until = None
+        if request.HasField("created_after"):
+            after = seconds_of(request.created_after, "created_after", problems)
+        if request.HasField("created_before"):
+            until = seconds_of(request.created_before, "created_before", problems)
+        if after is not None and until is not None and until <= after:
+            problems.append(FieldViolation("created_before", "must be after created_after"))
         if problems:
             raise CoordinatorError.invalid(*problems)
-        trips, last = await self.service.store.list_trips(
+        query = TripQuery(
             status=STATUS_FROM.get(request.status),
             protocol=PROTOCOL_FROM.get(request.protocol),
-            before=before,
-            limit=min(request.page_size or 50, _MAX_PAGE),
+            customer_id=request.customer_id,
+            idempotency_key=request.idempotency_key,
+            created_after=after,
+            created_before=until,
+        )
+        trips, last = await self.service.store.list_trips(
+            query, before=before, limit=min(request.page_size or 50, _MAX_PAGE)
         )
         return pb.ListTripsResponse(
             trips=[trip_to_proto(t) for t in trips],

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.books import Books, trip_request
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh.layout import free_port
+from tripmesh.runtime import auth
 from tripmesh.v1 import coordinator_pb2 as cpb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +198,18 @@ class Cluster:
         for proc in procs:
             if proc is not None:
                 proc.stop()
+
+
+def with_secrets(cluster: Cluster, operator: str = "ada") -> tuple[str, str]:
+    """Restart `cluster` with the secrets `make up` creates; (operator token, mesh token)."""
+    cluster.stop()
+    auth.ensure_secrets(cluster.data_dir, operator=operator)
+    cluster.start()
+    folder = cluster.data_dir / auth.SECRETS
+    return (
+        (folder / auth.OPERATOR_TOKEN).read_text().strip(),
+        (folder / auth.MESH_TOKEN).read_text().strip(),
+    )
 
 
 def long_folder(base: Path, length: int) -> Path:

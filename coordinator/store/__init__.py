@@ -17,9 +17,25 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from coordinator.domain import Decision, Protocol, Trip, TripEvent, TripRequest, TripStatus
 from coordinator.journal import Change
+
+
+@dataclass(frozen=True)
+class TripQuery:
+    """Which trips to list; every field left at its default matches every trip."""
+
+    status: TripStatus | None = None
+    protocol: Protocol | None = None
+    customer_id: str = ""
+    idempotency_key: str = ""
+    #: A trip id, an idempotency key or a customer id (exact): the operator page's search.
+    text: str = ""
+    #: Created at or after / before these times (seconds since the epoch).
+    created_after: float | None = None
+    created_before: float | None = None
 
 
 class TripStore(abc.ABC):
@@ -55,12 +71,15 @@ class TripStore(abc.ABC):
 
     @abc.abstractmethod
     async def list_trips(
-        self, *, status: TripStatus | None, protocol: Protocol | None, before: int, limit: int
+        self, query: TripQuery, *, before: int, limit: int
     ) -> tuple[list[Trip], int | None]:
-        """A page of trips, newest first, and the next page's position (None at the end).
+        """A page of the trips `query` matches, newest first, and the next page's position
+        (None at the end).
 
         `before` is a page position (0: the first page). A page costs a fixed
-        number of statements, whatever its size.
+        number of statements, whatever its size. Status, protocol and a trip id
+        are looked up by index; a customer or key is matched newest first, so a
+        page costs a scan back to its oldest trip, or to `created_after`.
         """
 
     @abc.abstractmethod

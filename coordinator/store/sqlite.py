@@ -28,7 +28,7 @@ from coordinator.domain import (
     reservation_id,
 )
 from coordinator.journal import Change
-from coordinator.store import TripStore
+from coordinator.store import TripQuery, TripStore
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind
@@ -128,9 +128,9 @@ class SqliteTripStore(TripStore):
         return await self.db.read(job)
 
     async def list_trips(
-        self, *, status: TripStatus | None, protocol: Protocol | None, before: int, limit: int
+        self, query: TripQuery, *, before: int, limit: int
     ) -> tuple[list[Trip], int | None]:
-        return await self.db.read(lambda c: _page(c, status, protocol, before, limit))
+        return await self.db.read(lambda c: _page(c, query, before, limit))
 
     async def unfinished(self) -> list[str]:
         marks = ", ".join("?" * len(_STILL_DRIVEN))
@@ -260,25 +260,32 @@ def _get(conn: sqlite3.Connection, trip_id: str) -> Trip | None:
     return _trip(row, legs)
 
 
+_CUSTOMER = "json_extract(request, '$.customer_id')"
+_KEY = "json_extract(request, '$.idempotency_key')"
+
+
 def _page(
-    conn: sqlite3.Connection,
-    status: TripStatus | None,
-    protocol: Protocol | None,
-    before: int,
-    limit: int,
+    conn: sqlite3.Connection, query: TripQuery, before: int, limit: int
 ) -> tuple[list[Trip], int | None]:
     """A page of trips in two statements: the trips, then all of their legs."""
     sql = "SELECT rowid AS seq, * FROM trips WHERE 1 = 1"
     args: list[object] = []
-    if before:
-        sql += " AND rowid < ?"
-        args.append(before)
-    if status is not None:
-        sql += " AND status = ?"
-        args.append(status.value)
-    if protocol is not None:
-        sql += " AND protocol = ?"
-        args.append(protocol.value)
+    conditions: list[tuple[str, object]] = [
+        ("rowid < ?", before or None),
+        ("status = ?", query.status.value if query.status is not None else None),
+        ("protocol = ?", query.protocol.value if query.protocol is not None else None),
+        (f"{_CUSTOMER} = ?", query.customer_id or None),
+        (f"{_KEY} = ?", query.idempotency_key or None),
+        ("created_at >= ?", query.created_after),
+        ("created_at < ?", query.created_before),
+    ]
+    for condition, value in conditions:
+        if value is not None:
+            sql += f" AND {condition}"
+            args.append(value)
+    if query.text:
+        sql += f" AND (trip_id = ? OR {_KEY} = ? OR {_CUSTOMER} = ?)"
+        args += [query.text] * 3
     rows = conn.execute(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]

@@ -16,7 +16,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.books import Books, trip_request
-from tests.procs import Cluster, stuck_saga
+from tests.procs import Cluster, stuck_saga, with_secrets
 from tripmesh.runtime import auth
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
@@ -33,13 +33,7 @@ def _refused(call) -> grpc.StatusCode:
 
 def _secured(make_cluster) -> tuple[Cluster, Books, str, str]:
     cluster, books = make_cluster(coordinator_args=["--compensation-give-up", "2"])
-    cluster.stop()
-    auth.ensure_secrets(cluster.data_dir, operator="ada")
-    cluster.start()
-    folder = cluster.data_dir / auth.SECRETS
-    operator_token = (folder / auth.OPERATOR_TOKEN).read_text().strip()
-    mesh_token = (folder / auth.MESH_TOKEN).read_text().strip()
-    return cluster, books, operator_token, mesh_token
+    return (cluster, books, *with_secrets(cluster))
 
 
 def test_secrets_are_owner_only(make_cluster) -> None:

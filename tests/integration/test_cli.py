@@ -56,6 +56,21 @@ def test_cli_books_shows_and_lists_a_trip(make_cluster) -> None:
 
     listed = _cli(cluster, "--json", "trips", "--status", "confirmed")
     assert [t["trip_id"] for t in json.loads(listed.stdout)["trips"]] == [trip["trip_id"]]
+    # Found by customer, key and time; and not by another of each.
+    for flags, expected in (
+        (["--customer", "cli-user"], [trip["trip_id"]]),
+        (["--customer", "someone-else"], []),
+        (["--key", "cli-1"], [trip["trip_id"]]),
+        (["--key", "cli-2"], []),
+        (["--since", "1h"], [trip["trip_id"]]),
+        (["--since", "2999-01-01T00:00"], []),
+    ):
+        found = _cli(cluster, "--json", "trips", *flags)
+        assert found.returncode == 0, found.stderr
+        trips = json.loads(found.stdout).get("trips", [])
+        assert [t["trip_id"] for t in trips] == expected, flags
+    wrong = _cli(cluster, "trips", "--since", "yesterday")
+    assert wrong.returncode == 2 and "--since" in wrong.stderr
 
     inventory = _cli(
         cluster, "--json", "inventory", "flight", "FX", "--from", day(3), "--to", day(3)

@@ -103,6 +103,8 @@ class Layout:
             self.address(plane_name(COORDINATOR, DECISIONS_PLANE)),
             "--admin-listen",
             self.address(admin_name(COORDINATOR)),
+            "--toxiproxy-api",
+            self.address(TOXIPROXY),
         ]
         for kind in PARTICIPANTS:
             argv += [f"--{kind}", self.address(f"coordinator-to-{kind}")]

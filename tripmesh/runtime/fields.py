@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from tripmesh.runtime.errors import FieldViolation
 
 #: The longest id (idempotency key, customer, trip, reservation, resource) anyone may send.
@@ -76,3 +78,15 @@ def check_count(value: int, field: str, most: int, problems: list[FieldViolation
     """A count of nights, days or units: 1 to `most`."""
     if not 1 <= value <= most:
         problems.append(FieldViolation(field, f"must be 1 to {most}, got {value}"))
+
+
+def seconds_of(stamp: Timestamp, field: str, problems: list[FieldViolation]) -> float | None:
+    """A google.protobuf.Timestamp as seconds since the epoch; a violation when it is out of
+    the range the type allows (years 1 to 9999) or its nanos are not 0 to 999,999,999."""
+    try:
+        return float(stamp.ToNanoseconds()) / 1e9
+    except ValueError:
+        problems.append(
+            FieldViolation(field, f"is not a valid time ({stamp.seconds}s, {stamp.nanos}ns)")
+        )
+        return None
