@@ -81,7 +81,7 @@ class Bench:
         self.config, self.mesh, self.folder = config, mesh, folder
         self.tag = folder.name
         self.rng = random.Random(1)
-        pids = {n: p for n, p in mesh.pids().items() if n != "supervisord"}
+        pids = dict(mesh.pids())  # supervisord too: it is part of what the mesh costs
         self.coordinator_pid = pids["coordinator"]
         self.cpu = CpuMeter({**pids, "echo": echo_pid})
         self.channels = channels(mesh.layout.client_address, config.channels)

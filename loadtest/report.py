@@ -144,6 +144,7 @@ def render(results: Mapping[str, Any], console: Console | None = None) -> None:
         if p and p.get("cpu_percent"):
             cpu.add_row(what, *(f"{p['cpu_percent'].get(n, 0):.0f}" for n in names))
     console.print(cpu)
+    console.print(cpu_per_trip_table(results))
     verdicts = Table(title="Targets (issue 5)")
     for head in ("target", "measured", "met"):
         verdicts.add_column(head)
@@ -170,6 +171,44 @@ def render(results: Mapping[str, Any], console: Console | None = None) -> None:
             f" {r['refused_while_blocked']}/{r['refused']} refusals while one was blocked;"
             f" p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms"
         )
+
+
+def cpu_per_trip(point: Mapping[str, Any]) -> dict[str, float]:
+    """CPU milliseconds each process spent per trip (per RPC for the echo) during a point."""
+    rate = float(point.get("per_second") or 0)
+    if rate <= 0:
+        return {}
+    return {
+        name: round(10 * percent / rate, 3)  # percent of a core / trips a second, in ms
+        for name, percent in point.get("cpu_percent", {}).items()
+        if name != "others"
+    }
+
+
+def busy_share(point: Mapping[str, Any], cpus: int) -> float:
+    """The share of the whole machine (every core) in use during a point, others included."""
+    return round(float(sum(point.get("cpu_percent", {}).values())) / max(cpus, 1), 1)
+
+
+def cpu_per_trip_table(results: Mapping[str, Any], concurrency: int = 64) -> Table:
+    """A row per process, a column per run: CPU ms per trip (per RPC for the echo)."""
+    points = results["points"]
+    cpus = int(results.get("machine", {}).get("cpus") or 1)
+    rows = {what: _at(points[what], concurrency) for what in points}
+    runs = {what: p for what, p in rows.items() if p and p.get("cpu_percent")}
+    costs = {what: cpu_per_trip(p) for what, p in runs.items()}
+    table = Table(title=f"CPU ms per trip by process at c={concurrency} (echo: per RPC)")
+    table.add_column("process")
+    for what in runs:
+        table.add_column(what, justify="right")
+    names = sorted({n for c in costs.values() for n in c})
+    for name in names:
+        table.add_row(name, *(f"{costs[w].get(name, 0):.2f}" for w in runs))
+    # The driver is the benchmark's own load generator, not a cost of the mesh.
+    mesh = [sum(v for k, v in costs[w].items() if k != "driver") for w in runs]
+    table.add_row("[bold]mesh total[/]", *(f"[bold]{t:.2f}[/]" for t in mesh))
+    table.add_row("machine busy %", *(f"{busy_share(p, cpus):.0f}" for p in runs.values()))
+    return table
 
 
 def medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -15,7 +15,12 @@ from services.participant.convert import (
     resource_to_proto,
     status_from_proto,
 )
-from services.participant.domain import ParticipantError, StepResult
+from services.participant.domain import (
+    ParticipantError,
+    Reservation,
+    ReservationStatus,
+    StepResult,
+)
 from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
 from tripmesh.runtime import failpoints
@@ -27,6 +32,10 @@ from tripmesh.v1 import participant_pb2_grpc
 
 log = logging.getLogger(__name__)
 _MAX_PAGE = 1000
+# A reservation in one of these is on its way somewhere else: its step is logged at DEBUG.
+_ON_THE_WAY = frozenset(
+    {ReservationStatus.HELD, ReservationStatus.PRE_COMMITTED, ReservationStatus.PENDING}
+)
 
 
 class _StepRequest(Protocol):
@@ -60,35 +69,45 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self.unit = unit
         self.metrics = metrics or ParticipantMetrics(store.kind, store.db.path)
 
-    def _done(self, step: str, reservation_id: str, outcome: str, detail: str = "") -> None:
-        """Count the step and log one line of it (the trip id is in scope from metadata)."""
+    def _done(self, step: str, done: Reservation, outcome: str, detail: str = "") -> None:
+        """Count the step and log a line of it (the trip id is in scope from metadata).
+
+        One line per reservation at INFO, when it reaches where it ends (confirmed,
+        cancelled, released, refused): the trace of a trip across the four logs.
+        The steps on the way (held, pre-committed, pending) are DEBUG lines: a
+        2PC trip costs one line per participant instead of two, a 3PC trip one
+        instead of three.
+        """
         self.metrics.steps.labels(self.store.kind, step, outcome).inc()
-        log.info(
-            "%s %s: %s%s",
-            step,
-            reservation_id,
-            outcome,
-            f" ({detail})" if detail else "",
-            extra={"reservation_id": reservation_id},
-        )
+        level = logging.DEBUG if done.status in _ON_THE_WAY else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s %s: %s%s",
+                step,
+                done.reservation_id,
+                outcome,
+                f" ({detail})" if detail else "",
+                extra={"reservation_id": done.reservation_id},
+            )
 
     async def Prepare(
         self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrepareResponse:
         reservation_id, trip_id = _ids(request)
         result = await self.store.prepare(reservation_id, trip_id, hold_from_proto(request.hold))
-        vote = self._vote("prepare", reservation_id, result)
+        vote = self._vote("prepare", result)
         if result.accepted:
             failpoints.hit("participant.after_vote_yes")
         return pb.PrepareResponse(
             vote=vote, reason=result.reason, reservation=reservation_to_proto(result.reservation)
         )
 
-    def _vote(self, step: str, reservation_id: str, result: StepResult) -> pb.Vote:
+    def _vote(self, step: str, result: StepResult) -> pb.Vote:
         """Count and log a 2PC or 3PC vote; the vote to answer."""
         self.metrics.votes.labels(self.store.kind, "yes" if result.accepted else "no").inc()
         outcome = "voted yes" if result.accepted else "voted no"
-        self._done(step, reservation_id, outcome, result.reason)
+        self._done(step, result.reservation, outcome, result.reason)
         return pb.VOTE_YES if result.accepted else pb.VOTE_NO
 
     async def Commit(
@@ -97,7 +116,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         reservation_id, trip_id = _ids(request)
         failpoints.hit("participant.before_commit")
         done = await self.store.commit(reservation_id, trip_id, settled_by="coordinator")
-        self._done("commit", reservation_id, done.status.value)
+        self._done("commit", done, done.status.value)
         return pb.CommitResponse(reservation=reservation_to_proto(done))
 
     async def Abort(
@@ -114,7 +133,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         done = await self.store.abort(
             reservation_id, trip_id, settled_by="coordinator", protocol=protocol
         )
-        self._done("abort", reservation_id, done.status.value)
+        self._done("abort", done, done.status.value)
         return pb.AbortResponse(reservation=reservation_to_proto(done))
 
     async def Confirm(
@@ -122,7 +141,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> pb.ConfirmResponse:
         reservation_id, trip_id = _ids(request)
         done = await self.store.confirm(reservation_id, trip_id)
-        self._done("confirm", reservation_id, done.status.value)
+        self._done("confirm", done, done.status.value)
         return pb.ConfirmResponse(reservation=reservation_to_proto(done))
 
     async def CanCommit(
@@ -134,7 +153,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         if result.accepted:
             failpoints.hit("participant.after_vote_yes")
         return pb.CanCommitResponse(
-            vote=self._vote("can_commit", reservation_id, result),
+            vote=self._vote("can_commit", result),
             reason=result.reason,
             reservation=reservation_to_proto(result.reservation),
         )
@@ -144,7 +163,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> pb.PreCommitResponse:
         reservation_id, trip_id = _ids(request)
         done = await self.store.pre_commit(reservation_id, trip_id)
-        self._done("pre_commit", reservation_id, done.status.value)
+        self._done("pre_commit", done, done.status.value)
         return pb.PreCommitResponse(reservation=reservation_to_proto(done))
 
     async def DoCommit(
@@ -153,7 +172,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         reservation_id, trip_id = _ids(request)
         failpoints.hit("participant.before_commit")
         done = await self.store.do_commit(reservation_id, trip_id, settled_by="coordinator")
-        self._done("do_commit", reservation_id, done.status.value)
+        self._done("do_commit", done, done.status.value)
         return pb.DoCommitResponse(reservation=reservation_to_proto(done))
 
     async def Reserve(
@@ -164,7 +183,10 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             reservation_id, trip_id, hold_from_proto(request.hold), pending=request.pending
         )
         self._done(
-            "reserve", reservation_id, "reserved" if result.accepted else "refused", result.reason
+            "reserve",
+            result.reservation,
+            "reserved" if result.accepted else "refused",
+            result.reason,
         )
         return pb.ReserveResponse(
             reserved=result.accepted,
@@ -178,7 +200,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         reservation_id, trip_id = _ids(request)
         failpoints.hit("participant.before_cancel")
         done = await self.store.cancel(reservation_id, trip_id)
-        self._done("cancel", reservation_id, done.status.value)
+        self._done("cancel", done, done.status.value)
         return pb.CancelResponse(reservation=reservation_to_proto(done))
 
     async def GetInventory(

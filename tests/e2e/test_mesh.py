@@ -9,6 +9,7 @@ and each test books its own dates so that their inventories do not mix.
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -279,3 +280,17 @@ def _assert_pending(books: Books) -> None:
         cpb.ListTripsRequest(status=cpb.TRIP_STATUS_PENDING), timeout=5
     )
     assert len(pending.trips) == 1
+
+
+def test_each_server_writes_its_own_log_and_supervisord_only_its_console(
+    running_mesh: RunningMesh,
+) -> None:
+    logs = running_mesh.data_dir / "logs"
+    config = (running_mesh.data_dir / "supervisord.conf").read_text()
+    for name in ("coordinator", *STORY):
+        assert f"stdout_logfile = {logs / f'{name}.console.log'}" in config, name
+        assert f'TRIPMESH_LOG_FILE="{logs / f"{name}.log"}"' in config, name
+        lines = (logs / f"{name}.log").read_text().splitlines()
+        assert lines and {json.loads(line)["process"] for line in lines} == {name}
+        # Nothing went through supervisord's pipe: no log line, no traceback.
+        assert (logs / f"{name}.console.log").read_text() == "", name

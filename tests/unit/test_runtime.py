@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import logging.handlers
 import sqlite3
 import threading
 import time
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tripmesh.runtime import failpoints
+from tripmesh.runtime import failpoints, logs
 from tripmesh.runtime.database import Database, StorageUnavailable
 
 
@@ -179,3 +182,31 @@ def test_reads_never_wait_for_a_write_batch(tmp_path: Path) -> None:
     assert elapsed < 0.5
     assert after == [1, 2]  # a read after the write returned sees it
     db.close()
+
+
+def test_a_process_given_a_log_file_writes_it_itself_rotated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "flight.log"
+    monkeypatch.setenv(logs.LOG_FILE_VARIABLE, str(path))
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("flight")
+        (handler,) = root.handlers
+        assert isinstance(handler, logging.handlers.RotatingFileHandler)
+        assert (handler.maxBytes, handler.backupCount) == (logs.ROTATE_BYTES, logs.ROTATE_KEEP)
+        logs.bind(trip_id="trip-1")
+        logging.getLogger("services.participant.servicer").info("commit trip-1-flight")
+        logging.getLogger("services.participant.servicer").debug("prepare trip-1-flight")
+        handler.close()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    (line,) = path.read_text().splitlines()  # INFO only, as JSON, with the trip in scope
+    entry = json.loads(line)
+    assert (entry["process"], entry["msg"], entry["trip_id"]) == (
+        "flight",
+        "commit trip-1-flight",
+        "trip-1",
+    )

@@ -157,6 +157,7 @@ class Mesh:
                 20,
                 environment=self.environment.get(k),
                 restart=self.restart,
+                own_log=True,
             )
             for k in PARTICIPANTS
         ]
@@ -179,6 +180,7 @@ class Mesh:
                 autostart=False,
                 environment=self.environment.get(COORDINATOR),
                 restart=self.restart,
+                own_log=True,
             )
         )
         return programs
@@ -281,14 +283,25 @@ class Mesh:
     def log_path(self, name: str) -> Path:
         return self.data_dir / "logs" / f"{name}.log"
 
+    def console_path(self, name: str) -> Path:
+        """What a program printed outside its own log (a crash's traceback), if anything."""
+        return self.data_dir / "logs" / f"{name}.console.log"
+
     def tail(self, name: str, lines: int) -> str:
-        """The last `lines` lines of a program's log."""
+        """The last `lines` lines of a program's log, and of its console output if any."""
         path = self.log_path(name)
         if not path.exists():
             return f"  (no log at {path})"
-        return "\n".join(
+        text = "\n".join(
             "  " + line for line in path.read_text(errors="replace").splitlines()[-lines:]
         )
+        console = self.console_path(name)
+        printed = console.read_text(errors="replace").splitlines() if console.exists() else []
+        if printed:
+            text += f"\n  -- printed outside the log ({console.name}):\n" + "\n".join(
+                "  " + line for line in printed[-lines:]
+            )
+        return text
 
     def wipe(self) -> None:
         """Delete the databases and logs (only when stopped); the next `up` reseeds."""

@@ -33,6 +33,7 @@ from typing import Any
 from supervisor.xmlrpc import SupervisorTransport
 
 from tripmesh.mesh.errors import MeshError
+from tripmesh.runtime.logs import LOG_FILE_VARIABLE
 
 # AF_UNIX paths are limited to 108 bytes including the terminator, and supervisord
 # first binds a temporary name, the socket's path plus "." and its pid (up to 7 digits).
@@ -59,6 +60,9 @@ class Program:
     environment: Mapping[str, str] | None = None
     #: True: supervisord restarts it whenever it exits unasked (with back-off).
     restart: bool = False
+    #: True: it writes its own log, logs/NAME.log (TRIPMESH_LOG_FILE); supervisord keeps
+    #: only what it prints outside its log (a crash's traceback) in logs/NAME.console.log.
+    own_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ def render_config(data_dir: Path, programs: Sequence[Program], *, workdir: Path)
     ]
     for program in programs:
         env = {"PYTHONUNBUFFERED": "1", **(program.environment or {})}
+        if program.own_log:
+            env[LOG_FILE_VARIABLE] = str(logs / f"{program.name}.log")
         sections += [
             "",
             f"[program:{program.name}]",
@@ -113,12 +119,17 @@ def render_config(data_dir: Path, programs: Sequence[Program], *, workdir: Path)
             f"stopwaitsecs = {STOP_WAIT_SECONDS}",
             "stopasgroup = true",
             "killasgroup = true",
-            f"stdout_logfile = {_escape(str(logs / f'{program.name}.log'))}",
+            f"stdout_logfile = {_escape(str(logs / log_name(program)))}",
             "stdout_logfile_maxbytes = 50MB",
             "redirect_stderr = true",
             "environment = " + ",".join(f'{k}="{_escape(v)}"' for k, v in env.items()),
         ]
     return "\n".join(sections) + "\n"
+
+
+def log_name(program: Program) -> str:
+    """The file supervisord writes a program's output to."""
+    return f"{program.name}.console.log" if program.own_log else f"{program.name}.log"
 
 
 def socket_path(data_dir: Path) -> Path:

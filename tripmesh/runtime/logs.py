@@ -4,6 +4,10 @@
 (context variables); every log line written in that task carries them, and
 the coordinator's participant calls send them as gRPC metadata, so one trip's
 lines can be pulled from all four processes' logs with one grep.
+
+A process started with TRIPMESH_LOG_FILE writes its own log there, rotated at
+`ROTATE_BYTES` with `ROTATE_KEEP` old files (logging.handlers), so that
+nothing pipes every line through its supervisor; without it, to stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.handlers
+import os
 import sys
 import time
 
@@ -63,8 +69,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+LOG_FILE_VARIABLE = "TRIPMESH_LOG_FILE"
+ROTATE_BYTES = 50 * 1024 * 1024
+ROTATE_KEEP = 3
+
+
 def configure(process_name: str, level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """JSON lines to TRIPMESH_LOG_FILE (rotated) when it is set, else to stderr."""
+    path = os.environ.get(LOG_FILE_VARIABLE, "")
+    handler: logging.Handler
+    if path:
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8"
+        )
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(process_name))
     root = logging.getLogger()
     root.handlers[:] = [handler]
