@@ -128,10 +128,10 @@ chaos-report: venv proto toxiproxy ## Every scenario in every protocol, side by 
 		--protocols $(PROTOCOLS) $(if $(SCENARIOS),--scenarios $(SCENARIOS))
 
 # make load PROTOCOL=2pc|saga|mixed USERS=50 DURATION=60s|5m SHAPE=steady|black-friday
-# [MESH=auto|running|isolated TARGET=host:port LOAD_ARGS="-- --think-time 0.5"]
+# [MESH=auto|running|isolated TARGET=host:port MAX_FAILURES=0.01 LOAD_ARGS="-- --think-time 0.5"]
 LOAD_FLAGS = --protocol $(or $(PROTOCOL),saga) --users $(or $(USERS),50) \
 	--duration $(or $(DURATION),60) --shape $(or $(SHAPE),steady) --mesh $(or $(MESH),auto) \
-	$(if $(TARGET),--target $(TARGET)) $(LOAD_ARGS)
+	$(if $(TARGET),--target $(TARGET)) $(if $(MAX_FAILURES),--max-failure-ratio $(MAX_FAILURES)) $(LOAD_ARGS)
 
 .PHONY: load-ui load-chaos
 

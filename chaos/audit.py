@@ -2,19 +2,37 @@
 
 The auditor trusts no internal state: it lists the coordinator's trips, and
 every participant's reservations and inventory, exactly as a third party could.
+
+It also runs alone, on any running mesh (`make load` runs it after Locust):
+
+    python -m chaos.audit --data-dir .data [--history runs/load-.../history.jsonl] [--out DIR]
+
+reads the books of the mesh started in that data folder (its layout.json; TLS
+if it runs TLS), checks them with every check of `chaos.checker` (the
+history's trips too when given), prints each verdict, writes OUT/audit.json
+and OUT/books.json.gz, and exits 0 valid, 1 invalid, 3 unknown.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import gzip
 import json
+import logging
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import grpc
 
+from chaos import checker
 from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
+from chaos.history import read_history
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh.layout import Layout
+from tripmesh.runtime import tls
 from tripmesh.runtime.names import PARTICIPANT_PROTOCOL_NAMES, PROTOCOL_NAMES
 from tripmesh.runtime.paging import paged
 from tripmesh.v1 import coordinator_pb2 as cpb
@@ -22,6 +40,7 @@ from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 from tripmesh.v1 import participant_pb2 as ppb
 
 _TIMEOUT = 10.0
+log = logging.getLogger(__name__)
 
 
 def _enum(enum: object, value: int, prefix: str) -> str:
@@ -100,14 +119,19 @@ def read_participant(
     return reservations, inventory
 
 
-def read_books(coordinator: str, participants: dict[str, str]) -> BooksSnapshot:
-    """Snapshot the whole mesh: `participants` maps flight/hotel/car to their addresses."""
-    with grpc.insecure_channel(coordinator) as channel:
+def read_books(
+    coordinator: str,
+    participants: dict[str, str],
+    credentials: grpc.ChannelCredentials | None = None,
+) -> BooksSnapshot:
+    """Snapshot the whole mesh: `participants` maps flight/hotel/car to their addresses;
+    `credentials`: a TLS mesh's client certificate."""
+    with tls.dial(coordinator, credentials) as channel:
         trips = read_trips(channel)
     reservations: list[ReservationView] = []
     inventory: list[InventoryRow] = []
     for kind, address in participants.items():
-        with grpc.insecure_channel(address) as channel:
+        with tls.dial(address, credentials) as channel:
             rows, days = read_participant(kind, channel)
         reservations += rows
         inventory += days
@@ -134,3 +158,98 @@ def load_books(path: Path) -> BooksSnapshot:
         tuple(ReservationView(**{**r, "dates": tuple(r["dates"])}) for r in data["reservations"]),
         tuple(InventoryRow(**i) for i in data["inventory"]),
     )
+
+
+# Every status whose units sit in the held column, as the checker names them.
+HOLDING_STATUSES = tuple(
+    ppb.ReservationStatus.Value(f"RESERVATION_STATUS_{name.upper()}")
+    for name in sorted(checker.HOLDING)
+)
+
+
+def unsettled(layout: Layout, credentials: grpc.ChannelCredentials | None = None) -> int:
+    """Trips still pending plus units still held (0: settled). Read directly, not via proxies."""
+    with tls.dial(layout.address("coordinator"), credentials) as channel:
+        pending = coordinator_pb2_grpc.CoordinatorStub(channel).ListTrips(
+            cpb.ListTripsRequest(status=cpb.TRIP_STATUS_PENDING, page_size=500), timeout=5
+        )
+    count = len(pending.trips)
+    for kind in PARTICIPANTS:
+        with tls.dial(layout.address(kind), credentials) as channel:
+            stub = participant_pb2_grpc.ParticipantStub(channel)
+            for status in HOLDING_STATUSES:
+                held = stub.ListReservations(
+                    ppb.ListReservationsRequest(status=status, page_size=500), timeout=5
+                )
+                count += len(held.reservations)
+    return count
+
+
+def settle(
+    layout: Layout, timeout: float, credentials: grpc.ChannelCredentials | None = None
+) -> float | None:
+    """Seconds until nothing is pending or held; None if the deadline passed first."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if unsettled(layout, credentials) == 0:
+                return time.monotonic() - started
+        except grpc.RpcError as exc:
+            log.info("settling: %s", exc.code().name)
+        time.sleep(0.2)
+    return None
+
+
+EXIT_BY_VERDICT = {"valid": 0, "invalid": 1, "unknown": 3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m chaos.audit", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", type=Path, default=Path(".data"), help="the mesh's data folder")
+    p.add_argument("--history", type=Path, help="a history (JSON Lines) whose trips to check too")
+    p.add_argument("--out", type=Path, help="where to write audit.json and books.json.gz")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=60.0,
+        help="seconds to wait first for every trip in flight to end (no trip pending, no unit"
+        " held), as the lab waits after its faults; then audit whatever stands",
+    )
+    a = p.parse_args(argv)
+    stored = a.data_dir / "layout.json"
+    if not stored.exists():
+        p.error(f"no mesh was started in {a.data_dir} (no layout.json)")
+    layout = Layout.from_json(json.loads(stored.read_text()))
+    credentials = tls.client_credentials(a.data_dir) if layout.tls else None
+    settled = settle(layout, a.settle, credentials)
+    print(
+        f"audit: settled after {settled:.1f}s"
+        if settled is not None
+        else f"audit: still unsettled after {a.settle:.0f}s; auditing as it stands"
+    )
+    try:
+        books = read_books(
+            layout.client_address, {k: layout.address(k) for k in PARTICIPANTS}, credentials
+        )
+    except grpc.RpcError as exc:
+        print(f"audit: could not read the books: {exc.code().name}", file=sys.stderr)
+        return EXIT_BY_VERDICT["unknown"]
+    history = read_history(a.history) if a.history and a.history.exists() else []
+    results = checker.check_all(history, books)
+    verdict = checker.overall(results)
+    print(
+        f"audit of {len(books.trips)} trips, {len(books.reservations)} reservations"
+        f" ({len(history)} answered trips in the history): {verdict.upper()}"
+    )
+    for result in results:
+        print(f"  {result.name:28} {result.verdict:8} {result.detail[:100]}")
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        save_books(books, a.out / "books.json.gz")
+        report = {"verdict": verdict, "checks": [r.to_dict() for r in results]}
+        (a.out / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
+    return EXIT_BY_VERDICT[verdict]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

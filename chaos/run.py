@@ -20,9 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import grpc
-
-from chaos import checker
+from chaos import audit, checker
 from chaos.audit import read_books, save_books
 from chaos.checker import BooksSnapshot, CheckResult
 from chaos.history import HistoryWriter, read_history
@@ -35,9 +33,6 @@ from tripmesh import PARTICIPANTS
 from tripmesh.mesh.layout import free_layout
 from tripmesh.mesh.mesh import ROOT, Mesh
 from tripmesh.runtime.names import BOOKING_MODES
-from tripmesh.v1 import coordinator_pb2 as cpb
-from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
-from tripmesh.v1 import participant_pb2 as ppb
 
 log = logging.getLogger("chaos")
 
@@ -93,42 +88,9 @@ def write_catalogs(folder: Path) -> tuple[dict[str, Path], Catalog]:
 
 
 # Every status whose units sit in the held column, as the checker names them.
-HOLDING_STATUSES = tuple(
-    ppb.ReservationStatus.Value(f"RESERVATION_STATUS_{name.upper()}")
-    for name in sorted(checker.HOLDING)
-)
-
-
-def _unsettled(mesh: Mesh) -> int:
-    """Trips still pending plus units still held (0: settled). Read directly, not via proxies."""
-    layout = mesh.layout
-    with grpc.insecure_channel(layout.address("coordinator")) as channel:
-        pending = coordinator_pb2_grpc.CoordinatorStub(channel).ListTrips(
-            cpb.ListTripsRequest(status=cpb.TRIP_STATUS_PENDING, page_size=500), timeout=5
-        )
-    count = len(pending.trips)
-    for kind in PARTICIPANTS:
-        with grpc.insecure_channel(layout.address(kind)) as channel:
-            stub = participant_pb2_grpc.ParticipantStub(channel)
-            for status in HOLDING_STATUSES:
-                held = stub.ListReservations(
-                    ppb.ListReservationsRequest(status=status, page_size=500), timeout=5
-                )
-                count += len(held.reservations)
-    return count
-
-
 def settle(mesh: Mesh, timeout: float) -> float | None:
     """Seconds until nothing is pending or held; None if the deadline passed first."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if _unsettled(mesh) == 0:
-                return time.monotonic() - started
-        except grpc.RpcError as exc:
-            log.info("settling: %s", exc.code().name)
-        time.sleep(0.2)
-    return None
+    return audit.settle(mesh.layout, timeout)
 
 
 async def _traffic(

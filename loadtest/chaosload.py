@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     command = load.locust_argv(options, layout.client_address, folder)
     command += ["--last-offset", str(LAST_OFFSET), "--seed", str(args.seed)]
+    os.environ["TRIPMESH_LOAD_OUT"] = str(folder)  # trips.json and history.jsonl
     code = load.run_locust(command, folder / "locust.log")
     ended = time.time()
     status = chaos.wait()

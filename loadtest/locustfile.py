@@ -8,20 +8,27 @@ must be refused), retries with the same idempotency key after
 DEADLINE_EXCEEDED, UNAVAILABLE or RESOURCE_EXHAUSTED (the first trip comes
 back, replayed), and polls GetTrip while the trip is PENDING.
 
-Two kinds of rows appear in Locust's tables:
-- type `grpc`: every RPC, named `METHOD PROTOCOL` (`BookTrip saga`), reported by
-  a client interceptor, with the RPC's status code (`DEADLINE_EXCEEDED`) as the
-  failure text;
-- type `trip`: each booking from first attempt to settled outcome, named
-  `PROTOCOL KIND OUTCOME` (`2pc hot aborted`), so confirmed and aborted trips
-  (sold out, compensated) are counted apart. A trip still PENDING or
-  NEEDS_ATTENTION when the user gives up is a failure.
+Locust's tables have a row per RPC, named `METHOD PROTOCOL` (`BookTrip saga`),
+reported by a client interceptor with the RPC's status code
+(`DEADLINE_EXCEEDED`) as the failure text: its Aggregated row counts each
+request once.
+
+The trips are tallied apart (`TripTally`), each booking from its first attempt
+to its settled outcome, by `PROTOCOL KIND OUTCOME` (`2pc hot aborted`), so
+confirmed and aborted trips (sold out, compensated) are counted apart. A trip
+still PENDING or NEEDS_ATTENTION when the user gives up, or never booked, is a
+failed trip. At the end the tally is printed, and with TRIPMESH_LOAD_OUT (which
+`make load` sets) written to OUT/trips.json, with every trip the coordinator
+answered in OUT/history.jsonl (chaos.history's format, for the checker's
+audit). Locust exits 1 when the share of failed trips exceeds
+--max-failure-ratio (a refused, sold-out trip is not a failure: it is the
+right answer).
 
 Options (also in the web UI; env var in brackets): --protocol 2pc|3pc|saga|saga-lock|mixed
 [TRIPMESH_LOAD_PROTOCOL], --shape steady|black-friday [TRIPMESH_LOAD_SHAPE],
 --deadline seconds per BookTrip [TRIPMESH_LOAD_DEADLINE], --think-time mean
 seconds between a user's trips, --hot-share, --doomed-share, --seed, --last-offset
-(latest departure, in days from today). The
+(latest departure, in days from today), --max-failure-ratio [TRIPMESH_LOAD_MAX_FAILURES]. The
 shape reads Locust's own --users (the peak), --spawn-rate and --run-time.
 """
 
@@ -36,6 +43,7 @@ grpc_gevent.init_gevent()
 
 import collections
 import itertools
+import json
 import os
 import random
 import time
@@ -97,6 +105,12 @@ def _options(parser: Any) -> None:
     parser.add_argument("--doomed-share", type=float, default=TripMix.doomed_share)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--max-failure-ratio",
+        type=float,
+        default=float(env("TRIPMESH_LOAD_MAX_FAILURES", "0.01")),
+        help="exit 1 when more than this share of trips failed (not booked, or not settled)",
+    )
+    parser.add_argument(
         "--last-offset",
         type=int,
         default=TripMix.last_offset,
@@ -105,6 +119,114 @@ def _options(parser: Any) -> None:
 
 
 events.init_command_line_parser.add_listener(_options)
+
+
+class TripTally:
+    """Trips by `PROTOCOL KIND OUTCOME`: a count, failures, and a latency histogram.
+
+    Memory is bounded by the number of names (a few dozen), not by the trips:
+    latencies go into fixed buckets (1 ms wide to 100 ms, then 10 ms to 60 s).
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[int]] = {}
+        self.failed: collections.Counter[str] = collections.Counter()
+        self.started = time.time()
+        out = os.environ.get("TRIPMESH_LOAD_OUT", "")
+        self.out = Path(out) if out else None
+        self.history = (self.out / "history.jsonl").open("a", buffering=1) if self.out else None
+
+    @staticmethod
+    def bucket(ms: float) -> int:
+        return int(ms) if ms < 100 else min(100 + int((ms - 100) // 10), 6_100)
+
+    @staticmethod
+    def bucket_ms(index: int) -> float:
+        return float(index + 1) if index < 100 else 100.0 + 10 * (index - 99)
+
+    def add(self, name: str, ms: float, failed: bool) -> None:
+        row = self.rows.setdefault(name, [0] * 6_101)
+        row[self.bucket(ms)] += 1
+        if failed:
+            self.failed[name] += 1
+
+    def record(self, user: int, planned: Any, trip: pb.Trip) -> None:
+        """A trip the coordinator answered, as the chaos checker reads a history."""
+        if self.history is None:
+            return
+        op = {
+            "process": user,
+            "type": "ok",
+            "f": "book",
+            "key": planned.request.idempotency_key,
+            "protocol": planned.protocol,
+            "time": round(time.time() - self.started, 3),
+            "trip_id": trip.trip_id,
+            "status": STATUS.get(trip.status, "?"),
+        }
+        self.history.write(json.dumps(op, sort_keys=True) + "\n")
+
+    def percentile(self, row: list[int], share: float) -> float:
+        wanted, seen = share * sum(row), 0
+        for index, count in enumerate(row):
+            seen += count
+            if seen >= wanted and count:
+                return self.bucket_ms(index)
+        return 0.0
+
+    def summary(self) -> dict[str, Any]:
+        rows = {
+            name: {
+                "trips": sum(row),
+                "failed": self.failed[name],
+                "p50_ms": self.percentile(row, 0.5),
+                "p99_ms": self.percentile(row, 0.99),
+            }
+            for name, row in sorted(self.rows.items())
+        }
+        trips = sum(r["trips"] for r in rows.values())
+        failed = sum(r["failed"] for r in rows.values())
+        return {
+            "trips": trips,
+            "failed": failed,
+            "failure_ratio": round(failed / trips, 4) if trips else 0.0,
+            "rows": rows,
+        }
+
+
+TALLY = TripTally()
+
+
+def _judge(environment: Environment, **_: Any) -> None:
+    """Print the trips, keep them, and fail the run above the failure ratio."""
+    summary = TALLY.summary()
+    if TALLY.history is not None:
+        TALLY.history.close()
+    options = environment.parsed_options
+    limit = float(getattr(options, "max_failure_ratio", 0.01))
+    summary["max_failure_ratio"] = limit
+    summary["passed"] = summary["failure_ratio"] <= limit
+    print(
+        f"\n{'trips (first attempt to settled outcome)':52} {'trips':>7} {'failed':>7}"
+        f" {'p50 ms':>7} {'p99 ms':>7}"
+    )
+    for name, row in summary["rows"].items():
+        print(
+            f"{name:52} {row['trips']:7} {row['failed']:7} {row['p50_ms']:7.0f}"
+            f" {row['p99_ms']:7.0f}"
+        )
+    print(
+        f"{'all trips':52} {summary['trips']:7} {summary['failed']:7}   failure ratio"
+        f" {summary['failure_ratio']:.4f} (at most {limit}): "
+        + ("passed" if summary["passed"] else "FAILED")
+    )
+    if TALLY.out is not None:
+        (TALLY.out / "trips.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not summary["passed"]:
+        environment.process_exit_code = 1
+
+
+events.quitting.add_listener(_judge)
 
 
 class RpcStatus(Exception):
@@ -182,6 +304,7 @@ class TripCustomer(User):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         number = next(_user_numbers)
+        self.number = number
         self.name = f"u{number}"
         self.rng = random.Random(int(options.seed) * 1_000_003 + number)
         self.trips = itertools.count()
@@ -231,15 +354,13 @@ class TripCustomer(User):
             settled = trip.status in (pb.TRIP_STATUS_CONFIRMED, pb.TRIP_STATUS_ABORTED)
             failure = None if settled else STATUS[trip.status].upper()
         outcome = STATUS.get(trip.status, "?") if trip is not None else f"not booked ({failure})"
-        self.environment.events.request.fire(
-            request_type="trip",
-            name=f"{planned.protocol} {planned.kind} {outcome}",
-            response_time=(time.perf_counter() - started) * 1000,
-            response_length=0,
-            response=None,
-            context={},
-            exception=failure,
+        TALLY.add(
+            f"{planned.protocol} {planned.kind} {outcome}",
+            (time.perf_counter() - started) * 1000,
+            failed=failure is not None,
         )
+        if trip is not None:
+            TALLY.record(self.number, planned, trip)
 
     def _settle(self, trip: pb.Trip, label: tuple[tuple[str, str], ...]) -> pb.Trip:
         """Poll GetTrip while the trip is PENDING, for up to POLL_FOR seconds."""

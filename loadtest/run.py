@@ -12,8 +12,16 @@ HOST:PORT` skips all that and loads whatever listens there.
 
 The run folder holds Locust's CSV files (locust_stats.csv, _history,
 _failures, _exceptions), its HTML report (report.html), its output
-(locust.log) and run.json (parameters, target, start and end times in UTC,
-to line up with a chaos report).
+(locust.log), the trips by outcome (trips.json) and every trip the
+coordinator answered (history.jsonl), the audit (audit.json, books.json.gz)
+and run.json (parameters, target, start and end times in UTC, to line up with
+a chaos report, the failure ratio and the audit's verdict).
+
+A run fails (exit 1) when more than --max-failure-ratio of its trips failed
+(not booked, or not settled when the user gave up), or when the audit of the
+mesh's books afterwards is not valid: the chaos lab's checker, run by
+`python -m chaos.audit` on the mesh while it is still up, with the run's
+history. A run against --target names no mesh folder, and is not audited.
 """
 
 from __future__ import annotations
@@ -49,28 +57,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ui", action="store_true", help="Locust's web UI instead of a headless run")
     p.add_argument("--web-port", type=int, default=8089)
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
+    p.add_argument(
+        "--max-failure-ratio",
+        type=float,
+        default=0.01,
+        help="fail the run when more than this share of trips failed (default 0.01)",
+    )
     p.add_argument("locust_args", nargs="*", help="more Locust options, after --")
     return p.parse_args(argv)
 
 
 @contextlib.contextmanager
-def target(args: argparse.Namespace, folder: Path) -> Iterator[tuple[str, str]]:
-    """(address, description) of the coordinator to load, starting a mesh if need be."""
+def target(args: argparse.Namespace, folder: Path) -> Iterator[tuple[str, str, Path | None]]:
+    """(address, description, data folder or None) of the coordinator to load, starting a
+    mesh if need be."""
     if args.target:
-        yield args.target, f"given target {args.target}"
+        yield args.target, f"given target {args.target}", None
         return
     running = running_mesh() if args.mesh in ("auto", "running") else None
     if running is not None:
         if running.layout.tls:  # Locust (a child process) dials it with the client certificate
             os.environ["TRIPMESH_TLS_DIR"] = str(tls.folder_of(running.data_dir))
-        yield running.layout.client_address, f"the running mesh in {running.data_dir}"
+        yield (
+            running.layout.client_address,
+            f"the running mesh in {running.data_dir}",
+            running.data_dir,
+        )
         return
     if args.mesh == "running":
         raise SystemExit("no mesh is running: `make up` first, or --mesh isolated")
     catalog = peak_catalog(folder / "peak-catalog.json")
     print(f"starting an isolated mesh in {folder / 'mesh'} (peak catalog) ...", flush=True)
     with isolated_mesh(folder / "mesh", catalog=catalog) as mesh:
-        yield mesh.layout.client_address, f"an isolated mesh in {mesh.data_dir} (peak catalog)"
+        yield (
+            mesh.layout.client_address,
+            f"an isolated mesh in {mesh.data_dir} (peak catalog)",
+            mesh.data_dir,
+        )
         print("stopping the isolated mesh ...", flush=True)
 
 
@@ -98,6 +121,8 @@ def locust_argv(args: argparse.Namespace, address: str, folder: Path) -> list[st
         str(folder / "report.html"),
         "--exit-code-on-error",
         "0",
+        "--max-failure-ratio",
+        str(args.max_failure_ratio),
     ]
     if args.ui:
         argv += ["--web-host", "127.0.0.1", "--web-port", str(args.web_port)]
@@ -130,13 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     mode = "ui" if args.ui else args.shape
     folder = args.runs_dir / f"load-{mode}-{args.protocol}-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)
-    with target(args, folder) as (address, described):
+    with target(args, folder) as (address, described, data_dir):
         command = locust_argv(args, address, folder)
         print(f"load: {described}, coordinator at {address}; reports in {folder}", flush=True)
         if args.ui:
             print(f"Locust's web UI: http://127.0.0.1:{args.web_port} (Ctrl-C to stop)", flush=True)
         started = time.time()
+        os.environ["TRIPMESH_LOAD_OUT"] = str(folder)  # trips.json and history.jsonl
         code = run_locust(command, folder / "locust.log")
+        finished = time.time()
+        audit = audit_books(data_dir, folder)
         record = {
             "protocol": args.protocol,
             "shape": args.shape,
@@ -145,13 +173,53 @@ def main(argv: list[str] | None = None) -> int:
             "target": address,
             "mesh": described,
             "started_at": started,
-            "finished_at": time.time(),
+            "finished_at": finished,
             "locust_exit_code": code,
+            "trips": _read_json(folder / "trips.json"),
+            "audit": audit,
             "command": command,
         }
         (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"reports: {folder}/locust_stats.csv, {folder}/report.html")
-    return code
+    print(f"reports: {folder}/locust_stats.csv, {folder}/report.html, {folder}/run.json")
+    failed = code != 0 or audit["verdict"] not in ("valid", "not audited")
+    if failed:
+        print(
+            f"load run FAILED: Locust exit {code} (1: failure ratio over"
+            f" {args.max_failure_ratio}), audit {audit['verdict']}"
+        )
+    return 1 if failed else 0
+
+
+def audit_books(data_dir: Path | None, folder: Path) -> dict[str, object]:
+    """The chaos checker's audit of the mesh's books (a subprocess: loadtest does not import
+    the lab); its verdict."""
+    if data_dir is None:
+        print("audit: skipped (--target names no mesh folder to read the books from)")
+        return {"verdict": "not audited"}
+    command = [
+        sys.executable,
+        "-m",
+        "chaos.audit",
+        "--data-dir",
+        str(data_dir),
+        "--history",
+        str(folder / "history.jsonl"),
+        "--out",
+        str(folder),
+    ]
+    done = subprocess.run(command, cwd=ROOT, text=True, capture_output=True, check=False)
+    sys.stdout.write(done.stdout + done.stderr)
+    found = _read_json(folder / "audit.json")
+    if not isinstance(found, dict):
+        return {"verdict": "unknown", "detail": (done.stdout + done.stderr)[-500:]}
+    return {"verdict": found.get("verdict", "unknown"), "exit_code": done.returncode}
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":
