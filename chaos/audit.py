@@ -33,7 +33,11 @@ from chaos.history import read_history
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh.layout import Layout
 from tripmesh.runtime import tls
-from tripmesh.runtime.names import PARTICIPANT_PROTOCOL_NAMES, PROTOCOL_NAMES
+from tripmesh.runtime.names import (
+    HOLDING_RESERVATION_STATUSES,
+    PARTICIPANT_PROTOCOL_NAMES,
+    PROTOCOL_NAMES,
+)
 from tripmesh.runtime.paging import paged
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
@@ -54,6 +58,13 @@ def _dates(hold: ppb.Hold) -> tuple[str, ...]:
     return tuple((start + dt.timedelta(days=i)).isoformat() for i in range(hold.days))
 
 
+def _refusal(leg: cpb.Leg) -> str:
+    """The leg and its participant's reason, `car: sold out: ...` (a saga leg's reason
+    already begins with the leg)."""
+    kind = _enum(cpb.LegKind, leg.kind, "LEG_KIND_")
+    return f"{kind}: {leg.reason.removeprefix(f'{kind}: ')}"
+
+
 def read_trips(channel: grpc.Channel) -> list[TripView]:
     stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     pages = paged(
@@ -69,6 +80,8 @@ def read_trips(channel: grpc.Channel) -> list[TripView]:
             protocol=PROTOCOL_NAMES[t.protocol],
             status=_enum(cpb.TripStatus, t.status, "TRIP_STATUS_"),
             decision=_enum(cpb.Decision, t.decision, "DECISION_"),
+            failure_reason=t.failure_reason,
+            refused=tuple(_refusal(leg) for leg in t.legs if leg.status == cpb.LEG_STATUS_REFUSED),
         )
         for t in pages
     ]
@@ -154,17 +167,10 @@ def load_books(path: Path) -> BooksSnapshot:
     with gzip.open(path, "rt") as source:
         data = json.load(source)
     return BooksSnapshot(
-        tuple(TripView(**t) for t in data["trips"]),
+        tuple(TripView(**{**t, "refused": tuple(t.get("refused", ()))}) for t in data["trips"]),
         tuple(ReservationView(**{**r, "dates": tuple(r["dates"])}) for r in data["reservations"]),
         tuple(InventoryRow(**i) for i in data["inventory"]),
     )
-
-
-# Every status whose units sit in the held column, as the checker names them.
-HOLDING_STATUSES = tuple(
-    ppb.ReservationStatus.Value(f"RESERVATION_STATUS_{name.upper()}")
-    for name in sorted(checker.HOLDING)
-)
 
 
 def unsettled(layout: Layout, credentials: grpc.ChannelCredentials | None = None) -> int:
@@ -177,7 +183,7 @@ def unsettled(layout: Layout, credentials: grpc.ChannelCredentials | None = None
     for kind in PARTICIPANTS:
         with tls.dial(layout.address(kind), credentials) as channel:
             stub = participant_pb2_grpc.ParticipantStub(channel)
-            for status in HOLDING_STATUSES:
+            for status in sorted(HOLDING_RESERVATION_STATUSES):
                 held = stub.ListReservations(
                     ppb.ListReservationsRequest(status=status, page_size=500), timeout=5
                 )

@@ -16,13 +16,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from chaos.history import Op
+from tripmesh.runtime.names import (
+    HOLDING_RESERVATION_STATUSES,
+    RESERVATION_STATUS_NAMES,
+    TAKING_RESERVATION_STATUSES,
+)
 
 Verdict = Literal["valid", "invalid", "unknown"]
 LEGS = ("flight", "hotel", "car")
-# Reservation statuses that take units. Held counts pre-committed 3PC holds and a
-# saga's pending legs under a semantic lock: their units sit in the held column.
-HOLDING = {"held", "pre_committed", "pending"}
-TAKEN = {*HOLDING, "confirmed"}
+# Reservation statuses that take units, by name, from the contract. Held counts
+# pre-committed 3PC holds and a saga's pending legs under a semantic lock: their units
+# sit in the held column.
+HOLDING = {RESERVATION_STATUS_NAMES[s] for s in HOLDING_RESERVATION_STATUSES}
+TAKEN = {RESERVATION_STATUS_NAMES[s] for s in TAKING_RESERVATION_STATUSES}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class TripView:
     protocol: str  # "2pc" / "saga"
     status: str  # pending, confirmed, aborted, needs_attention
     decision: str  # pending, commit, abort
+    failure_reason: str = ""  # the coordinator's words for why it did not confirm
+    refused: tuple[str, ...] = ()  # "car: sold out: ...": each leg a participant refused
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ to keep them right: how many bookings went through, how slowly, how many
 retries and compensations, how long the system needed to settle after the
 heal, how many unit-seconds of inventory 2PC and 3PC kept blocked while a
 decision was awaited, and how much of that the faults caught open.
+
+Every attempted booking also gets a cause (`causes`): why it ended as it did,
+from the audited books (the trip's final state, and which participant refused
+it and why) and, for a key that never made a trip, from the client's history.
+Availability is the share of attempted bookings that did not fail for a fault.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from chaos.checker import BooksSnapshot, ReservationView
+from chaos.checker import BooksSnapshot, ReservationView, TripView
 from chaos.history import Op
 
 BUCKET_SECONDS = 1.0
@@ -63,6 +68,17 @@ class Measures:
     """2PC and 3PC: units x dates x seconds of the holds a fault caught open, from the
     fault's start until they settled: the blocking a fault caused, apart from the
     holding every trip does anyway. None when unknown (no fault, or no times)."""
+    causes: dict[str, int] | None = None
+    """Attempted keys by why they ended: confirmed; refused (by a participant, a business
+    answer: sold out); fault (aborted by a fault or time-out, or never answered); rejected
+    (refused before anything was written); attention (a person must finish it); unknown
+    (still pending)."""
+    cause_details: dict[str, int] | None = None
+    """`refused` and `fault` apart by leg and reason: "refused car: sold out: ..." ."""
+    availability: float | None = None
+    """Share of attempted keys that did not fail for a fault: 1 - (fault / attempted)."""
+    success_rate_bookable: float | None = None
+    """confirmed / (attempted - refused): how many of the trips that could be sold were."""
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data (tuples become lists)."""
@@ -172,6 +188,53 @@ def _buckets(
     return tuple(ok), tuple(every), p50
 
 
+CAUSES = ("confirmed", "refused", "fault", "rejected", "attention", "unknown")
+
+
+def _leading(text: str, parts: int = 2) -> str:
+    """The first `parts` colon-separated parts of a reason: "hotel: hotel.Prepare: UNAVAILABLE"."""
+    return ":".join(text.split(":")[:parts]).strip()
+
+
+def cause_of(trip: TripView | None, last: Op | None) -> tuple[str, str]:
+    """(cause, detail) of one attempted key, from its trip in the books (None: it never made
+    one) and its last completion in the history (None: never answered)."""
+    if trip is None:
+        if last is not None and last.type == "fail":
+            return "rejected", last.error
+        if last is None or last.type == "info":
+            return "fault", f"never answered ({last.error if last else 'no completion'})"
+        return "unknown", "answered, but not in the books"
+    if trip.status == "confirmed":
+        return "confirmed", ""
+    if trip.status == "needs_attention":
+        return "attention", _leading(trip.failure_reason)
+    if trip.status == "aborted":
+        if trip.refused:  # a participant said no: the business answer, whatever else failed
+            return "refused", _leading(trip.refused[0], 3)
+        return "fault", _leading(trip.failure_reason, 3) or "aborted"
+    return "unknown", trip.status
+
+
+def causes(history: Sequence[Op], books: BooksSnapshot) -> tuple[dict[str, int], dict[str, int]]:
+    """Attempted keys by cause, and `refused`/`fault` by leg and reason."""
+    trips = {t.idempotency_key: t for t in books.trips}
+    last: dict[str, Op | None] = {}
+    for op in history:
+        if op.type == "invoke":
+            last.setdefault(op.key, None)
+        else:
+            last[op.key] = op
+    counted: Counter[str] = Counter()
+    details: Counter[str] = Counter()
+    for key, final in last.items():
+        cause, detail = cause_of(trips.get(key), final)
+        counted[cause] += 1
+        if cause in ("refused", "fault") and detail:
+            details[f"{cause} {detail}"] += 1
+    return {c: counted[c] for c in CAUSES}, dict(details.most_common())
+
+
 def measure(
     history: Sequence[Op],
     books: BooksSnapshot,
@@ -195,6 +258,8 @@ def measure(
     legs = compensated(books)
     ok, every, p50 = _buckets(done, latencies, duration, bucket_seconds)
     outcomes = Counter(op.type for op in done)
+    by_cause, cause_details = causes(history, books)
+    bookable = len(attempted) - by_cause["refused"]
     return Measures(
         ops={outcome: outcomes[outcome] for outcome in ("ok", "fail", "info")},
         ok_by_status=dict(sorted(Counter(op.status for op in done if op.type == "ok").items())),
@@ -218,4 +283,8 @@ def measure(
             blocked_seconds if blocked_seconds is not None else blocked_inventory_seconds(books)
         ),
         held_through_faults_seconds=held_through_faults(books, fault_starts),
+        causes=by_cause,
+        cause_details=cause_details,
+        availability=1 - by_cause["fault"] / len(attempted) if attempted else None,
+        success_rate_bookable=by_cause["confirmed"] / bookable if bookable > 0 else None,
     )

@@ -50,6 +50,20 @@ def _pct(value: object) -> str:
     return NA if value is None else f"{100 * float(value):.1f} %"  # type: ignore[arg-type]
 
 
+def _causes(causes: dict[str, int] | None) -> str:
+    if not causes:
+        return NA
+    return ", ".join(f"{cause} {n:,}" for cause, n in causes.items() if n) or "none"
+
+
+def _details(details: dict[str, int] | None, most: int = 4) -> str:
+    if not details:
+        return NA
+    shown = [f"{what} {n:,}" for what, n in list(details.items())[:most]]
+    rest = len(details) - most
+    return _cell("; ".join(shown) + (f"; {rest} more" if rest > 0 else ""))
+
+
 def _cell(text: object) -> str:
     """One Markdown table cell: a single line, pipes escaped."""
     line = str(text).strip().splitlines()[-1] if str(text).strip() else ""
@@ -166,6 +180,10 @@ def _summary(
         ("invocations (retries)", f"{m.invocations} ({m.retries})"),
         ("keys confirmed / attempted", f"{m.confirmed_keys} / {m.attempted_keys}"),
         ("success rate", _pct(m.success_rate)),
+        ("keys by cause", _causes(m.causes)),
+        ("refused and faults, by leg and reason", _details(m.cause_details)),
+        ("availability (not failed for a fault)", _pct(m.availability)),
+        ("success rate of what could be sold", _pct(m.success_rate_bookable)),
         (
             "latency p50 / p95 / p99",
             " / ".join(
@@ -287,6 +305,19 @@ COMPARED: tuple[tuple[str, str, Column], ...] = (
         "Success rate",
         "confirmed keys / attempted keys",
         lambda r: _pct(r["measures"].get("success_rate")),
+    ),
+    (
+        "Availability",
+        "attempted bookings that did not fail for a fault (a sold-out refusal is an answer)",
+        lambda r: _pct(r["measures"].get("availability")),
+    ),
+    (
+        "Causes",
+        (
+            "attempted keys by why they ended: confirmed, refused by a participant, fault,"
+            " rejected before anything was written, needs attention, unknown"
+        ),
+        lambda r: _causes(r["measures"].get("causes")),
     ),
     ("p99 latency", "invoke to ok, ms", lambda r: _num(r["measures"].get("latency_p99_ms"), " ms")),
     (

@@ -28,6 +28,7 @@ from coordinator.domain import CoordinatorError, LegKind, LegRequest
 from coordinator.metrics import CoordinatorMetrics
 from tripmesh.runtime import auth, logs, rpc
 from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.names import RESERVATION_STATUS_NAMES, TAKING_RESERVATION_STATUSES
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
 
@@ -39,20 +40,6 @@ _DEFINITE = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ALREADY_EXISTS,
-}
-
-
-_STATUS_NAMES = {
-    value: name.removeprefix("RESERVATION_STATUS_").lower()
-    for name, value in pb.ReservationStatus.items()
-}
-# Statuses whose units are taken: the held column (a hold, a 3PC hold, a pending saga
-# leg) or the confirmed one.
-_TAKING = {
-    pb.RESERVATION_STATUS_HELD,
-    pb.RESERVATION_STATUS_PRE_COMMITTED,
-    pb.RESERVATION_STATUS_PENDING,
-    pb.RESERVATION_STATUS_CONFIRMED,
 }
 
 
@@ -312,8 +299,8 @@ class ParticipantClient(Participant):
         return [
             Holding(
                 r.reservation_id,
-                _STATUS_NAMES.get(r.status, "unknown"),
-                r.hold.quantity * r.hold.days if r.status in _TAKING else 0,
+                RESERVATION_STATUS_NAMES.get(r.status, "unknown"),
+                r.hold.quantity * r.hold.days if r.status in TAKING_RESERVATION_STATUSES else 0,
             )
             for r in reply.reservations
         ]

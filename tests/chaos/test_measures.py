@@ -8,7 +8,14 @@ import pytest
 
 from chaos.checker import BooksSnapshot, ReservationView, TripView
 from chaos.history import Op
-from chaos.measures import blocked_inventory_seconds, held_through_faults, measure, percentile
+from chaos.measures import (
+    blocked_inventory_seconds,
+    cause_of,
+    causes,
+    held_through_faults,
+    measure,
+    percentile,
+)
 
 D1, D2 = "2030-01-01", "2030-01-02"
 
@@ -225,3 +232,73 @@ def test_to_dict_is_plain_json() -> None:
     assert data["ops"] == {"ok": 4, "fail": 1, "info": 1}
     assert data["success_rate"] == pytest.approx(0.6)
     assert data["settle_seconds"] == 2.0
+
+
+def test_every_attempted_key_gets_a_cause_from_the_books_and_the_history() -> None:
+    history = [
+        *(_op(0, "invoke", k, 0.1 * i) for i, k in enumerate("abcdefgh")),
+        _op(0, "ok", "a", 1.0, trip_id="ta", status="confirmed"),
+        # b: answered PENDING, confirmed later: the books have the last word.
+        _op(0, "ok", "b", 1.0, trip_id="tb", status="pending"),
+        _op(0, "ok", "c", 1.0, trip_id="tc", status="aborted"),
+        _op(0, "ok", "d", 1.0, trip_id="td", status="aborted"),
+        _op(0, "fail", "e", 1.0, error="INVALID_ARGUMENT"),
+        # f: every attempt timed out and no trip was ever made.
+        _op(0, "info", "f", 1.0, error="DEADLINE_EXCEEDED"),
+        # g: timed out, but the trip was made: it was a fault of the answer only.
+        _op(0, "info", "g", 1.0, error="UNAVAILABLE"),
+        _op(0, "ok", "h", 1.0, trip_id="th", status="needs_attention"),
+    ]
+    books = BooksSnapshot(
+        trips=(
+            TripView("ta", "a", "saga", "confirmed", "commit"),
+            TripView("tb", "b", "saga", "confirmed", "commit"),
+            # c: the car sold out (and the hotel had a fault too): a business answer.
+            TripView(
+                "tc",
+                "c",
+                "2pc",
+                "aborted",
+                "abort",
+                "car: sold out: fewer than 1 left; hotel: outcome unknown: UNAVAILABLE",
+                ("car: sold out: fewer than 1 left on some date",),
+            ),
+            # d: nobody refused; the hotel's step never got an answer.
+            TripView(
+                "td", "d", "saga", "aborted", "abort", "hotel: outcome unknown: DEADLINE_EXCEEDED"
+            ),
+            TripView("tg", "g", "saga", "confirmed", "commit"),
+            TripView(
+                "th", "h", "saga", "needs_attention", "abort", "car: sold out: x; compensation"
+            ),
+        ),
+        reservations=(),
+        inventory=(),
+    )
+    by_cause, details = causes(history, books)
+    assert by_cause == {
+        "confirmed": 3,
+        "refused": 1,
+        "fault": 2,
+        "rejected": 1,
+        "attention": 1,
+        "unknown": 0,
+    }
+    assert details == {
+        "refused car: sold out: fewer than 1 left on some date": 1,
+        "fault hotel: outcome unknown: DEADLINE_EXCEEDED": 1,
+        "fault never answered (DEADLINE_EXCEEDED)": 1,
+    }
+    m = measure(history, books, settle_seconds=None, duration=2.0)
+    assert m.causes == by_cause
+    assert m.availability == pytest.approx(1 - 2 / 8)  # only the faults count against it
+    assert m.success_rate_bookable == pytest.approx(3 / 7)  # refused trips could not be sold
+    assert m.success_rate == pytest.approx(1 / 8)  # what the client saw confirmed at once
+
+
+def test_a_key_never_answered_nor_booked_is_a_fault_and_an_unknown_trip_is_unknown() -> None:
+    assert cause_of(None, None)[0] == "fault"
+    assert cause_of(TripView("t", "k", "2pc", "pending", "pending"), None) == (
+        "unknown",
+        "pending",
+    )

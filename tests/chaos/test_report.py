@@ -118,6 +118,8 @@ def test_summary_names_every_check_its_examples_and_the_faults(run_dir: Path) ->
     assert '| 10.00 | 8.00 | latency | hotel | {"jitter": 40, "latency": 180} |' in summary
     assert "Packet loss: Loss is modelled as short reset_peer windows" in summary
     assert "| settle after heal | 4.2 s |" in summary
+    # Every key by why it ended; the crafted books hold no trip, so none is confirmed.
+    assert "| keys by cause |" in summary and "| availability (not failed for a fault) |" in summary
     assert "- a crafted run" in summary
 
 
@@ -145,17 +147,27 @@ def test_comparison_puts_2pc_and_saga_side_by_side(tmp_path: Path) -> None:
         return {"scenario": scenario, "protocol": protocol, "verdict": "valid", "measures": figures}
 
     runs = [
-        run("baseline", "2pc", success_rate=0.95, latency_p99_ms=812.0, compensations=0),
+        run(
+            "baseline",
+            "2pc",
+            success_rate=0.95,
+            latency_p99_ms=812.0,
+            compensations=0,
+            availability=0.99,
+            causes={"confirmed": 95, "refused": 4, "fault": 1, "rejected": 0},
+        ),
         run("baseline", "saga", success_rate=0.9, latency_p99_ms=640.5, compensations=12),
         run("coordinator-crash", "2pc", success_rate=0.5, blocked_inventory_seconds=3600.0),
     ]
     out = tmp_path / "reports" / "comparison.md"
     text = write_comparison(runs, out)
     assert out.read_text() == text
-    for heading in ("Success rate", "p99 latency", "Settle time", "Blocked inventory",
-                    "Compensations", "Verdict"):  # fmt: skip
+    for heading in ("Success rate", "Availability", "Causes", "p99 latency", "Settle time",
+                    "Blocked inventory", "Compensations", "Verdict"):  # fmt: skip
         assert f"## {heading}" in text
     assert "| baseline | 95.0 % | 90.0 % |" in text
+    assert "| baseline | 99.0 % | — |" in text  # availability
+    assert "| baseline | confirmed 95, refused 4, fault 1 | — |" in text  # causes, zeros left out
     assert "| baseline | 812.0 ms | 640.5 ms |" in text
     assert "| coordinator-crash | 3,600.0 unit·s | — |" in text
     assert "| baseline | 0 | 12 |" in text

@@ -50,3 +50,19 @@ BOOKING_MODES: dict[str, tuple[pb.Protocol, bool]] = {
     **{name: (protocol, False) for name, protocol in PROTOCOL_BY_NAME.items()},
     SAGA_WITH_LOCK: (pb.PROTOCOL_SAGA, True),
 }
+
+#: Every reservation status but UNSPECIFIED by its wire value: {RESERVATION_STATUS_HELD: "held"}.
+RESERVATION_STATUS_NAMES: dict[int, str] = _names(ppb.ReservationStatus, "RESERVATION_STATUS_")
+#: Reservation statuses whose units sit in a participant's held column: a 2PC hold, a
+#: pre-committed 3PC hold, a saga leg pending under its semantic lock.
+HOLDING_RESERVATION_STATUSES: frozenset[ppb.ReservationStatus] = frozenset(
+    {
+        ppb.RESERVATION_STATUS_HELD,
+        ppb.RESERVATION_STATUS_PRE_COMMITTED,
+        ppb.RESERVATION_STATUS_PENDING,
+    }
+)
+#: Reservation statuses that take units: the held ones and the confirmed.
+TAKING_RESERVATION_STATUSES: frozenset[ppb.ReservationStatus] = HOLDING_RESERVATION_STATUSES | {
+    ppb.RESERVATION_STATUS_CONFIRMED
+}
