@@ -10,6 +10,7 @@ The history is written as JSON Lines, one operation event a line.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,9 +48,15 @@ class HistoryWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: IO[str] = path.open("a", buffering=1)
+        #: Completions so far by type (ok, fail, info), and `ok` ones by the status seen.
+        self.counts: Counter[str] = Counter()
 
     def write(self, op: Op) -> None:
         self._file.write(op.to_json() + "\n")
+        if op.type != "invoke":
+            self.counts[op.type] += 1
+            if op.type == "ok":
+                self.counts[f"ok {op.status}"] += 1
 
     def close(self) -> None:
         self._file.close()

@@ -17,8 +17,12 @@ import json
 import logging
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
 
 from chaos import audit, checker
 from chaos.audit import read_books, save_books
@@ -115,12 +119,52 @@ async def _traffic(
         started=origin,
         stop_at=origin + config.duration,
     )
+    progress = asyncio.create_task(show_progress(config, schedule, history, origin))
     try:
         _, windows = await asyncio.gather(clients, nemesis.run(schedule, origin))
     finally:
+        progress.cancel()
         if guard is not None:
             guard.cancel()
     return started_at, windows
+
+
+def progress_line(
+    elapsed: float, duration: float, counts: Mapping[str, int], schedule: Sequence[Fault]
+) -> str:
+    """One line of where a run stands: time, completions by outcome, the faults now on."""
+    statuses = ", ".join(
+        f"{k.removeprefix('ok ')} {n:,}" for k, n in sorted(counts.items()) if k.startswith("ok ")
+    )
+    ok = f"ok {counts.get('ok', 0):,}" + (f" ({statuses})" if statuses else "")
+    ops = f"{ok}, fail {counts.get('fail', 0):,}, info {counts.get('info', 0):,}"
+    active = [f for f in schedule if f.start <= elapsed < f.start + f.duration]
+    faults = (
+        "; ".join(
+            f"{f.action} {f.target} ({elapsed - f.start:.1f}/{f.duration:.1f} s)" for f in active
+        )
+        or "none"
+    )
+    return f"{min(elapsed, duration):5.1f}/{duration:.0f} s | {ops} | fault now: {faults}"
+
+
+async def show_progress(
+    config: RunConfig, schedule: Sequence[Fault], history: HistoryWriter, origin: float
+) -> None:
+    """Live on the console while a run drives traffic (only on a terminal: logs stay clean)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return
+    title = f"{config.scenario.name} {config.protocol} seed {config.seed}"
+
+    def line() -> str:
+        elapsed = time.monotonic() - origin
+        return f"{title} | " + progress_line(elapsed, config.duration, history.counts, schedule)
+
+    with Live(line(), console=console, refresh_per_second=4, transient=True) as live:
+        while True:
+            await asyncio.sleep(0.25)
+            live.update(line())
 
 
 def run(config: RunConfig) -> RunOutcome:

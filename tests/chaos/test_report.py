@@ -10,9 +10,11 @@ import pytest
 from matplotlib.figure import Figure
 
 from chaos.checker import BooksSnapshot, CheckResult, Violation
-from chaos.history import Op
+from chaos.history import HistoryWriter, Op
 from chaos.measures import Measures, measure
+from chaos.nemesis import Fault
 from chaos.report import _shade, write_comparison, write_run_report
+from chaos.run import progress_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCHEDULE = [
@@ -237,3 +239,25 @@ def test_unilateral_notes_count_each_participants_own_decisions(tmp_path: Path) 
     (tmp_path / "hotel.log").write_text('{"msg": "nothing of the kind"}\n')
     notes = unilateral_notes({k: tmp_path / f"{k}.log" for k in ("flight", "hotel", "car")})
     assert notes == ["flight decided 4 3PC holds on its own time-out: 1 committed, 3 aborted."]
+
+
+def test_the_live_progress_line_says_time_outcomes_and_the_fault_now_on(tmp_path: Path) -> None:
+    history = HistoryWriter(tmp_path / "history.jsonl")
+    for op in (
+        Op(0, "invoke", "book", "a", "2pc", 0.1),
+        Op(0, "ok", "book", "a", "2pc", 0.2, trip_id="t", status="confirmed"),
+        Op(1, "ok", "book", "b", "2pc", 0.3, trip_id="u", status="aborted"),
+        Op(2, "info", "book", "c", "2pc", 0.4, error="UNAVAILABLE"),
+    ):
+        history.write(op)
+    history.close()
+    schedule = [
+        Fault(2.0, 3.0, "disable", "coordinator-to-hotel"),
+        Fault(9.0, 1.0, "kill", "coordinator"),
+    ]
+    line = progress_line(3.5, 60.0, history.counts, schedule)
+    assert line == (
+        "  3.5/60 s | ok 2 (aborted 1, confirmed 1), fail 0, info 1"
+        " | fault now: disable coordinator-to-hotel (1.5/3.0 s)"
+    )
+    assert progress_line(6.0, 60.0, history.counts, schedule).endswith("fault now: none")
