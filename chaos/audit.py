@@ -31,6 +31,7 @@ from chaos import checker
 from chaos.checker import BooksSnapshot, InventoryRow, ReservationView, TripView
 from chaos.history import read_history
 from tripmesh import PARTICIPANTS
+from tripmesh.mesh import layout as layouts
 from tripmesh.mesh.layout import Layout
 from tripmesh.runtime import tls
 from tripmesh.runtime.names import (
@@ -222,10 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         " held), as the lab waits after its faults; then audit whatever stands",
     )
     a = p.parse_args(argv)
-    stored = a.data_dir / "layout.json"
-    if not stored.exists():
-        p.error(f"no mesh was started in {a.data_dir} (no layout.json)")
-    layout = Layout.from_json(json.loads(stored.read_text()))
+    layout = layouts.stored(a.data_dir)
+    if layout is None:
+        p.error(f"no mesh was started in {a.data_dir} (no {layouts.STORED})")
     credentials = tls.client_credentials(a.data_dir) if layout.tls else None
     settled = settle(layout, a.settle, credentials)
     print(

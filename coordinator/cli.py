@@ -361,10 +361,7 @@ def mesh_layout() -> Layout:
     """Where the mesh is: the port variables when set, else the running mesh's layout.json."""
     if any(name.startswith("TRIPMESH_PORT_") for name in os.environ):
         return layouts.load()
-    stored = _data_dir() / "layout.json"
-    if stored.exists():
-        return Layout.from_json(json.loads(stored.read_text()))
-    return layouts.load()
+    return layouts.stored(_data_dir()) or layouts.load()
 
 
 def _time_arg(text: str) -> dt.datetime:
@@ -395,12 +392,9 @@ def _credentials() -> grpc.ChannelCredentials | None:
     folder = os.environ.get("TRIPMESH_TLS_DIR")
     if folder:
         return tls.Identity.load(Path(folder), tls.CLIENT).channel_credentials()
-    stored = _data_dir() / "layout.json"
-    if not stored.exists():
-        return None
-    started = Layout.from_json(json.loads(stored.read_text()))
+    started = layouts.stored(_data_dir())
     # Only for the mesh that folder describes, not one found on other ports.
-    if started.tls and dict(started.ports) == dict(mesh_layout().ports):
+    if started is not None and started.tls and dict(started.ports) == dict(mesh_layout().ports):
         return tls.client_credentials(_data_dir())
     return None
 

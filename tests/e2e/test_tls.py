@@ -15,13 +15,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.books import Books, day, trip_request
 from tests.e2e.conftest import RunningMesh, isolated_env, start, stop_and_check
 from tests.e2e.test_cli_mesh import _cli, _state_file_only
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
+from tripmesh.mesh.mesh import grpc_health
 from tripmesh.mesh.toxiproxy import Toxiproxy
 from tripmesh.runtime import auth, tls
 from tripmesh.v1 import coordinator_pb2 as cpb
@@ -50,14 +50,7 @@ def tls_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMesh]:
 
 
 def _health(address: str, credentials: grpc.ChannelCredentials | None) -> str:
-    with tls.dial(address, credentials) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=3
-            )
-        except grpc.RpcError as exc:
-            return exc.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return grpc_health(address, timeout=3, credentials=credentials)
 
 
 def _code(call) -> str:

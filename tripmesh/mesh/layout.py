@@ -143,6 +143,17 @@ class Layout:
 _handed_out: set[int] = set()
 
 
+STORED = "layout.json"
+
+
+def stored(data_dir: Path) -> Layout | None:
+    """The layout the mesh in `data_dir` was last started with (DATA_DIR/layout.json), if any."""
+    path = data_dir / STORED
+    if not path.exists():
+        return None
+    return Layout.from_json(json.loads(path.read_text()))
+
+
 def ephemeral_range() -> tuple[int, int]:
     """The ports the OS gives outgoing connections (Linux's default if it cannot say)."""
     try:

@@ -95,7 +95,7 @@ class Mesh:
         self.extra_args = extra_args or {}
         self.data_dir = data_dir.resolve()
         self.supervisor = Supervisor(self.data_dir)
-        self.layout_file = self.data_dir / "layout.json"
+        self.layout_file = self.data_dir / layouts.STORED
         stored = self.stored_layout()
         # A running mesh keeps the ports it was started with, whatever is asked now.
         if stored is not None and (layout is None or self.supervisor.running()):
@@ -105,9 +105,7 @@ class Mesh:
 
     def stored_layout(self) -> Layout | None:
         """The layout the mesh in this folder was last started with, if any."""
-        if not self.layout_file.exists():
-            return None
-        return Layout.from_json(json.loads(self.layout_file.read_text()))
+        return layouts.stored(self.data_dir)
 
     @property
     def client_credentials(self) -> grpc.ChannelCredentials | None:
