@@ -26,8 +26,6 @@ GENERATED := $(foreach p,$(patsubst $(PROTO_DIR)/%.proto,$(STUB_DIR)/%,$(PROTOS)
 
 PYTEST_ARGS ?=
 ARGS ?=
-# The protocols `make chaos-report` compares (comma-separated).
-PROTOCOLS ?= 2pc,3pc,saga
 
 .PHONY: help up down status logs reset test lint types check proto toxiproxy venv chaos chaos-report load bench
 
@@ -123,9 +121,13 @@ DURATION ?= 60
 chaos: venv proto toxiproxy ## One scenario: SCENARIO=<name> PROTOCOL=2pc|3pc|saga [SEED= DURATION=]; audits, exits 1 on a violation
 	$(PY) -m chaos.run $(SCENARIO) --protocol $(PROTOCOL) --seed $(SEED) --duration $(DURATION)
 
-chaos-report: venv proto toxiproxy ## Every scenario in every protocol, side by side [DURATION=30 PROTOCOLS=2pc,3pc,saga SCENARIOS=a,b]
-	$(PY) -m chaos.compare --seed $(SEED) --duration $(or $(filter-out 60,$(DURATION)),30) \
-		--protocols $(PROTOCOLS) $(if $(SCENARIOS),--scenarios $(SCENARIOS))
+# make chaos-report [RUNS=folder] [SCENARIOS=a,b PROTOCOLS=2pc,saga SEEDS=1,2,3 DURATION=30] [BENCH=file|latest|none]
+# RUNS alone: the report from runs already made (seconds); with a plan, only what RUNS lacks is run.
+chaos-report: venv proto toxiproxy ## The report that decides: matrix, recommendation, HTML [RUNS= SCENARIOS= PROTOCOLS= SEEDS= DURATION=]
+	$(PY) -m chaos.compare $(foreach r,$(RUNS),--runs $(r)) \
+		$(if $(SCENARIOS),--scenarios $(SCENARIOS)) $(if $(PROTOCOLS),--protocols $(PROTOCOLS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(filter-out 60,$(DURATION)),--duration $(DURATION)) \
+		--bench $(or $(BENCH),latest)
 
 # make load PROTOCOL=2pc|saga|mixed USERS=50 DURATION=60s|5m SHAPE=steady|black-friday
 # [MESH=auto|running|isolated TARGET=host:port MAX_FAILURES=0.01 LOAD_ARGS="-- --think-time 0.5"]

@@ -83,6 +83,9 @@ def read_trips(channel: grpc.Channel) -> list[TripView]:
             decision=_enum(cpb.Decision, t.decision, "DECISION_"),
             failure_reason=t.failure_reason,
             refused=tuple(_refusal(leg) for leg in t.legs if leg.status == cpb.LEG_STATUS_REFUSED),
+            semantic_lock=t.request.semantic_lock,
+            created_at=t.created_at.ToNanoseconds() / 1e9,
+            updated_at=t.updated_at.ToNanoseconds() / 1e9,
         )
         for t in pages
     ]

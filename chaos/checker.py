@@ -40,6 +40,9 @@ class TripView:
     decision: str  # pending, commit, abort
     failure_reason: str = ""  # the coordinator's words for why it did not confirm
     refused: tuple[str, ...] = ()  # "car: sold out: ...": each leg a participant refused
+    semantic_lock: bool = False  # a saga that took its legs PENDING
+    created_at: float = 0.0  # epoch seconds
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)

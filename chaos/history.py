@@ -9,6 +9,7 @@ The history is written as JSON Lines, one operation event a line.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -63,6 +64,10 @@ class HistoryWriter:
 
 
 def read_history(path: Path) -> list[Op]:
+    """A history file, plain or gzipped (a name ending in .gz)."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as packed:
+            return list(parse_history(packed))
     return list(parse_history(path.read_text().splitlines()))
 
 

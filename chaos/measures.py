@@ -10,21 +10,67 @@ Every attempted booking also gets a cause (`causes`): why it ended as it did,
 from the audited books (the trip's final state, and which participant refused
 it and why) and, for a key that never made a trip, from the client's history.
 Availability is the share of attempted bookings that did not fail for a fault.
+
+Around each fault (`fault_effects`; windows that overlap are one episode, as a
+partition cut both ways is one fault): the longest span with no completion, the
+time to recover (from the fault's end until throughput is back to 90 % of its
+level before the fault) and the settle time read from the books (from the
+fault's end until every trip begun before it had reached its final state).
+The saga's price is its dirty window (`dirty_window`): the unit-seconds of
+inventory taken by legs that were later compensated, and how many other
+bookings of the same room, seat or car were made while those units were gone.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from chaos.checker import BooksSnapshot, ReservationView, TripView
 from chaos.history import Op
 
 BUCKET_SECONDS = 1.0
+# Throughput is back when it reaches this share of its level before the fault ...
+RECOVERED_SHARE = 0.9
+# ... measured over a window this long, sliding by RECOVERY_STEP.
+RECOVERY_WINDOW = 1.0
+RECOVERY_STEP = 0.1
+# The level before a fault: ok completions per second over at most this long before it.
+LEVEL_BEFORE = 10.0
+# A trip that took longer than this from request to final state "stayed pending"
+# (the lab's RPC time-out: a trip that took longer waited on a fault).
+PENDING_LONG_SECONDS = 1.0
 # Statuses of a 2PC or 3PC reservation whose units were held at some point.
 _EVER_HELD = ("held", "pre_committed", "released", "confirmed")
+
+
+@dataclass(frozen=True)
+class FaultEffect:
+    """What one fault window cost; times in seconds from the run's start."""
+
+    action: str
+    target: str
+    start: float
+    end: float
+    stall_seconds: float
+    """The longest span with no completion at all that overlaps the window."""
+    level_before: float | None
+    """`ok` completions per second before the fault; None with under a second to measure."""
+    recover_seconds: float | None
+    """From the end until a second's `ok` throughput reached 90 % of `level_before`;
+    None when it did not (see `recovered`)."""
+    recovered: bool | None
+    """False: not back before the next fault or the run's end; None: not measurable."""
+    settle_seconds: float | None
+    """From the end until the last trip begun before it reached its final state (books)."""
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -79,6 +125,28 @@ class Measures:
     """Share of attempted keys that did not fail for a fault: 1 - (fault / attempted)."""
     success_rate_bookable: float | None = None
     """confirmed / (attempted - refused): how many of the trips that could be sold were."""
+    throughput_ok_mean: float | None = None
+    """`ok` completions per second over the run."""
+    dirty_unit_seconds: float | None = None
+    """Saga: units x dates x seconds taken, shown as sold, by legs later compensated."""
+    dirty_readers: int | None = None
+    """Other bookings of the same resource and date made while such units were taken."""
+    locked_unit_seconds: float | None = None
+    """Saga with its semantic lock: units x dates x seconds held PENDING by legs later
+    compensated (taken, never shown as sold)."""
+    longest_stall_seconds: float | None = None
+    """The longest span with no completion around any fault; None without faults."""
+    recover_seconds: float | None = None
+    """The longest time to recover among the faults it could be measured for."""
+    unrecovered_faults: int | None = None
+    """Faults after which throughput was not back before the next fault or the end."""
+    settle_seconds_books: float | None = None
+    """The longest settle after a fault, from the books; None without faults or times."""
+    trips_pending_long: int | None = None
+    """Trips that took longer than PENDING_LONG_SECONDS from request to final state."""
+    longest_pending_seconds: float | None = None
+    """The longest any trip took from request to final state."""
+    fault_effects: tuple[FaultEffect, ...] = field(default=())
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data (tuples become lists)."""
@@ -87,6 +155,18 @@ class Measures:
             if isinstance(value, tuple):
                 data[name] = list(value)
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Measures:
+        """Measures read back from `to_dict`'s JSON (fields it lacks keep their defaults)."""
+        known = {f for f in cls.__dataclass_fields__ if f in data}
+        values = {name: data[name] for name in known}
+        for name in ("throughput_ok", "throughput_all", "latency_p50_ms_series"):
+            if name in values:
+                values[name] = tuple(values[name])
+        if "fault_effects" in values:
+            values["fault_effects"] = tuple(FaultEffect(**f) for f in values["fault_effects"])
+        return cls(**values)
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -98,17 +178,21 @@ def percentile(values: Sequence[float], p: float) -> float | None:
     return ordered[rank - 1]
 
 
-def latencies_ms(history: Iterable[Op]) -> list[tuple[float, float]]:
-    """(completion time, latency ms) of every `ok`, matched to its invoke by (process, key, attempt)."""
+def completions(history: Iterable[Op]) -> Iterator[tuple[float, Op]]:
+    """(invoke time, completion) of every completed operation, matched to its invoke by
+    (process, key, attempt); a completion with no invoke is left out."""
     invoked: dict[tuple[int, str, int], float] = {}
-    out = []
     for op in history:
         slot = (op.process, op.key, op.attempt)
         if op.type == "invoke":
             invoked[slot] = op.time
-        elif op.type == "ok" and slot in invoked:
-            out.append((op.time, (op.time - invoked.pop(slot)) * 1000))
-    return out
+        elif slot in invoked:
+            yield invoked.pop(slot), op
+
+
+def latencies_ms(history: Iterable[Op]) -> list[tuple[float, float]]:
+    """(completion time, latency ms) of every `ok`."""
+    return [(op.time, (op.time - t) * 1000) for t, op in completions(history) if op.type == "ok"]
 
 
 def _of_protocol(books: BooksSnapshot, protocol: str) -> list[ReservationView]:
@@ -188,6 +272,144 @@ def _buckets(
     return tuple(ok), tuple(every), p50
 
 
+def dirty_window(books: BooksSnapshot) -> tuple[float | None, int, float | None]:
+    """(dirty unit-seconds, readers, locked unit-seconds) of the saga legs later compensated.
+
+    A plain saga leg is confirmed at once: until its compensation every reader
+    sees its units sold (dirty). Under the semantic lock the leg is PENDING: its
+    units are taken but no reader sees them confirmed (locked, not dirty). The
+    readers are the other bookings of the same resource on a shared date whose
+    reservation was made while dirty units were taken: each saw fewer units
+    than the trip that will be undone leaves it. None when a leg has no times.
+    """
+    locked = {t.trip_id for t in books.trips if t.semantic_lock}
+    legs = compensated(books)
+    if any(not r.created_at or not r.updated_at for r in legs):
+        return None, 0, None
+    dirty = [r for r in legs if r.trip_id not in locked]
+    held = [r for r in legs if r.trip_id in locked]
+
+    def unit_seconds(rows: list[ReservationView]) -> float:
+        return sum(max(0.0, r.updated_at - r.created_at) * r.quantity * len(r.dates) for r in rows)
+
+    by_resource: dict[tuple[str, str], list[ReservationView]] = defaultdict(list)
+    for r in books.reservations:
+        if r.dates:
+            by_resource[r.kind, r.resource_id].append(r)
+    for rows in by_resource.values():
+        rows.sort(key=lambda r: r.created_at)
+    starts = {where: [r.created_at for r in rows] for where, rows in by_resource.items()}
+    readers: set[str] = set()
+    for leg in dirty:
+        rows, times = by_resource[leg.kind, leg.resource_id], starts[leg.kind, leg.resource_id]
+        dates = set(leg.dates)
+        for other in rows[bisect_right(times, leg.created_at) : bisect_left(times, leg.updated_at)]:
+            if other.trip_id != leg.trip_id and dates.intersection(other.dates):
+                readers.add(other.reservation_id)
+    return unit_seconds(dirty), len(readers), unit_seconds(held)
+
+
+def _count_between(times: Sequence[float], start: float, end: float) -> int:
+    """How many of the sorted `times` fall in [start, end)."""
+    return bisect_left(times, end) - bisect_left(times, start)
+
+
+def _longest_gap(times: Sequence[float], start: float, end: float, duration: float) -> float:
+    """The longest span between completions (or the run's edges) that overlaps [start, end]."""
+    edges = [0.0, *times, max(duration, times[-1] if times else 0.0)]
+    longest = 0.0
+    for before, after in itertools.pairwise(edges):
+        if before <= end and after >= start:
+            longest = max(longest, after - before)
+    return longest
+
+
+def episodes(windows: Sequence[Mapping[str, Any]], duration: float) -> list[dict[str, Any]]:
+    """Fault windows that overlap in time merged into one episode each (a partition cut in
+    both directions is one fault): start, end, actions and targets joined with " + "."""
+    merged: list[dict[str, Any]] = []
+    for w in sorted(windows, key=lambda w: (w["start"], w["target"])):
+        start, end = float(w["start"]), float(w.get("end") or duration)
+        if merged and start <= merged[-1]["end"]:
+            last = merged[-1]
+            last["end"] = max(last["end"], end)
+            for name, value in (("action", w["action"]), ("target", w["target"])):
+                if value not in last[name].split(" + "):
+                    last[name] += f" + {value}"
+        else:
+            merged.append(
+                {"start": start, "end": end, "action": str(w["action"]), "target": str(w["target"])}
+            )
+    return merged
+
+
+def fault_effects(
+    history: Sequence[Op],
+    books: BooksSnapshot,
+    windows: Sequence[Mapping[str, Any]],
+    *,
+    duration: float,
+    started_at: float | None,
+) -> tuple[FaultEffect, ...]:
+    """What each fault episode cost: its stall, its time to recover and its settle time.
+
+    `windows` are the faults as applied (start and end in seconds from the run's
+    start, action, target), merged into episodes where they overlap; `started_at`
+    is the run's start on the books' clock (epoch seconds), None when unknown
+    (then no settle time).
+    """
+    done = sorted(op.time for op in history if op.type != "invoke")
+    ok = sorted(op.time for op in history if op.type == "ok")
+    ordered = episodes(windows, duration)
+    timed = [t for t in books.trips if t.created_at and t.updated_at]
+    effects = []
+    for i, w in enumerate(ordered):
+        start, end = w["start"], w["end"]
+        since = max(ordered[i - 1]["end"] if i else 0.0, start - LEVEL_BEFORE, 0.0)
+        level = _count_between(ok, since, start) / (start - since) if start - since >= 1 else None
+        horizon = ordered[i + 1]["start"] if i + 1 < len(ordered) else duration
+        recover, recovered = None, None
+        if level:
+            recovered, t = False, end
+            while t + RECOVERY_WINDOW <= horizon + 1e-9:
+                rate = _count_between(ok, t, t + RECOVERY_WINDOW) / RECOVERY_WINDOW
+                if rate >= RECOVERED_SHARE * level:
+                    recover, recovered = t - end, True
+                    break
+                t += RECOVERY_STEP
+        settle = None
+        if started_at is not None and timed:
+            cut = started_at + end
+            begun = [t.updated_at for t in timed if t.created_at < cut]
+            settle = max(0.0, max(begun) - cut) if begun else 0.0
+        effects.append(
+            FaultEffect(
+                action=w["action"],
+                target=w["target"],
+                start=start,
+                end=end,
+                stall_seconds=_longest_gap(done, start, end, duration),
+                level_before=level,
+                recover_seconds=recover,
+                recovered=recovered,
+                settle_seconds=settle,
+            )
+        )
+    return tuple(effects)
+
+
+def pending_long(books: BooksSnapshot) -> tuple[int | None, float | None]:
+    """(trips that took over PENDING_LONG_SECONDS to reach their final state, the longest)."""
+    spans = [
+        t.updated_at - t.created_at
+        for t in books.trips
+        if t.created_at and t.updated_at and t.status not in ("pending", "needs_attention")
+    ]
+    if not spans:
+        return None, None
+    return sum(s > PENDING_LONG_SECONDS for s in spans), max(spans)
+
+
 CAUSES = ("confirmed", "refused", "fault", "rejected", "attention", "unknown")
 
 
@@ -242,12 +464,14 @@ def measure(
     settle_seconds: float | None,
     duration: float,
     blocked_seconds: float | None = None,
-    fault_starts: Sequence[float] = (),
+    windows: Sequence[Mapping[str, Any]] = (),
+    started_at: float | None = None,
     bucket_seconds: float = BUCKET_SECONDS,
 ) -> Measures:
     """The measures of a run; `blocked_seconds` overrides what the books' timestamps say.
 
-    `fault_starts`: when each fault began, in epoch seconds (the books' clock).
+    `windows`: the faults as applied (seconds from the run's start); `started_at`:
+    the run's start in epoch seconds (the books' clock).
     """
     done = [op for op in history if op.type != "invoke"]
     invokes = [op for op in history if op.type == "invoke"]
@@ -260,6 +484,12 @@ def measure(
     outcomes = Counter(op.type for op in done)
     by_cause, cause_details = causes(history, books)
     bookable = len(attempted) - by_cause["refused"]
+    fault_starts = [started_at + w["start"] for w in windows] if started_at is not None else []
+    effects = fault_effects(history, books, windows, duration=duration, started_at=started_at)
+    dirty, readers, locked = dirty_window(books)
+    long_pending, longest_pending = pending_long(books)
+    recoveries = [e.recover_seconds for e in effects if e.recover_seconds is not None]
+    settles = [e.settle_seconds for e in effects if e.settle_seconds is not None]
     return Measures(
         ops={outcome: outcomes[outcome] for outcome in ("ok", "fail", "info")},
         ok_by_status=dict(sorted(Counter(op.status for op in done if op.type == "ok").items())),
@@ -287,4 +517,15 @@ def measure(
         cause_details=cause_details,
         availability=1 - by_cause["fault"] / len(attempted) if attempted else None,
         success_rate_bookable=by_cause["confirmed"] / bookable if bookable > 0 else None,
+        throughput_ok_mean=outcomes["ok"] / duration if duration else None,
+        dirty_unit_seconds=dirty,
+        dirty_readers=readers,
+        locked_unit_seconds=locked,
+        longest_stall_seconds=max((e.stall_seconds for e in effects), default=None),
+        recover_seconds=max(recoveries, default=None),
+        unrecovered_faults=sum(e.recovered is False for e in effects) if effects else None,
+        settle_seconds_books=max(settles, default=None),
+        trips_pending_long=long_pending,
+        longest_pending_seconds=longest_pending,
+        fault_effects=effects,
     )

@@ -1,9 +1,10 @@
 """A run's report: verdicts and measures as JSON, a Markdown summary, and a chart.
 
-The chart shades every fault window as it was actually applied, so a dip in
-throughput or a latency spike can be read against the fault that caused it.
-`write_comparison` puts runs of both protocols side by side: the story's
-decision matrix with measured numbers instead of adjectives.
+The chart (`chaos.figures.run_chart`) plots every operation and shades every
+fault window as it was actually applied, so a dip in throughput or a latency
+spike can be read against the fault that caused it. The summary gives each
+fault its own line: the stall around it, the time to recover and the settle
+time from the books. Runs side by side are `chaos.comparison`'s.
 """
 
 from __future__ import annotations
@@ -11,30 +12,15 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.artist import Artist
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-
 from chaos.checker import CheckResult, Violation, overall
-from chaos.measures import Measures
+from chaos.figures import run_chart
+from chaos.history import Op
+from chaos.measures import FaultEffect, Measures
 
-# Fixed colours per action, so that the same fault looks the same in every chart.
-ACTION_COLOURS = {
-    "latency": "tab:orange",
-    "bandwidth": "tab:olive",
-    "slow_close": "tab:brown",
-    "timeout": "tab:red",
-    "reset_peer": "tab:purple",
-    "limit_data": "tab:pink",
-    "disable": "tab:gray",
-    "kill": "black",
-    "pause": "tab:cyan",
-    "failpoint": "tab:green",
-}
 NA = "—"
 
 
@@ -113,10 +99,12 @@ def write_run_report(
     loss_model: str,
     notes: list[str],
     time_out_splits: int = 0,
+    history: Sequence[Op] = (),
 ) -> None:
     """Write verdicts.json, measures.json, summary.md and chart.png into `run_dir`.
 
-    `time_out_splits`: how many partial trips `checker.time_out_splits` explains.
+    `time_out_splits`: how many partial trips `checker.time_out_splits` explains;
+    `history`: the client's operations, each a point in the chart.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     verdict = overall(results)
@@ -133,7 +121,7 @@ def write_run_report(
     )
     (run_dir / "summary.md").write_text(summary)
     title = f"{scenario} · {protocol} · seed {seed} · {verdict}"
-    write_chart(run_dir / "chart.png", measures, fault_windows, title=title)
+    run_chart(run_dir / "chart.png", history, measures, fault_windows, title=title)
 
 
 def _summary(
@@ -192,7 +180,20 @@ def _summary(
         ),
         ("throughput (ok, mean)", _num(rate, "/s")),
         ("compensations (trips / legs)", f"{m.compensations} / {m.compensated_legs}"),
-        ("settle after heal", _num(m.settle_seconds, " s")),
+        ("settle after heal (polled)", _num(m.settle_seconds, " s")),
+        ("longest stall around a fault", _num(m.longest_stall_seconds, " s", 2)),
+        ("time to recover (worst fault)", _num(m.recover_seconds, " s", 2)),
+        ("faults not recovered from", _num(m.unrecovered_faults)),
+        ("settle after a fault (books, worst)", _num(m.settle_seconds_books, " s", 2)),
+        (
+            "trips pending over 1 s (longest)",
+            f"{_num(m.trips_pending_long)} ({_num(m.longest_pending_seconds, ' s', 2)})",
+        ),
+        (
+            "dirty window (readers)",
+            f"{_num(m.dirty_unit_seconds, ' unit·s')} ({_num(m.dirty_readers)})",
+        ),
+        ("held pending by the semantic lock", _num(m.locked_unit_seconds, " unit·s")),
         ("blocked inventory", _num(m.blocked_inventory_seconds, " unit·s")),
         ("of it, held through faults", _num(m.held_through_faults_seconds, " unit·s")),
         ("duration", _num(m.duration, " s")),
@@ -200,6 +201,7 @@ def _summary(
     lines += ["", "## Measures", "", "| measure | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += ["", "## Faults", "", _fault_totals(windows), "", f"Packet loss: {loss_model}"]
+    lines += _effects(m.fault_effects)
     lines += ["", "<details><summary>Schedule</summary>", ""]
     lines += [
         "| start s | duration s | action | target | attributes |",
@@ -215,6 +217,24 @@ def _summary(
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     lines += ["", "![throughput and latency, fault windows shaded](chart.png)", ""]
     return "\n".join(lines)
+
+
+def _effects(effects: Sequence[FaultEffect]) -> list[str]:
+    """Each fault's cost: stall, level before, time to recover, settle from the books."""
+    if not effects:
+        return []
+    lines = [
+        "",
+        "| fault | window s | stall s | ok/s before | recovered after s | settle s |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for e in effects:
+        recovered = {True: _num(e.recover_seconds, "", 2), False: "not in the run", None: NA}
+        lines.append(
+            f"| {e.action} {e.target} | {e.start:.1f}–{e.end:.1f} | {e.stall_seconds:.2f}"
+            f" | {_num(e.level_before)} | {recovered[e.recovered]} | {_num(e.settle_seconds, '', 2)} |"
+        )
+    return lines
 
 
 def _fault_totals(windows: list[dict[str, Any]]) -> str:
@@ -233,159 +253,3 @@ def _fault_totals(windows: list[dict[str, Any]]) -> str:
             f"| {action} | {target} | {counts[action, target]} | {seconds[action, target]:.1f} |"
         )
     return "\n".join(lines)
-
-
-def write_chart(
-    path: Path, measures: Measures, fault_windows: list[dict[str, Any]], *, title: str
-) -> None:
-    """Throughput (top) and p50 latency (bottom) over time, every fault window shaded."""
-    width = measures.bucket_seconds
-    count = len(measures.throughput_all)
-    edges = [i * width for i in range(count + 1)]
-    end = max([edges[-1], width, *(w.get("end") or 0.0 for w in fault_windows)])
-    fig = Figure(figsize=(11, 6.5), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    if count:
-        every = [n / width for n in measures.throughput_all]
-        ok = [n / width for n in measures.throughput_ok]
-        top.stairs(every, edges, baseline=None, color="0.45", label="all completions/s")
-        top.stairs(ok, edges, baseline=None, color="tab:blue", lw=1.6, label="ok/s")
-        centres = [(i + 0.5) * width for i in range(count)]
-        p50 = [math.nan if v is None else v for v in measures.latency_p50_ms_series]
-        bottom.plot(centres, p50, color="tab:blue", marker=".", ms=3, lw=1.2, label="p50 (ok)")
-    legend = {}
-    for ax in (top, bottom):
-        legend = _shade(ax, fault_windows, end)
-        ax.set_xlim(0, end)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        if count:
-            ax.legend(loc="upper left", fontsize="small")
-    top.set_ylabel("completions / s")
-    bottom.set_ylabel("p50 latency (ms)")
-    bottom.set_xlabel("seconds since run start")
-    if legend:
-        fig.legend(
-            list(legend.values()),
-            list(legend),
-            loc="outside lower center",
-            ncols=min(3, len(legend)),
-            fontsize="small",
-            title="fault windows",
-        )
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-
-
-def _shade(ax: Axes, windows: list[dict[str, Any]], end: float) -> dict[str, Artist]:
-    """One axvspan per window; returns one patch per action, labelled with its targets."""
-    targets: dict[str, list[str]] = defaultdict(list)
-    for w in windows:
-        if w["target"] not in targets[w["action"]]:
-            targets[w["action"]].append(w["target"])
-    palette = iter(f"C{i}" for i in range(3, 100))
-    colours = {a: ACTION_COLOURS.get(a) or next(palette) for a in targets}
-    legend: dict[str, Artist] = {}
-    for w in windows:
-        action, names = w["action"], targets[w["action"]]
-        more = f" +{len(names) - 3}" if len(names) > 3 else ""
-        label = f"{action}: {', '.join(names[:3])}{more}"
-        stop = w["end"] if w.get("end") is not None else end
-        # A window shorter than a pixel must still show.
-        patch = ax.axvspan(
-            w["start"], max(stop, w["start"] + 0.05), color=colours[action], alpha=0.18, lw=0
-        )
-        legend.setdefault(label, patch)
-    return legend
-
-
-Column = Callable[[dict[str, Any]], str]
-COMPARED: tuple[tuple[str, str, Column], ...] = (
-    (
-        "Success rate",
-        "confirmed keys / attempted keys",
-        lambda r: _pct(r["measures"].get("success_rate")),
-    ),
-    (
-        "Availability",
-        "attempted bookings that did not fail for a fault (a sold-out refusal is an answer)",
-        lambda r: _pct(r["measures"].get("availability")),
-    ),
-    (
-        "Causes",
-        (
-            "attempted keys by why they ended: confirmed, refused by a participant, fault,"
-            " rejected before anything was written, needs attention, unknown"
-        ),
-        lambda r: _causes(r["measures"].get("causes")),
-    ),
-    ("p99 latency", "invoke to ok, ms", lambda r: _num(r["measures"].get("latency_p99_ms"), " ms")),
-    (
-        "Settle time",
-        "from heal until nothing pending or held",
-        lambda r: _num(r["measures"].get("settle_seconds"), " s"),
-    ),
-    (
-        "Blocked inventory",
-        "unit-seconds held by 2PC and 3PC while a decision was awaited",
-        lambda r: _num(r["measures"].get("blocked_inventory_seconds"), " unit·s"),
-    ),
-    (
-        "Held through faults",
-        "unit-seconds of 2PC/3PC holds a fault caught open, from its start until they settled",
-        lambda r: _num(r["measures"].get("held_through_faults_seconds"), " unit·s"),
-    ),
-    (
-        "Compensations",
-        "saga trips undone after holding units",
-        lambda r: _num(r["measures"].get("compensations")),
-    ),
-    ("Verdict", "the checker's overall verdict", lambda r: str(r.get("verdict", NA))),
-)
-
-
-# Column order of the comparison; a protocol appears when some run used it.
-PROTOCOL_ORDER = ("2pc", "3pc", "saga", "saga-lock", "mixed")
-PROTOCOL_TITLES = {
-    "2pc": "2PC",
-    "3pc": "3PC",
-    "saga": "saga",
-    "saga-lock": "saga, semantic lock",
-    "mixed": "mixed",
-}
-
-
-def write_comparison(runs: Sequence[dict[str, Any]], out: Path) -> str:
-    """One Markdown table per measure: a row per scenario, a column per protocol; written to `out`."""
-    scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
-    present = {r["protocol"] for r in runs}
-    protocols = [p for p in PROTOCOL_ORDER if p in present]
-    by_cell = {(r["scenario"], r["protocol"]): r for r in runs}  # the last run of a cell wins
-    titles = [PROTOCOL_TITLES[p] for p in protocols]
-    lines = [
-        f"# {', '.join(titles[:-1])} and {titles[-1]}, measured"
-        if len(titles) > 1
-        else f"# {''.join(titles)}, measured",
-        "",
-    ]
-    for name, meaning, column in COMPARED:
-        lines += [
-            f"## {name}",
-            "",
-            f"_{meaning}_",
-            "",
-            "| scenario | " + " | ".join(titles) + " |",
-            "| --- |" + " ---: |" * len(titles),
-        ]
-        for scenario in scenarios:
-            cells = [by_cell.get((scenario, p)) for p in protocols]
-            lines.append(
-                f"| {scenario} | "
-                + " | ".join(NA if c is None else column(c) for c in cells)
-                + " |"
-            )
-        lines.append("")
-    text = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text

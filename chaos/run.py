@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gzip
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -50,6 +52,8 @@ COORDINATOR_ARGS = ("--rpc-timeout", "1", "--step-give-up", "3", "--compensation
 SERVICE_ARGS = ("--resolve-after", "2", "--3pc-wait-timeout", "2", "--3pc-precommit-timeout", "4")
 # The audited books of a run, kept beside its history (gzipped JSON, chaos.audit.load_books).
 BOOKS_FILE = "books.json.gz"
+# The client's history, compressed once the run is reported (chaos.history.read_history).
+HISTORY_FILE = "history.jsonl.gz"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class RunConfig:
     concurrency: int
     settle_timeout: float
     runs_dir: Path
+    keep_mesh: bool = False
+    """Keep the mesh's databases after the audit (by default a run keeps its books,
+    history and logs, compressed: a few hundred kB instead of tens of MB)."""
 
 
 def write_catalogs(folder: Path) -> tuple[dict[str, Path], Catalog]:
@@ -224,6 +231,7 @@ def run(config: RunConfig) -> RunOutcome:
     save_books(books, run_dir / BOOKS_FILE)
     results = checker.check_all(read_history(run_dir / "history.jsonl"), books)
     _report(run_dir, config, schedule, windows, results, books, settled, started_at)
+    compact(run_dir, keep_mesh=config.keep_mesh)
     verdict = checker.overall(results)
     print(
         f"{config.scenario.name} {config.protocol} seed {config.seed}: {verdict.upper()}  ({run_dir})"
@@ -250,7 +258,8 @@ def _report(
         books,
         settle_seconds=settled,
         duration=config.duration,
-        fault_starts=[started_at + w.start for w in windows],
+        windows=[w.to_dict() for w in windows],
+        started_at=started_at,
     )
     notes = list(config.scenario.notes)
     notes += recovery_notes(run_dir / "mesh" / "logs" / "coordinator.log")
@@ -269,7 +278,28 @@ def _report(
         loss_model=config.scenario.loss_model,
         notes=notes,
         time_out_splits=len(checker.time_out_splits(books)),
+        history=history,
     )
+
+
+def compact(run_dir: Path, *, keep_mesh: bool) -> None:
+    """Shrink a reported run: the history and every log gzipped, the databases dropped
+    (their audited contents are in BOOKS_FILE) unless `keep_mesh`."""
+    _gzip(run_dir / "history.jsonl", run_dir / HISTORY_FILE)
+    mesh = run_dir / "mesh"
+    for log_file in sorted((mesh / "logs").glob("*.log*")):
+        if log_file.suffix != ".gz":
+            _gzip(log_file, log_file.with_name(log_file.name + ".gz"))
+    if not keep_mesh:
+        for database in mesh.glob("*.db*"):
+            database.unlink()
+
+
+def _gzip(source: Path, target: Path) -> None:
+    if source.exists():
+        with source.open("rb") as raw, gzip.open(target, "wb", compresslevel=6) as packed:
+            shutil.copyfileobj(raw, packed)
+        source.unlink()
 
 
 def unilateral_notes(service_logs: dict[str, Path]) -> list[str]:
@@ -315,6 +345,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--settle-timeout", type=float, default=120.0)
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "chaos")
+    p.add_argument(
+        "--keep-mesh",
+        action="store_true",
+        help="keep the mesh's databases (by default only the audited books are kept)",
+    )
     return p.parse_args(argv)
 
 
@@ -330,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         settle_timeout=args.settle_timeout,
         runs_dir=args.runs_dir,
+        keep_mesh=args.keep_mesh,
     )
     return run(config).status
 

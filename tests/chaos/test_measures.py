@@ -12,6 +12,9 @@ from chaos.measures import (
     blocked_inventory_seconds,
     cause_of,
     causes,
+    dirty_window,
+    episodes,
+    fault_effects,
     held_through_faults,
     measure,
     percentile,
@@ -221,7 +224,10 @@ def test_held_through_faults_counts_only_what_a_fault_caught_open() -> None:
         (),
     )
     assert held_through_faults(three, [102.0]) == pytest.approx(2.0)
-    m = measure(HISTORY, books, settle_seconds=None, duration=3.0, fault_starts=[102.0])
+    fault = {"start": 2.0, "end": 2.5, "action": "disable", "target": "hotel"}
+    m = measure(
+        HISTORY, books, settle_seconds=None, duration=3.0, windows=[fault], started_at=100.0
+    )
     assert m.held_through_faults_seconds == pytest.approx(18.0)
 
 
@@ -302,3 +308,124 @@ def test_a_key_never_answered_nor_booked_is_a_fault_and_an_unknown_trip_is_unkno
         "unknown",
         "pending",
     )
+
+
+def test_dirty_window_counts_units_shown_sold_by_legs_later_undone_and_who_booked_meanwhile() -> (
+    None
+):
+    # t1's car (2 units, two dates) was sold from 10 s to 13 s, then compensated: 2 x 2 x 3 = 12.
+    # t2 booked the same car on D2 at 11 s (a reader); t3 at 14 s, after it was given back (not);
+    # t4 at 12 s, but on another date (not); t5, under the semantic lock, held one unit PENDING
+    # on D1 from 20 s to 21.5 s and was compensated (locked 1.5, not dirty); t6 confirmed (not).
+    car = "car"
+    books = BooksSnapshot(
+        (
+            TripView("t1", "k1", "saga", "aborted", "abort"),
+            TripView("t5", "k5", "saga", "aborted", "abort", semantic_lock=True),
+        ),
+        (
+            reservation("t1", car, "cancelled", (D1, D2), 2, protocol="saga",
+                        created_at=10.0, updated_at=13.0),
+            reservation("t2", car, "confirmed", (D2,), protocol="saga",
+                        created_at=11.0, updated_at=11.0),
+            reservation("t3", car, "confirmed", (D1,), protocol="saga",
+                        created_at=14.0, updated_at=14.0),
+            reservation("t4", car, "confirmed", ("2030-01-09",), protocol="saga",
+                        created_at=12.0, updated_at=12.0),
+            reservation("t5", car, "cancelled", (D1,), protocol="saga",
+                        created_at=20.0, updated_at=21.5),
+            reservation("t6", "hotel", "confirmed", (D1,), protocol="saga",
+                        created_at=12.0, updated_at=12.0),
+        ),
+        (),
+    )  # fmt: skip
+    dirty, readers, locked = dirty_window(books)
+    assert dirty == pytest.approx(12.0)
+    assert readers == 1
+    assert locked == pytest.approx(1.5)
+    # A compensated leg with no times: nothing measured, rather than a zero nobody saw.
+    untimed = BooksSnapshot(
+        books.trips, (reservation("t1", car, "cancelled", (D1,), protocol="saga"),), ()
+    )
+    assert dirty_window(untimed) == (None, 0, None)
+
+
+def _steady(rate: int, start: float, end: float, *, type_: str = "ok") -> list[Op]:
+    """`rate` completions a second from `start` to `end`, each 10 ms after its invoke."""
+    ops, n = [], int((end - start) * rate)
+    for i in range(n):
+        t = start + i / rate
+        ops += [
+            _op(0, "invoke", f"k{t:.3f}", t),
+            _op(0, type_, f"k{t:.3f}", t + 0.01, status="confirmed"),
+        ]
+    return ops
+
+
+def test_fault_effects_stall_recovery_and_settle_from_the_books() -> None:
+    # 10 ok/s for 10 s; a fault from 10 s to 12 s stops everything; from 13 s the rate is 5/s
+    # (below 90 %), from 15 s 10/s again. Longest stall: 9.91-13.01 s.
+    history = [*_steady(10, 0, 10), *_steady(5, 13, 15), *_steady(10, 15, 20)]
+    fault = {"start": 10.0, "end": 12.0, "action": "kill", "target": "coordinator"}
+    # Books on the epoch clock: the run began at 1000. A trip begun at 1011.5 ended at 1016.
+    books = BooksSnapshot(
+        (
+            TripView("a", "ka", "2pc", "confirmed", "commit", created_at=1005.0, updated_at=1005.1),
+            TripView("b", "kb", "2pc", "confirmed", "commit", created_at=1011.5, updated_at=1016.0),
+            TripView("c", "kc", "2pc", "confirmed", "commit", created_at=1013.0, updated_at=1019.0),
+        ),
+        (),
+        (),
+    )
+    (effect,) = fault_effects(history, books, [fault], duration=20.0, started_at=1000.0)
+    assert effect.level_before == pytest.approx(10.0)
+    assert effect.stall_seconds == pytest.approx(3.1)  # last before: 9.91 s; first after: 13.01 s
+    assert effect.recovered is True
+    # The first second holding 9 (90 % of 10): [14.8, 15.8), with 14.81 and 15.01 ... 15.71.
+    assert effect.recover_seconds == pytest.approx(2.8)
+    assert effect.settle_seconds == pytest.approx(4.0)  # trip c began after the end: not counted
+    m = measure(
+        history, books, settle_seconds=None, duration=20.0, windows=[fault], started_at=1000.0
+    )
+    assert m.longest_stall_seconds == effect.stall_seconds
+    assert m.recover_seconds == effect.recover_seconds
+    assert m.settle_seconds_books == pytest.approx(4.0)
+    assert m.unrecovered_faults == 0
+    assert (m.trips_pending_long, m.longest_pending_seconds) == (2, pytest.approx(6.0))
+
+
+def test_a_fault_the_run_never_recovers_from_and_one_that_cannot_be_measured() -> None:
+    # Throughput halves after the fault and stays there: not recovered.
+    history = [*_steady(10, 0, 10), *_steady(4, 12, 20)]
+    late = {"start": 10.0, "end": 11.0, "action": "disable", "target": "hotel"}
+    early = {"start": 0.2, "end": 0.8, "action": "latency", "target": "car"}
+    first, second = fault_effects(history, EMPTY, [late, early], duration=20.0, started_at=None)
+    assert (first.start, first.level_before, first.recovered) == (0.2, None, None)  # < 1 s before
+    assert second.recovered is False and second.recover_seconds is None
+    assert second.settle_seconds is None  # no epoch start: the books cannot be read against it
+    m = measure(history, EMPTY, settle_seconds=None, duration=20.0, windows=[late, early])
+    assert m.unrecovered_faults == 1 and m.recover_seconds is None
+    # Without faults there is nothing to attribute.
+    plain = measure(history, EMPTY, settle_seconds=None, duration=20.0)
+    assert plain.longest_stall_seconds is None and plain.unrecovered_faults is None
+
+
+def test_overlapping_windows_are_one_fault_episode() -> None:
+    both_ways = [
+        {"start": 5.0, "end": 8.0, "action": "disable", "target": "hotel-to-coordinator"},
+        {"start": 5.0, "end": 8.0, "action": "disable", "target": "coordinator-to-hotel"},
+        {"start": 7.5, "end": 9.0, "action": "latency", "target": "car"},
+        {"start": 12.0, "end": 13.0, "action": "kill", "target": "coordinator"},
+    ]
+    merged = episodes(both_ways, duration=20.0)
+    assert merged == [
+        {"start": 5.0, "end": 9.0, "action": "disable + latency",
+         "target": "coordinator-to-hotel + hotel-to-coordinator + car"},
+        {"start": 12.0, "end": 13.0, "action": "kill", "target": "coordinator"},
+    ]  # fmt: skip
+    history = _steady(10, 0, 20)
+    effects = fault_effects(history, EMPTY, both_ways, duration=20.0, started_at=None)
+    assert [(e.start, e.end) for e in effects] == [(5.0, 9.0), (12.0, 13.0)]
+    # Steady traffic: each is recovered from at once, and the second's level is 9-12 s's.
+    assert [e.recover_seconds for e in effects] == [pytest.approx(0.0), pytest.approx(0.0)]
+    assert effects[1].level_before == pytest.approx(10.0)

@@ -18,7 +18,7 @@ import pytest
 from chaos import checker
 from chaos.audit import load_books
 from chaos.history import read_history
-from chaos.run import BOOKS_FILE, RunConfig, RunOutcome, run, write_catalogs
+from chaos.run import BOOKS_FILE, HISTORY_FILE, RunConfig, RunOutcome, run, write_catalogs
 from chaos.scenarios import registry
 from chaos.scenarios.failpoints import COORDINATOR, PARTICIPANTS
 from chaos.workload import generate
@@ -47,7 +47,7 @@ def test_reduced_scenario_finds_no_violation(tmp_path: Path, name: str, protocol
         "one-trip-per-key",
         "no-leaks",
     }
-    history = read_history(outcome.run_dir / "history.jsonl")
+    history = read_history(outcome.run_dir / HISTORY_FILE)
     completed = [op for op in history if op.type == "ok"]
     assert len(completed) >= MIN_COMPLETED.get(name, 20), f"only {len(completed)} trips completed"
     schedule = json.loads((outcome.run_dir / "schedule.json").read_text())
@@ -103,7 +103,7 @@ def _3pc_run(tmp_path: Path, name: str) -> tuple[RunOutcome, dict[str, dict[str,
 def test_reduced_3pc_scenario_finds_no_violation(tmp_path: Path, name: str) -> None:
     outcome, _ = _3pc_run(tmp_path, name)
     assert outcome.verdict == "valid", (outcome.run_dir / "summary.md").read_text()
-    history = read_history(outcome.run_dir / "history.jsonl")
+    history = read_history(outcome.run_dir / HISTORY_FILE)
     confirmed = [op for op in history if op.type == "ok" and op.status == "confirmed"]
     assert len(confirmed) >= 20, f"only {len(confirmed)} 3PC trips confirmed"
     measures = json.loads((outcome.run_dir / "measures.json").read_text())
@@ -136,7 +136,7 @@ def test_reduced_3pc_scenario_breaks_only_where_its_time_outs_split_a_trip(
     # A split trip ends NEEDS_ATTENTION (its DoCommit was refused); nothing else may leak.
     assert {v.trip_id for v in leaks.examples} <= splits, summary
     assert (partial.count > 0) == ("three-phase commit's known failure mode" in summary)
-    history = read_history(outcome.run_dir / "history.jsonl")
+    history = read_history(outcome.run_dir / HISTORY_FILE)
     completed = [op for op in history if op.type == "ok"]
     assert len(completed) >= MIN_COMPLETED.get(name, 20), f"only {len(completed)} trips completed"
     if name == "failpoints":
