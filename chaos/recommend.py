@@ -156,8 +156,8 @@ def no_dirty_reads(matrix: Matrix) -> Sentence | None:
     ranked = _ranked(matrix, "dirty_readers", matrix.protocols)
     if not ranked:
         return None
-    isolated = [p for p, h in ranked if h.value == 0]
-    if not isolated:
+    clean = [p for p, h in ranked if h.value == 0]
+    if not clean:
         return _lowest(
             matrix,
             "dirty_readers",
@@ -165,6 +165,9 @@ def no_dirty_reads(matrix: Matrix) -> Sentence | None:
             "no protocol kept every reader clean; the bookings that read units later given back"
             " were",
         )
+    # A partial trip is worse than a dirty read: protocols that broke invariants come last.
+    valid = [p for p in clean if (v := matrix.headline("violations", p)) is None or not v.value]
+    isolated = valid or clean
     by_availability = _ranked(matrix, "availability", isolated)
     best = _best(by_availability) if by_availability else isolated
     text = (

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.books import Books, write_catalog
+from tests.browser import Tab, open_tab
 from tests.procs import Cluster
 
 
@@ -47,3 +48,10 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., tuple[Cluster, Books]
     for cluster, books in started:
         books.close()
         cluster.stop()
+
+
+@pytest.fixture
+def tab() -> Iterator[Tab]:
+    """A tab of a real headless Chromium (tests.browser)."""
+    with open_tab() as found:
+        yield found

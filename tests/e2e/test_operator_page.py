@@ -20,17 +20,15 @@ and their paths are printed (pytest -s shows them).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
 from tests.books import Books, trip_request
+from tests.browser import Tab
 from tests.conftest import CAPACITIES
 from tests.e2e.conftest import isolated_env, start, stop_and_check
 from tests.procs import Cluster, with_secrets
@@ -39,16 +37,6 @@ from tripmesh.mesh import layout as layouts
 from tripmesh.mesh.toxiproxy import Toxiproxy
 from tripmesh.v1 import coordinator_pb2 as cpb
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 STATUSES = ("pending", "confirmed", "aborted", "needs_attention", "resolved")
 OPERATOR = "ada.lovelace"
 CRASH_ON_CANCEL = {"TRIPMESH_FAILPOINTS": "participant.before_cancel=crash"}
@@ -56,39 +44,6 @@ TIMELINE_JS = """rows => rows.map(r => [r.dataset.at, ...['kind', 'leg', 'detail
     .map(f => r.querySelector(`[data-field="${f}"]`).textContent)])"""
 
 MakeCluster = Callable[..., tuple[Cluster, Books]]
-
-
-def chromium_path() -> str:
-    found = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
-    if found is None:
-        pytest.fail("no chromium: run `make browser`, or `apt-get install chromium`")
-    return found
-
-
-@dataclass
-class Tab:
-    """A browser tab, and what went wrong in it: script errors, requests off the admin port."""
-
-    page: Page
-    errors: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-
-
-@pytest.fixture
-def tab() -> Iterator[Tab]:
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        try:
-            found = Tab(browser.new_page(viewport={"width": 1440, "height": 1000}))
-            found.page.on("pageerror", lambda exc: found.errors.append(str(exc)))
-            found.page.on(
-                "console",
-                lambda msg: found.errors.append(msg.text) if msg.type == "error" else None,
-            )
-            found.page.on("request", lambda request: found.requests.append(request.url))
-            yield found
-        finally:
-            browser.close()
 
 
 # -- what the API says ----------------------------------------------------------
