@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loadtest.meshes import isolated_mesh, running_mesh
+from loadtest.progress import Progress, seconds
 from loadtest.trips import CHOICES, peak_catalog
 from tripmesh.mesh.mesh import ROOT
 from tripmesh.runtime import tls
@@ -133,9 +134,10 @@ def locust_argv(args: argparse.Namespace, address: str, folder: Path) -> list[st
     return argv + list(args.locust_args)
 
 
-def run_locust(command: list[str], log_path: Path) -> int:
-    """Run Locust, its output both printed and kept in `log_path`; its exit code."""
-    with log_path.open("w") as log:
+def run_locust(command: list[str], log_path: Path, progress: Progress | None = None) -> int:
+    """Run Locust, its output both printed and kept in `log_path`; its exit code.
+    `progress`: a live line on the terminal while it runs."""
+    with log_path.open("w") as log, progress or contextlib.nullcontext():
         locust = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Locust's web UI: http://127.0.0.1:{args.web_port} (Ctrl-C to stop)", flush=True)
         started = time.time()
         os.environ["TRIPMESH_LOAD_OUT"] = str(folder)  # trips.json and history.jsonl
-        code = run_locust(command, folder / "locust.log")
+        live = None if args.ui else Progress(folder / "history.jsonl", seconds(args.duration))
+        code = run_locust(command, folder / "locust.log", live)
         finished = time.time()
         audit = audit_books(data_dir, folder)
         record = {
