@@ -15,6 +15,9 @@ INSTALLED := $(VENV)/.installed
 
 TOXIPROXY_VERSION := 2.12.0
 TOXIPROXY_MODULE := github.com/Shopify/toxiproxy/v2
+# The choreographed saga's broker: NATS with JetStream.
+NATS_VERSION := 2.12.1
+NATS_MODULE := github.com/nats-io/nats-server/v2
 BIN := .bin
 
 # The contract is protos/tripmesh/v1/*.proto; protoc writes the importable
@@ -27,7 +30,7 @@ GENERATED := $(foreach p,$(patsubst $(PROTO_DIR)/%.proto,$(STUB_DIR)/%,$(PROTOS)
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help up down status logs reset test lint types check proto toxiproxy venv chaos chaos-report load bench
+.PHONY: help up down status logs reset test lint types check proto toxiproxy broker venv chaos chaos-report load bench
 
 help: ## Show the targets
 	@echo "tripmesh: flight, hotel and car booked together, by 2PC, 3PC or saga, behind Toxiproxy."
@@ -35,7 +38,7 @@ help: ## Show the targets
 	@grep -E '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
 		awk -F'\t' '{ printf "  make %-22s %s\n", $$1, $$2 }'
 
-up: venv proto toxiproxy ## Install what is missing, start the mesh, wait until all of it is SERVING (TLS=1: mTLS on every hop)
+up: venv proto toxiproxy broker ## Install what is missing, start the mesh, wait until all of it is SERVING (TLS=1: mTLS on every hop)
 	@$(PY) -m tripmesh.mesh up $(if $(filter 1,$(TLS)),--tls)
 
 down: ## Stop every process gracefully (SIGTERM, in-flight RPCs finish); none is left
@@ -48,10 +51,10 @@ status: ## Each process (state, pid, gRPC health) and each proxy (enabled, toxic
 logs: ## Last lines of every log; ARGS="-f coordinator" follows one
 	@if [ -f $(INSTALLED) ]; then $(PY) -m tripmesh.mesh logs $(ARGS); else echo "no logs yet"; fi
 
-reset: venv proto toxiproxy ## Stop, wipe the databases and logs, start again (reseeds the catalog)
+reset: venv proto toxiproxy broker ## Stop, wipe the databases and logs, start again (reseeds the catalog)
 	@$(PY) -m tripmesh.mesh reset $(if $(filter 1,$(TLS)),--tls)
 
-test: venv proto toxiproxy browser ## The whole suite: unit, integration, end-to-end through Toxiproxy
+test: venv proto toxiproxy broker browser ## The whole suite: unit, integration, end-to-end through Toxiproxy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv ## ruff
@@ -100,6 +103,23 @@ toxiproxy: ## The Toxiproxy server: toxiproxy-server on PATH, or built into .bin
 		exit 1; \
 	fi
 
+broker: ## The NATS server (JetStream) for the choreographed saga: nats-server on PATH, or built into .bin/ with Go
+	@if command -v nats-server >/dev/null 2>&1; then \
+		: "on PATH: $$(command -v nats-server)"; \
+	elif $(BIN)/nats-server --version 2>/dev/null | grep -q 'v$(NATS_VERSION)'; then \
+		: "already built"; \
+	elif command -v go >/dev/null 2>&1; then \
+		echo "Building nats-server $(NATS_VERSION) into $(BIN)/nats-server (go install; a minute or two the first time)"; \
+		mkdir -p $(BIN); \
+		GOBIN="$(CURDIR)/$(BIN)" go install $(NATS_MODULE)@v$(NATS_VERSION); \
+	else \
+		echo "error: no nats-server on PATH and no Go to build one." >&2; \
+		echo "  Either install Go (https://go.dev/dl/) and run make again," >&2; \
+		echo "  or put NATS server $(NATS_VERSION) on PATH as nats-server:" >&2; \
+		echo "  https://github.com/nats-io/nats-server/releases/tag/v$(NATS_VERSION)" >&2; \
+		exit 1; \
+	fi
+
 .PHONY: browser
 browser: ## Chromium for the operator page's browser test: chromium on PATH, else apt-get (as root)
 	@if command -v chromium >/dev/null 2>&1; then \
@@ -118,12 +138,12 @@ PROTOCOL ?= saga
 SEED ?= 1
 DURATION ?= 60
 
-chaos: venv proto toxiproxy ## One scenario: SCENARIO=<name> PROTOCOL=2pc|3pc|saga [SEED= DURATION=]; audits, exits 1 on a violation
+chaos: venv proto toxiproxy broker ## One scenario: SCENARIO=<name> PROTOCOL=2pc|3pc|saga [SEED= DURATION=]; audits, exits 1 on a violation
 	$(PY) -m chaos.run $(SCENARIO) --protocol $(PROTOCOL) --seed $(SEED) --duration $(DURATION)
 
 # make chaos-report [RUNS=folder] [SCENARIOS=a,b PROTOCOLS=2pc,saga SEEDS=1,2,3 DURATION=30] [BENCH=file|latest|none]
 # RUNS alone: the report from runs already made (seconds); with a plan, only what RUNS lacks is run.
-chaos-report: venv proto toxiproxy ## The report that decides: matrix, recommendation, HTML [RUNS= SCENARIOS= PROTOCOLS= SEEDS= DURATION=]
+chaos-report: venv proto toxiproxy broker ## The report that decides: matrix, recommendation, HTML [RUNS= SCENARIOS= PROTOCOLS= SEEDS= DURATION=]
 	$(PY) -m chaos.compare $(foreach r,$(RUNS),--runs $(r)) \
 		$(if $(SCENARIOS),--scenarios $(SCENARIOS)) $(if $(PROTOCOLS),--protocols $(PROTOCOLS)) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(filter-out 60,$(DURATION)),--duration $(DURATION)) \
@@ -137,15 +157,15 @@ LOAD_FLAGS = --protocol $(or $(PROTOCOL),saga) --users $(or $(USERS),50) \
 
 .PHONY: load-ui load-chaos
 
-load: venv proto toxiproxy ## Locust, headless: PROTOCOL= USERS= DURATION= SHAPE=steady|black-friday; reports in runs/load-*/
+load: venv proto toxiproxy broker ## Locust, headless: PROTOCOL= USERS= DURATION= SHAPE=steady|black-friday; reports in runs/load-*/
 	$(PY) -m loadtest.run $(LOAD_FLAGS)
 
-load-ui: venv proto toxiproxy ## Locust's web UI on http://127.0.0.1:8089 against the mesh (same options as load)
+load-ui: venv proto toxiproxy broker ## Locust's web UI on http://127.0.0.1:8089 against the mesh (same options as load)
 	$(PY) -m loadtest.run --ui $(LOAD_FLAGS)
 
-load-chaos: venv proto toxiproxy ## Locust during a chaos scenario: SCENARIO= PROTOCOL= USERS= DURATION= (seconds)
+load-chaos: venv proto toxiproxy broker ## Locust during a chaos scenario: SCENARIO= PROTOCOL= USERS= DURATION= (seconds)
 	$(PY) -m loadtest.chaosload $(or $(SCENARIO),baseline) --protocol $(or $(PROTOCOL),saga) \
 		--users $(or $(USERS),20) --duration $(or $(DURATION),60) --shape $(or $(SHAPE),steady)
 
-bench: venv proto toxiproxy ## Echo ceiling, 2PC and saga trips/s and p50/p99, memory, contention; runs/bench-*/ [BENCH_ARGS=]
+bench: venv proto toxiproxy broker ## Echo ceiling, 2PC and saga trips/s and p50/p99, memory, contention; runs/bench-*/ [BENCH_ARGS=]
 	$(PY) -m loadtest.bench $(BENCH_ARGS)

@@ -36,7 +36,7 @@ from chaos.workload import Catalog, ClientSettings, Planned, generate, run_clien
 from services import car, flight, hotel
 from services.catalog import write_catalog_file
 from tripmesh import PARTICIPANTS
-from tripmesh.mesh.layout import free_layout
+from tripmesh.mesh.layout import BROKER, free_layout
 from tripmesh.mesh.mesh import ROOT, Mesh
 from tripmesh.runtime.names import BOOKING_MODES
 
@@ -283,8 +283,8 @@ def _report(
 
 
 def compact(run_dir: Path, *, keep_mesh: bool) -> None:
-    """Shrink a reported run: the history and every log gzipped, the databases dropped
-    (their audited contents are in BOOKS_FILE) unless `keep_mesh`."""
+    """Shrink a reported run: the history and every log gzipped, the databases and the
+    broker's streams dropped (the audited books are in BOOKS_FILE) unless `keep_mesh`."""
     _gzip(run_dir / "history.jsonl", run_dir / HISTORY_FILE)
     mesh = run_dir / "mesh"
     for log_file in sorted((mesh / "logs").glob("*.log*")):
@@ -293,6 +293,7 @@ def compact(run_dir: Path, *, keep_mesh: bool) -> None:
     if not keep_mesh:
         for database in mesh.glob("*.db*"):
             database.unlink()
+        shutil.rmtree(mesh / BROKER, ignore_errors=True)
 
 
 def _gzip(source: Path, target: Path) -> None:

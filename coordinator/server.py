@@ -17,6 +17,7 @@ Configuration (flags override the environment):
 | TRIPMESH_COMPENSATION_GIVE_UP | 60 | seconds a compensation is retried before NEEDS_ATTENTION |
 | TRIPMESH_KEY_RETENTION_HOURS | 72 | how long idempotency keys are kept |
 | TRIPMESH_TLS_DIR | (none: plaintext) | TLS on every plane and to the participants, with the CA and certificates in this folder (tripmesh.runtime.tls) |
+| TRIPMESH_BROKER | nats://127.0.0.1:16057 | the broker (NATS JetStream) for the choreographed saga's events (its coordinator-to-broker proxy) |
 | TRIPMESH_TOXIPROXY_API | (none) | host:port of Toxiproxy's API: the operator page shows each edge's state, and tells a cut edge from a dead service |
 | TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
 """
@@ -71,6 +72,8 @@ class CoordinatorConfig:
     tls_dir: Path | None = None
     #: host:port of Toxiproxy's API: the operator page shows the edges' state ("": unknown).
     toxiproxy_api: str = ""
+    #: nats://host:port of the broker, through the coordinator's own proxy.
+    broker: str = ""
     max_wait: float = 30.0
     sweep_every: float = 5.0
     grace: float = 5.0
@@ -112,6 +115,11 @@ class CoordinatorConfig:
                     declared.address(layouts.proxy_name(layouts.COORDINATOR, kind)),
                 ),
             )
+        p.add_argument(
+            "--broker",
+            default=env.get("TRIPMESH_BROKER", declared.broker_url(layouts.COORDINATOR)),
+            help="nats://host:port of the broker for the choreographed saga's events",
+        )
         p.add_argument(
             "--default-protocol",
             choices=[x.value for x in Protocol],
@@ -157,6 +165,7 @@ class CoordinatorConfig:
                 raise layouts.LayoutError(f"--toxiproxy-api {a.toxiproxy_api!r}: not host:port")
             if not a.decisions_listen:
                 raise layouts.LayoutError("--decisions-listen: the participants need it")
+            layouts.check_broker_url(a.broker, "--broker")
         except layouts.LayoutError as exc:
             p.error(exc.message)
         return cls(
@@ -178,6 +187,7 @@ class CoordinatorConfig:
             key_retention=a.key_retention_hours * 3600,
             tls_dir=Path(a.tls_dir) if a.tls_dir else None,
             toxiproxy_api=a.toxiproxy_api,
+            broker=a.broker,
         )
 
 

@@ -8,6 +8,7 @@ Configuration (flags override the environment):
 | TRIPMESH_METRICS_LISTEN | 127.0.0.1:9101 (flight), :9102 (hotel), :9103 (car) | Prometheus /metrics (empty: off) |
 | TRIPMESH_DATA_DIR | .data | the database is DATA_DIR/<kind>.db |
 | TRIPMESH_DECISIONS | 127.0.0.1:16054 (flight), :16055 (hotel), :16056 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
+| TRIPMESH_BROKER | nats://127.0.0.1:16058 (flight), :16059 (hotel), :16060 (car) | the broker (NATS JetStream) for the choreographed saga's events (its <kind>-to-broker proxy) |
 | TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
 | TRIPMESH_SEED_DAYS | 60 | how many dates are put on sale, from today |
 | TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared 2PC hold waits before we ask about it |
@@ -68,6 +69,8 @@ class ServiceConfig:
     grace: float
     #: The CA and certificates (tripmesh.runtime.tls); None: plaintext.
     tls_dir: Path | None = None
+    #: nats://host:port of the broker, through this service's own proxy.
+    broker: str = ""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> ServiceConfig:
@@ -78,6 +81,11 @@ class ServiceConfig:
         parser.add_argument("--metrics-listen", default=env.get("TRIPMESH_METRICS_LISTEN"))
         parser.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
         parser.add_argument("--decisions", default=env.get("TRIPMESH_DECISIONS"))
+        parser.add_argument(
+            "--broker",
+            default=env.get("TRIPMESH_BROKER"),
+            help="nats://host:port of the broker for the choreographed saga's events",
+        )
         parser.add_argument("--catalog", default=env.get("TRIPMESH_CATALOG"))
         parser.add_argument("--seed-days", type=int, default=int(env.get("TRIPMESH_SEED_DAYS", 60)))
         parser.add_argument(
@@ -111,9 +119,11 @@ class ServiceConfig:
             if args.metrics_listen is None
             else args.metrics_listen
         )
+        broker = args.broker or declared.broker_url(args.kind)
         try:
             layouts.check_listen(listen, "--listen")
             layouts.check_listen(metrics_listen, "--metrics-listen")
+            layouts.check_broker_url(broker, "--broker")
         except layouts.LayoutError as exc:
             parser.error(exc.message)
         return cls(
@@ -131,6 +141,7 @@ class ServiceConfig:
             three_phase_pre_committed=args.three_pc_precommit_timeout,
             grace=5.0,
             tls_dir=Path(args.tls_dir) if args.tls_dir else None,
+            broker=broker,
         )
 
 

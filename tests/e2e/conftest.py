@@ -21,7 +21,7 @@ from tests.books import Books
 from tests.procs import ROOT, free_port
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
-from tripmesh.mesh.mesh import Mesh, MeshError, find_toxiproxy
+from tripmesh.mesh.mesh import Mesh, MeshError, find_nats_server, find_toxiproxy
 from tripmesh.mesh.supervise import pid_alive
 from tripmesh.mesh.toxiproxy import Toxiproxy
 
@@ -60,13 +60,15 @@ def isolated_env() -> dict[str, str]:
     """This environment with every mesh port moved to a free one."""
     try:
         find_toxiproxy()
+        find_nats_server()
     except MeshError as exc:
-        pytest.fail(f"{exc.message} (the e2e tests run a real Toxiproxy)")
+        pytest.fail(f"{exc.message} (the e2e tests run a real Toxiproxy and a real broker)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPMESH_")}
     for name in layouts.load(environ={}).ports:
         env[layouts.env_name(name)] = str(free_port())
-    if "TRIPMESH_TOXIPROXY_SERVER" in os.environ:
-        env["TRIPMESH_TOXIPROXY_SERVER"] = os.environ["TRIPMESH_TOXIPROXY_SERVER"]
+    for server in ("TRIPMESH_TOXIPROXY_SERVER", "TRIPMESH_NATS_SERVER"):
+        if server in os.environ:
+            env[server] = os.environ[server]
     return env
 
 

@@ -72,9 +72,31 @@ def test_proxies_are_derived_from_who_dials_whom() -> None:
     assert names[0] == "client-to-coordinator"
     assert {f"coordinator-to-{k}" for k in PARTICIPANTS} <= set(names)
     assert {f"{k}-to-coordinator" for k in PARTICIPANTS} <= set(names)
-    assert len(names) == 1 + 2 * len(PARTICIPANTS)
+    # Everyone who speaks to the broker does so through a proxy of its own, declared last.
+    to_broker = [f"{k}-to-broker" for k in (layouts.COORDINATOR, *PARTICIPANTS)]
+    assert names[-len(to_broker) :] == to_broker
+    assert len(names) == 1 + 2 * len(PARTICIPANTS) + len(to_broker)
     assert all(lay.ports[p.name] != lay.ports[p.upstream] for p in lay.proxies)
     assert len(set(lay.ports.values())) == len(lay.ports)
+
+
+def test_adding_the_broker_moved_no_proxy_declared_before_it() -> None:
+    lay = layouts.load(environ={})
+    assert [lay.ports[n] for n in ("client-to-coordinator", "coordinator-to-car",
+                                   "flight-to-coordinator", "car-to-coordinator")] == [
+        16050, 16053, 16054, 16056
+    ]  # fmt: skip
+    assert lay.broker_url("hotel") == f"nats://127.0.0.1:{lay.ports['hotel-to-broker']}"
+    argv = lay.broker_argv(Path("/data"))
+    assert argv[argv.index("--store_dir") + 1] == "/data/broker" and "--jetstream" in argv
+    assert argv[argv.index("--port") + 1] == str(lay.ports[layouts.BROKER])
+    assert lay.service_argv("car")[-2:] == ["--broker", lay.broker_url("car")]
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:4222", "nats://:4222", "nats://host", "http://h:1"])
+def test_a_broker_address_that_is_not_nats_host_port_is_refused(url: str) -> None:
+    with pytest.raises(layouts.LayoutError, match="expected nats://host:port"):
+        layouts.check_broker_url(url, "--broker")
 
 
 def test_participants_reach_only_the_coordinators_decisions_plane() -> None:
@@ -128,3 +150,34 @@ def test_supervisords_socket_path_always_fits(tmp_path: Path, length: int) -> No
     assert len(str(path)) <= MAX_SOCKET_PATH
     if len(str(folder / "supervisord.sock")) <= MAX_SOCKET_PATH:
         assert path == folder / "supervisord.sock"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["coordinator.server", "--broker", "localhost:4222"],
+        ["services.server", "car", "--broker", "nats://car-broker"],
+    ],
+)
+def test_the_servers_refuse_a_broker_that_is_not_nats_host_port(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coordinator.server import CoordinatorConfig
+    from services.server import ServiceConfig
+
+    parse = (
+        CoordinatorConfig.from_args if argv[0] == "coordinator.server" else ServiceConfig.from_args
+    )
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv[1:])
+    assert exit_.value.code == 2
+    assert f"--broker {argv[-1]!r}: expected nats://host:port" in capsys.readouterr().err
+
+
+def test_the_servers_dial_the_broker_through_their_own_proxy_by_default() -> None:
+    from coordinator.server import CoordinatorConfig
+    from services.server import ServiceConfig
+
+    lay = layouts.load(environ={})
+    assert ServiceConfig.from_args(["hotel"]).broker == lay.broker_url("hotel")
+    assert CoordinatorConfig.from_args([]).broker == lay.broker_url(layouts.COORDINATOR)

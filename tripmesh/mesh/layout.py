@@ -40,6 +40,8 @@ COORDINATOR = "coordinator"
 OPERATOR_PLANE = "operator"
 DECISIONS_PLANE = "decisions"
 TOXIPROXY = "toxiproxy"
+#: NATS with JetStream: the choreographed saga's events (its admin port is NATS monitoring).
+BROKER = "broker"
 CLIENT = "client"
 
 
@@ -76,7 +78,7 @@ class Layout:
         return self.address("client-to-coordinator")
 
     def service_argv(self, kind: str) -> list[str]:
-        """Flags of `python -m services.server KIND`: decisions go through its proxy."""
+        """Flags of `python -m services.server KIND`: decisions and events go through proxies."""
         return [
             kind,
             "--listen",
@@ -85,6 +87,29 @@ class Layout:
             self.address(f"{kind}-to-coordinator"),
             "--metrics-listen",
             self.address(admin_name(kind)),
+            "--broker",
+            self.broker_url(kind),
+        ]
+
+    def broker_url(self, source: str) -> str:
+        """nats://host:port of the broker as `source` dials it: through its own proxy."""
+        return f"nats://{self.address(proxy_name(source, BROKER))}"
+
+    def broker_argv(self, data_dir: Path) -> list[str]:
+        """Flags of nats-server: JetStream with file storage in DATA_DIR/broker, its
+        monitoring (health) on the broker's admin port, on this layout's host only."""
+        return [
+            "--addr",
+            self.host,
+            "--port",
+            str(self.ports[BROKER]),
+            "--http_port",
+            str(self.ports[admin_name(BROKER)]),
+            "--jetstream",
+            "--store_dir",
+            str(data_dir / BROKER),
+            "--name",
+            "tripmesh-broker",
         ]
 
     @property
@@ -108,7 +133,7 @@ class Layout:
         ]
         for kind in PARTICIPANTS:
             argv += [f"--{kind}", self.address(f"coordinator-to-{kind}")]
-        return argv
+        return [*argv, "--broker", self.broker_url(COORDINATOR)]
 
     def toxiproxy_config(self) -> list[dict[str, Any]]:
         """Toxiproxy's own `-config` file contents: the proxies created at start-up."""
@@ -223,6 +248,11 @@ def declared(declaration: Path = DECLARATION) -> tuple[dict[str, int], tuple[Pro
     }
     edges = [(CLIENT, target) for target in data["clients_dial"]]
     edges += [(name, target) for name, spec in processes.items() for target in spec["dials"]]
+    # A server that is not ours says who dials it; its edges come last, so that
+    # adding one moves no proxy already declared.
+    edges += [
+        (source, name) for name, spec in processes.items() for source in spec.get("dialled_by", [])
+    ]
     # "coordinator/decisions": the edge is named after the process, it leads to the plane.
     dialled = [(source, *target.partition("/")[::2]) for source, target in edges]
     unknown = sorted(
@@ -291,6 +321,13 @@ def check_listen(address: str, what: str) -> None:
     number = _int(port, what)
     if number:
         check_not_ephemeral(number, f"{what} {address}")
+
+
+def check_broker_url(url: str, what: str) -> None:
+    """Refuse a broker address that is not nats://host:port."""
+    host, _, port = url.removeprefix("nats://").rpartition(":")
+    if not url.startswith("nats://") or not host or not port.isdigit():
+        raise LayoutError(f"{what} {url!r}: expected nats://host:port")
 
 
 def _int(text: str, what: str) -> int:

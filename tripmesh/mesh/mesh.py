@@ -1,11 +1,13 @@
 """One mesh: a data folder, its port layout, and the supervisord that runs it.
 
 `Mesh.up` starts Toxiproxy (with every proxy derived from processes.json),
+the broker (nats-server with JetStream, its file storage in DATA_DIR/broker),
 the three services and then the coordinator under supervisord, and returns
 only when each of them reports SERVING: the services and the coordinator
 through the standard gRPC health protocol (the coordinator also through the
 client-to-coordinator proxy, the way bookings come in), Toxiproxy through its
-HTTP API with every proxy present. `Mesh.down` asks supervisord to stop them
+HTTP API with every proxy present, the broker through its monitoring
+endpoint's JetStream health check. `Mesh.down` asks supervisord to stop them
 all (SIGTERM, in reverse start order) and checks that none outlived it.
 
 The ports a mesh was started with are kept in DATA_DIR/layout.json, so that
@@ -22,6 +24,8 @@ import shutil
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,30 +35,47 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
 from tripmesh.mesh.errors import MeshError
-from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY, Layout
+from tripmesh.mesh.layout import BROKER, COORDINATOR, TOXIPROXY, Layout
 from tripmesh.mesh.supervise import Program, Supervisor, SupervisorError, render_config
 from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
 from tripmesh.runtime import auth, tls
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = (TOXIPROXY, *PARTICIPANTS, COORDINATOR)  # start order; supervisord stops in reverse
+ORDER = (TOXIPROXY, BROKER, *PARTICIPANTS, COORDINATOR)  # start order; stopped in reverse
 DEAD = {"EXITED", "FATAL", "BACKOFF", "STOPPED", "UNKNOWN"}
 SERVING = "SERVING"
 
 
-def find_toxiproxy() -> Path:
-    """The Toxiproxy server binary: $TRIPMESH_TOXIPROXY_SERVER, .bin/, or PATH."""
-    candidates = [
-        os.environ.get("TRIPMESH_TOXIPROXY_SERVER"),
-        str(ROOT / ".bin" / "toxiproxy-server"),
-    ]
-    candidates.append(shutil.which("toxiproxy-server"))
+def find_server(binary: str, variable: str, target: str) -> Path:
+    """A server binary that is not ours: $VARIABLE, .bin/BINARY, or BINARY on PATH."""
+    candidates = [os.environ.get(variable), str(ROOT / ".bin" / binary), shutil.which(binary)]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return Path(candidate)
-    raise MeshError(
-        "no toxiproxy-server found (.bin/toxiproxy-server or on PATH); `make toxiproxy` installs it"
-    )
+    raise MeshError(f"no {binary} found (.bin/{binary} or on PATH); `make {target}` installs it")
+
+
+def find_toxiproxy() -> Path:
+    """The Toxiproxy server: $TRIPMESH_TOXIPROXY_SERVER, .bin/, or PATH."""
+    return find_server("toxiproxy-server", "TRIPMESH_TOXIPROXY_SERVER", "toxiproxy")
+
+
+def find_nats_server() -> Path:
+    """The broker, NATS: $TRIPMESH_NATS_SERVER, .bin/, or PATH."""
+    return find_server("nats-server", "TRIPMESH_NATS_SERVER", "broker")
+
+
+def broker_health(host: str, port: int, timeout: float = 1.0) -> str:
+    """SERVING when the broker's monitoring says it and JetStream are healthy, else why not."""
+    url = f"http://{host}:{port}/healthz?js-enabled-only=true"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            status = json.loads(reply.read()).get("status")
+    except urllib.error.HTTPError as exc:
+        return f"NOT_SERVING ({exc.code})"
+    except (OSError, ValueError):
+        return "UNREACHABLE"
+    return SERVING if status == "ok" else f"NOT_SERVING ({status})"
 
 
 def grpc_health(
@@ -137,7 +158,13 @@ class Mesh:
                 10,
                 environment={"LOG_LEVEL": "info"},
                 restart=self.restart,
-            )
+            ),
+            Program(
+                BROKER,
+                [str(find_nats_server()), *self.layout.broker_argv(self.data_dir)],
+                15,
+                restart=self.restart,
+            ),
         ]
         programs += [
             Program(
@@ -210,7 +237,7 @@ class Mesh:
         self.layout_file.write_text(json.dumps(self.layout.to_json(), indent=2) + "\n")
         self.supervisor.launch(render_config(self.data_dir, self.programs(), workdir=ROOT))
         try:
-            self._wait_serving([TOXIPROXY, *PARTICIPANTS], deadline)
+            self._wait_serving([TOXIPROXY, BROKER, *PARTICIPANTS], deadline)
             self.supervisor.start("coordinator")
             self._wait_serving(["coordinator"], deadline)
         except (MeshError, SupervisorError):
@@ -237,6 +264,8 @@ class Mesh:
                 return "UNREACHABLE"
             missing = [p.name for p in self.layout.proxies if p.name not in found]
             return f"missing proxies {missing}" if missing else SERVING
+        if name == BROKER:
+            return broker_health(self.layout.host, self.layout.ports[layouts.admin_name(BROKER)])
         credentials = self.client_credentials
         direct = grpc_health(self.layout.address(name), credentials=credentials)
         if name == "coordinator" and direct == SERVING:
@@ -302,12 +331,14 @@ class Mesh:
         return text
 
     def wipe(self) -> None:
-        """Delete the databases and logs (only when stopped); the next `up` reseeds."""
+        """Delete the databases, the broker's streams and the logs (only when stopped); the
+        next `up` reseeds."""
         if self.running():
             raise MeshError("stop the mesh before wiping its data")
         for pattern in ("*.db", "*.db-wal", "*.db-shm", "*.db-journal"):
             for path in self.data_dir.glob(pattern):
                 path.unlink()
+        shutil.rmtree(self.data_dir / BROKER, ignore_errors=True)
         shutil.rmtree(self.data_dir / "logs", ignore_errors=True)
 
     def pids(self) -> dict[str, int]:
