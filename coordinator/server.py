@@ -118,7 +118,7 @@ class CoordinatorConfig:
         p.add_argument(
             "--broker",
             default=env.get("TRIPMESH_BROKER", declared.broker_url(layouts.COORDINATOR)),
-            help="nats://host:port of the broker for the choreographed saga's events",
+            help="nats://host:port of the broker for the choreographed saga's events (empty: none)",
         )
         p.add_argument(
             "--default-protocol",
@@ -165,7 +165,8 @@ class CoordinatorConfig:
                 raise layouts.LayoutError(f"--toxiproxy-api {a.toxiproxy_api!r}: not host:port")
             if not a.decisions_listen:
                 raise layouts.LayoutError("--decisions-listen: the participants need it")
-            layouts.check_broker_url(a.broker, "--broker")
+            if a.broker:
+                layouts.check_broker_url(a.broker, "--broker")
         except layouts.LayoutError as exc:
             p.error(exc.message)
         return cls(

@@ -8,7 +8,7 @@ Configuration (flags override the environment):
 | TRIPMESH_METRICS_LISTEN | 127.0.0.1:9101 (flight), :9102 (hotel), :9103 (car) | Prometheus /metrics (empty: off) |
 | TRIPMESH_DATA_DIR | .data | the database is DATA_DIR/<kind>.db |
 | TRIPMESH_DECISIONS | 127.0.0.1:16054 (flight), :16055 (hotel), :16056 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
-| TRIPMESH_BROKER | nats://127.0.0.1:16058 (flight), :16059 (hotel), :16060 (car) | the broker (NATS JetStream) for the choreographed saga's events (its <kind>-to-broker proxy) |
+| TRIPMESH_BROKER | nats://127.0.0.1:16058 (flight), :16059 (hotel), :16060 (car) | the broker (NATS JetStream) for the choreographed saga's events (its <kind>-to-broker proxy); empty: no part in it |
 | TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
 | TRIPMESH_SEED_DAYS | 60 | how many dates are put on sale, from today |
 | TRIPMESH_RESOLVE_AFTER | 5 | seconds a prepared 2PC hold waits before we ask about it |
@@ -33,6 +33,7 @@ from prometheus_client import start_http_server
 
 from services import car, flight, hotel
 from services.catalog import CatalogKind, load_catalog_file, seed
+from services.participant.choreography import Choreographer
 from services.participant.metrics import ParticipantMetrics
 from services.participant.resolver import InDoubtResolver
 from services.participant.servicer import ParticipantServicer
@@ -84,7 +85,8 @@ class ServiceConfig:
         parser.add_argument(
             "--broker",
             default=env.get("TRIPMESH_BROKER"),
-            help="nats://host:port of the broker for the choreographed saga's events",
+            help="nats://host:port of the broker for the choreographed saga's events"
+            " (empty: no part in it)",
         )
         parser.add_argument("--catalog", default=env.get("TRIPMESH_CATALOG"))
         parser.add_argument("--seed-days", type=int, default=int(env.get("TRIPMESH_SEED_DAYS", 60)))
@@ -119,11 +121,12 @@ class ServiceConfig:
             if args.metrics_listen is None
             else args.metrics_listen
         )
-        broker = args.broker or declared.broker_url(args.kind)
+        broker = declared.broker_url(args.kind) if args.broker is None else args.broker
         try:
             layouts.check_listen(listen, "--listen")
             layouts.check_listen(metrics_listen, "--metrics-listen")
-            layouts.check_broker_url(broker, "--broker")
+            if broker:
+                layouts.check_broker_url(broker, "--broker")
         except layouts.LayoutError as exc:
             parser.error(exc.message)
         return cls(
@@ -236,6 +239,13 @@ async def serve(config: ServiceConfig) -> None:
         metrics=metrics,
     )
     timing = asyncio.create_task(timer.run_forever(), name="3PC time-outs")
+    # The choreographed saga: our part, driven by the broker's events, not by a coordinator.
+    reacting = asyncio.create_task(
+        Choreographer(config.kind, store, config.broker).run()
+        if config.broker
+        else asyncio.Event().wait(),
+        name="choreography",
+    )
     failure = rpc.StorageFailure()
     store.db.on_writer_death(failure)
     await running.set_serving(True)
@@ -244,7 +254,7 @@ async def serve(config: ServiceConfig) -> None:
     try:
         failed = await rpc.serve_until_signalled(running, grace=config.grace, failure=failure)
     finally:
-        for task in (resolving, timing):
+        for task in (resolving, timing, reacting):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -137,6 +137,9 @@ class Cluster:
                 "1",
                 "--metrics-listen",
                 f"127.0.0.1:{free_port()}",
+                # No broker here: the choreographed saga is off (the mesh tests run it).
+                "--broker",
+                "",
             ]
             if self.catalog is not None:
                 argv += ["--catalog", str(self.catalog / f"{kind}.json")]
@@ -169,6 +172,8 @@ class Cluster:
             "20",
             "--admin-listen",
             self.admin_address,
+            "--broker",
+            "",
             *self.coordinator_args,
         ]
         self.coordinator = Proc(

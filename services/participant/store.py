@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.participant.books import (
@@ -32,10 +33,11 @@ from services.participant.domain import (
     not_found,
     wrong_state,
 )
-from tripmesh.runtime import failpoints
+from tripmesh.runtime import failpoints, outbox
 from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 from tripmesh.runtime.fields import quote
+from tripmesh.v1 import events_pb2 as epb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -74,6 +76,9 @@ CREATE INDEX IF NOT EXISTS reservations_by_trip ON reservations(trip_id);
 """.replace("{protocols}", sql_values(Protocol)).replace(
     "{statuses}", sql_values(ReservationStatus)
 )
+# An event to queue in the outbox and its subject; what a step tells the others.
+Told = tuple[epb.SagaEvent, str]
+Tell = Callable[[StepResult], Told]
 # Bumped whenever SCHEMA changes; books written by another version are refused at
 # start-up rather than misread.
 SCHEMA_VERSION = 2
@@ -87,6 +92,9 @@ class ParticipantStore:
     def __init__(self, path: Path | str, *, kind: str = "resource") -> None:
         self.db = Database(path)
         self.db.run_sync(migrate(SCHEMA, SCHEMA_VERSION, table="reservations", what="these books"))
+        # The choreographed saga's events, written with the step they report (a table
+        # of its own: books without it are read as before, and gain it).
+        self.db.run_sync(outbox.create)
         self.kind = kind  # "flight", "hotel", "car": for messages
 
     def close(self) -> None:
@@ -166,6 +174,36 @@ class ParticipantStore:
     ) -> Reservation:
         """Semantic lock lifted: a PENDING saga leg becomes confirmed."""
         return await self.db.run(lambda c: _confirm_pending(c, reservation_id, settled_by))
+
+    # -- the choreographed saga: the step and the event it must publish, one transaction
+    async def reserve_and_tell(
+        self, reservation_id: str, trip_id: str, hold: Hold, tell: Tell
+    ) -> StepResult:
+        """A saga Reserve, and `tell(result)`'s event queued in the outbox with it."""
+
+        def job(conn: sqlite3.Connection) -> StepResult:
+            result = _take(conn, self.kind, reservation_id, trip_id, hold, Protocol.SAGA)
+            outbox.add(conn, *tell(result))
+            return result
+
+        return await self.db.run(job)
+
+    async def tell(self, told: Told) -> None:
+        """Queue an event that reports no step of ours (a request we had to refuse)."""
+        await self.db.run(lambda conn: outbox.add(conn, *told))
+
+    async def cancel_and_tell(
+        self, reservation_id: str, trip_id: str, tell: Callable[[Reservation], Told]
+    ) -> Reservation:
+        """A saga Cancel (a tombstone if nothing was taken), and its event queued with it."""
+
+        def job(conn: sqlite3.Connection) -> Reservation:
+            failpoints.hit("participant.before_cancel")
+            reservation = _give_back(conn, reservation_id, trip_id, Protocol.SAGA, "choreography")
+            outbox.add(conn, *tell(reservation))
+            return reservation
+
+        return await self.db.run(job)
 
     # -- audit -------------------------------------------------------------
     async def inventory(self, resource_id: str, first: str, last: str) -> list[InventoryDay]:

@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.books import Books
+from services.catalog import SeedResource, write_catalog_file
+from tests.books import TODAY, Books
 from tests.procs import ROOT, free_port
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
@@ -99,6 +101,30 @@ def running_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMe
     toxiproxy = Toxiproxy(lay.host, lay.ports[layouts.TOXIPROXY])
     try:
         yield RunningMesh(data_dir, env, mesh, toxiproxy, books)
+    finally:
+        books.close()
+        stop_and_check(mesh, env)
+
+
+# A catalog of four: plenty of everything, and a car that is always sold out.
+DOOMED_CATALOG = (
+    SeedResource("FX", "flight", 10_000, 1_000),
+    SeedResource("HX", "hotel", 10_000, 1_000),
+    SeedResource("CX", "car", 10_000, 1_000),
+    SeedResource("C-NONE", "car sold out", 10_000, 0),
+)
+
+
+@contextmanager
+def doomed_catalog_mesh(folder: Path) -> Iterator[tuple[Mesh, Books]]:
+    """A mesh as `make up` runs it, seeded with DOOMED_CATALOG for ten days; its books."""
+    catalog = write_catalog_file(folder / "catalog.json", list(DOOMED_CATALOG), TODAY, 10)
+    env = {**isolated_env(), "TRIPMESH_CATALOG": str(catalog)}
+    mesh = start(folder / "mesh", env)
+    lay = mesh.layout
+    books = Books.open(lay.client_address, {k: lay.address(k) for k in PARTICIPANTS})
+    try:
+        yield mesh, books
     finally:
         books.close()
         stop_and_check(mesh, env)

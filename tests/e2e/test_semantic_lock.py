@@ -18,10 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.catalog import SeedResource, write_catalog_file
-from tests.books import TODAY, Books, trip_request
-from tests.e2e.conftest import isolated_env, start, stop_and_check
-from tripmesh import PARTICIPANTS
+from tests.books import Books, trip_request
+from tests.e2e.conftest import doomed_catalog_mesh
 from tripmesh.mesh.layout import TOXIPROXY
 from tripmesh.mesh.mesh import Mesh
 from tripmesh.mesh.toxiproxy import Toxiproxy
@@ -35,29 +33,10 @@ TRIPS = 8
 
 @pytest.fixture(scope="module")
 def doomed_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Books]]:
-    folder = tmp_path_factory.mktemp("semantic-lock")
-    catalog = write_catalog_file(
-        folder / "catalog.json",
-        [
-            SeedResource("FX", "flight", 10_000, 1_000),
-            SeedResource("HX", "hotel", 10_000, 1_000),
-            SeedResource("CX", "car", 10_000, 1_000),
-            SeedResource("C-NONE", "car sold out", 10_000, 0),
-        ],
-        TODAY,
-        10,
-    )
-    env = {**isolated_env(), "TRIPMESH_CATALOG": str(catalog)}
-    mesh = start(folder / "mesh", env)
-    lay = mesh.layout
-    books = Books.open(lay.client_address, {k: lay.address(k) for k in PARTICIPANTS})
-    toxiproxy = Toxiproxy(lay.host, lay.ports[TOXIPROXY])
-    toxiproxy.add_toxic("coordinator-to-car", "latency", attributes={"latency": 300})
-    try:
+    with doomed_catalog_mesh(tmp_path_factory.mktemp("semantic-lock")) as (mesh, books):
+        toxiproxy = Toxiproxy(mesh.layout.host, mesh.layout.ports[TOXIPROXY])
+        toxiproxy.add_toxic("coordinator-to-car", "latency", attributes={"latency": 300})
         yield mesh, books
-    finally:
-        books.close()
-        stop_and_check(mesh, env)
 
 
 def _flight_totals(books: Books) -> ppb.ResourceTotals:

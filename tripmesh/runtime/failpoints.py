@@ -48,6 +48,10 @@ FAILPOINTS = {
     "participant.before_commit": "participant: a Commit or DoCommit arrived, nothing applied",
     "participant.before_cancel": "participant: a Cancel (compensation) arrived, nothing applied yet",
     "participant.take": "participant: a Prepare or Reserve is being written (inside the batch)",
+    "choreography.before_ack": "a service's step and its event are committed; the event it"
+    " reacted to is not acknowledged yet",
+    "outbox.before_publish": "an event is committed in the outbox, not published yet",
+    "outbox.after_publish": "an event is published, not yet marked published in the outbox",
 }
 
 

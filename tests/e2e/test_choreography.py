@@ -1,0 +1,193 @@
+"""The choreographed saga's participants, on a real broker, behind Toxiproxy.
+
+The mesh as `make up` runs it: nats-server with JetStream, every service
+dialling it through its own `X-to-broker` proxy. No coordinator drives these
+trips: the test publishes `TRIP_REQUESTED` through `coordinator-to-broker`, as
+the coordinator's outbox will, and then reads only the event stream and the
+participants' own books. Each service must react to the event before its
+step, and compensation must flow back through events alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.books import TODAY, Books
+from tests.e2e.conftest import doomed_catalog_mesh
+from tripmesh import PARTICIPANTS
+from tripmesh.mesh.layout import COORDINATOR
+from tripmesh.mesh.mesh import Mesh
+from tripmesh.runtime import broker
+from tripmesh.v1 import events_pb2 as epb
+from tripmesh.v1 import participant_pb2 as ppb
+
+pytestmark = pytest.mark.e2e
+
+K = epb.SagaEventKind
+BOOKED = [
+    K.SAGA_EVENT_KIND_TRIP_REQUESTED,
+    K.SAGA_EVENT_KIND_FLIGHT_RESERVED,
+    K.SAGA_EVENT_KIND_HOTEL_RESERVED,
+    K.SAGA_EVENT_KIND_CAR_RESERVED,
+]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Books]]:
+    with doomed_catalog_mesh(tmp_path_factory.mktemp("choreography")) as found:
+        yield found
+
+
+def plan(car: str = "CX") -> epb.TripPlan:
+    trip_id = f"chor-{uuid.uuid4().hex[:12]}"
+    day = (TODAY).isoformat()
+    return epb.TripPlan(
+        trip_id=trip_id,
+        flight=ppb.Hold(resource_id="FX", start_date=day, days=1, quantity=1),
+        hotel=ppb.Hold(resource_id="HX", start_date=day, days=2, quantity=1),
+        car=ppb.Hold(resource_id=car, start_date=day, days=2, quantity=1),
+    )
+
+
+async def _publish(url: str, event: epb.SagaEvent, message_id: str) -> bool:
+    """Publish as the coordinator will; True if the broker kept it as a duplicate."""
+    client = await broker.connect(url, "test-coordinator")
+    try:
+        js = client.jetstream()
+        await broker.ensure_stream(js)
+        ack = await js.publish(
+            broker.subject(event.kind),
+            event.SerializeToString(),
+            headers={"Nats-Msg-Id": message_id},
+            timeout=5,
+        )
+        return bool(ack.duplicate)
+    finally:
+        await client.close()
+
+
+async def _stream(url: str, trip_id: str) -> list[tuple[int, epb.SagaEvent]]:
+    """Every event of `trip_id` in the stream, with its stream sequence, oldest first."""
+    client = await broker.connect(url, "test-reader")
+    try:
+        js = client.jetstream()
+        consumer = await js.pull_subscribe(broker.SUBJECT_PREFIX + ">", stream=broker.STREAM)
+        found = []
+        while True:
+            try:
+                messages = await consumer.fetch(500, timeout=0.5)
+            except TimeoutError:
+                break
+            for m in messages:
+                event = epb.SagaEvent.FromString(m.data)
+                if event.plan.trip_id == trip_id:
+                    found.append((m.metadata.sequence.stream, event))
+                await m.ack()
+        await consumer.unsubscribe()
+        return found
+    finally:
+        await client.close()
+
+
+def request(mesh: Mesh, trip: epb.TripPlan, message_id: str = "") -> bool:
+    event = broker.new_event(K.SAGA_EVENT_KIND_TRIP_REQUESTED, trip, source=COORDINATOR)
+    url = mesh.layout.broker_url(COORDINATOR)
+    return asyncio.run(_publish(url, event, message_id or event.event_id))
+
+
+def events_until(mesh: Mesh, trip_id: str, last: int, timeout: float = 20.0) -> list[epb.SagaEvent]:
+    """The trip's events once `last` is among them (ordered by stream sequence)."""
+    url = mesh.layout.broker_url(COORDINATOR)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for _, e in sorted(asyncio.run(_stream(url, trip_id)), key=lambda p: p[0])]
+        if any(e.kind == last for e in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def own_records(books: Books, trip_id: str) -> dict[str, ppb.Reservation]:
+    """Each participant's reservation for the trip, from its own books."""
+    found = {}
+    for kind, stub in books.participants.items():
+        reply = stub.ListReservations(ppb.ListReservationsRequest(trip_id=trip_id), timeout=5)
+        for r in reply.reservations:
+            found[kind] = r
+    return found
+
+
+def test_a_choreographed_trip_books_through_toxiproxy_and_the_broker(
+    mesh: tuple[Mesh, Books],
+) -> None:
+    started, books = mesh
+    trip = plan()
+    assert request(started, trip) is False
+    events = events_until(started, trip.trip_id, K.SAGA_EVENT_KIND_CAR_RESERVED)
+    assert [e.kind for e in events] == BOOKED
+    assert [e.source for e in events] == ["coordinator", "flight", "hotel", "car"]
+    records = own_records(books, trip.trip_id)
+    assert {k: r.status for k, r in records.items()} == {
+        k: ppb.RESERVATION_STATUS_CONFIRMED for k in PARTICIPANTS
+    }
+    assert {r.reservation_id for r in records.values()} == {
+        f"{trip.trip_id}-{k}" for k in PARTICIPANTS
+    }
+    # Each service took its step only after the one before it: its own records say so.
+    taken = [records[k].created_at.ToNanoseconds() for k in PARTICIPANTS]
+    assert taken == sorted(taken)
+    assert all(e.price_cents > 0 for e in events[1:])
+
+
+def test_car_sold_out_the_hotel_then_the_flight_cancel_driven_by_events(
+    mesh: tuple[Mesh, Books],
+) -> None:
+    started, books = mesh
+    trip = plan(car="C-NONE")
+    request(started, trip)
+    events = events_until(started, trip.trip_id, K.SAGA_EVENT_KIND_FLIGHT_CANCELLED)
+    assert [e.kind for e in events] == [
+        K.SAGA_EVENT_KIND_TRIP_REQUESTED,
+        K.SAGA_EVENT_KIND_FLIGHT_RESERVED,
+        K.SAGA_EVENT_KIND_HOTEL_RESERVED,
+        K.SAGA_EVENT_KIND_CAR_REFUSED,
+        K.SAGA_EVENT_KIND_HOTEL_CANCELLED,
+        K.SAGA_EVENT_KIND_FLIGHT_CANCELLED,
+    ]
+    assert events[3].reason.startswith("sold out")
+    records = own_records(books, trip.trip_id)
+    assert records["car"].status == ppb.RESERVATION_STATUS_REFUSED
+    assert records["hotel"].status == ppb.RESERVATION_STATUS_CANCELLED
+    assert records["flight"].status == ppb.RESERVATION_STATUS_CANCELLED
+    # In that order, from the participants' own clocks: the hotel gave back first.
+    hotel_back = records["hotel"].updated_at.ToNanoseconds()
+    assert hotel_back <= records["flight"].updated_at.ToNanoseconds()
+    assert records["hotel"].settled_by == records["flight"].settled_by == "choreography"
+
+
+def test_a_duplicated_or_redelivered_event_changes_nothing(mesh: tuple[Mesh, Books]) -> None:
+    started, books = mesh
+    trip = plan()
+    request(started, trip)
+    first = events_until(started, trip.trip_id, K.SAGA_EVENT_KIND_CAR_RESERVED)
+    before = own_records(books, trip.trip_id)
+    flight_totals = books.participants["flight"].SummarizeInventory(
+        ppb.SummarizeInventoryRequest(), timeout=5
+    )
+    # The same event id again: the broker itself drops it.
+    assert request(started, trip) is True
+    # The same event under another message id: the broker keeps it, the flight service
+    # handles it again, and its step (keyed on the reservation id) changes nothing.
+    assert request(started, trip, message_id=f"{trip.trip_id}.again") is False
+    time.sleep(2.0)
+    after = events_until(started, trip.trip_id, K.SAGA_EVENT_KIND_CAR_RESERVED)
+    assert [e.kind for e in after] == [*[e.kind for e in first], K.SAGA_EVENT_KIND_TRIP_REQUESTED]
+    assert own_records(books, trip.trip_id) == before
+    assert (
+        books.participants["flight"].SummarizeInventory(ppb.SummarizeInventoryRequest(), timeout=5)
+        == flight_totals
+    )

@@ -1,0 +1,130 @@
+"""A transactional outbox: an event is written in the same local transaction as the step
+it reports, and a relay publishes it afterwards.
+
+A crash after the commit loses nothing (the row waits in the outbox); a crash
+after publishing and before marking the row published publishes it again, and
+the broker drops the second copy (the event id is the message id). The table
+lives in the service's own database; `add` is called inside the step's
+transaction; the `Relay` publishes in order of writing, in batches, and marks
+each row published once the broker has acknowledged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+
+from tripmesh.runtime import failpoints
+from tripmesh.runtime.broker import BROKER_ERRORS
+from tripmesh.runtime.database import Database
+from tripmesh.v1 import events_pb2 as epb
+
+log = logging.getLogger("tripmesh.outbox")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  event_id TEXT NOT NULL UNIQUE,
+  subject TEXT NOT NULL,
+  payload BLOB NOT NULL,
+  created_at REAL NOT NULL,
+  published_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(seq) WHERE published_at IS NULL;
+"""
+BATCH = 256
+
+# Publishes one event (subject, payload, message id); returns once the broker has it.
+Publish = Callable[[str, bytes, str], Awaitable[None]]
+
+
+def create(conn: sqlite3.Connection) -> None:
+    for statement in filter(str.strip, SCHEMA.split(";")):
+        conn.execute(statement)
+
+
+def add(conn: sqlite3.Connection, event: epb.SagaEvent, subject: str) -> bool:
+    """Queue `event` in the caller's transaction; False if it was queued before (same id)."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO outbox (event_id, subject, payload, created_at) VALUES (?, ?, ?, ?)",
+        (event.event_id, subject, event.SerializeToString(), time.time()),
+    )
+    return cursor.rowcount == 1
+
+
+def pending(conn: sqlite3.Connection, limit: int = BATCH) -> list[tuple[int, str, str, bytes]]:
+    """(seq, event id, subject, payload) of unpublished events, oldest first."""
+    return [
+        (int(seq), str(event_id), str(subject), bytes(payload))
+        for seq, event_id, subject, payload in conn.execute(
+            "SELECT seq, event_id, subject, payload FROM outbox WHERE published_at IS NULL"
+            " ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+    ]
+
+
+def depth(conn: sqlite3.Connection) -> int:
+    """How many events wait to be published."""
+    (count,) = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+    return int(count)
+
+
+class Relay:
+    """Publishes a database's outbox; `wake()` after a step that queued an event."""
+
+    def __init__(self, db: Database, publish: Publish, *, retry_after: float = 0.5) -> None:
+        self.db = db
+        self.publish = publish
+        self.retry_after = retry_after
+        self._wake = asyncio.Event()
+        self.published = 0
+        self.failures = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish for ever: whatever is pending, then wait to be woken (or poll each second)."""
+        while True:
+            self._wake.clear()
+            try:
+                sent = await self.drain()
+            except BROKER_ERRORS as exc:  # the broker is away: keep the rows, try again soon
+                self.failures += 1
+                log.warning("outbox: publishing failed, retrying: %s", exc)
+                await asyncio.sleep(self.retry_after)
+                continue
+            if not sent:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+
+    async def drain(self) -> int:
+        """Publish every pending event, in order; how many were published."""
+        total = 0
+        while rows := await self.db.read(pending):
+            done: list[int] = []
+            try:
+                for seq, event_id, subject, payload in rows:
+                    failpoints.hit("outbox.before_publish")
+                    await self.publish(subject, payload, event_id)
+                    failpoints.hit("outbox.after_publish")
+                    done.append(seq)
+            finally:
+                if done:
+                    await self.db.run(functools.partial(_mark, seqs=tuple(done)))
+                    total += len(done)
+                    self.published += len(done)
+        return total
+
+
+def _mark(conn: sqlite3.Connection, seqs: tuple[int, ...]) -> None:
+    conn.executemany(
+        "UPDATE outbox SET published_at = ? WHERE seq = ?", [(time.time(), s) for s in seqs]
+    )
