@@ -23,6 +23,7 @@ class Protocol(enum.Enum):
     TWO_PHASE_COMMIT = "2pc"
     SAGA = "saga"
     THREE_PHASE_COMMIT = "3pc"
+    CHOREOGRAPHY = "choreography"
 
 
 class TripStatus(enum.Enum):
@@ -44,6 +45,7 @@ class Attention(enum.Enum):
     PHASE2_REJECTED = "phase2_rejected"  # 2PC: a participant refused the logged decision
     COMPENSATION_FAILED = "compensation_failed"  # saga: a Cancel failed past its policy
     FORWARD_STUCK = "forward_stuck"  # saga past its pivot: a later step did not complete
+    CHOREOGRAPHY_STUCK = "choreography_stuck"  # no event for the trip for too long
 
     @property
     def still_driven(self) -> bool:

@@ -22,7 +22,7 @@ and writes never re-read it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,7 @@ from coordinator.domain import (
 )
 
 if TYPE_CHECKING:
-    from coordinator.store import TripStore
+    from coordinator.store import Told, TripStore
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,10 @@ class TripJournal:
         failure_reason: str | None = None,
         attention: Attention | None = None,
         attention_detail: str = "",
+        tell: Sequence[Told] = (),
     ) -> Trip:
-        """Write the notes and this change in one durable transaction; the trip as it now is."""
+        """Write the notes and this change in one durable transaction; the trip as it now is.
+        `tell`: events for the broker, queued in the outbox in that transaction."""
         change = Change(
             (*self._events, *events),
             status,
@@ -166,7 +168,7 @@ class TripJournal:
         # one trip in flight at once (2PC's phase 2 runs legs in parallel) each
         # start from the other's result; the store applies them in the same order.
         self._stored = self._trip = change.apply(self._stored, now)
-        await self.store.write(self._stored.trip_id, change, now)
+        await self.store.write(self._stored.trip_id, change, now, tell=tell)
         if self._legs:  # noted while the write was under way: still to be written
             self._trip = None
         return self.trip

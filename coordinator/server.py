@@ -18,6 +18,7 @@ Configuration (flags override the environment):
 | TRIPMESH_KEY_RETENTION_HOURS | 72 | how long idempotency keys are kept |
 | TRIPMESH_TLS_DIR | (none: plaintext) | TLS on every plane and to the participants, with the CA and certificates in this folder (tripmesh.runtime.tls) |
 | TRIPMESH_BROKER | nats://127.0.0.1:16057 | the broker (NATS JetStream) for the choreographed saga's events (its coordinator-to-broker proxy) |
+| TRIPMESH_CHOREOGRAPHY_STUCK_AFTER | 30 | seconds with no event before a choreographed trip is NEEDS_ATTENTION (CHOREOGRAPHY_STUCK) |
 | TRIPMESH_TOXIPROXY_API | (none) | host:port of Toxiproxy's API: the operator page shows each edge's state, and tells a cut edge from a dead service |
 | TRIPMESH_FAILPOINTS | (none) | see tripmesh.runtime.failpoints |
 """
@@ -36,9 +37,10 @@ import grpc
 
 from coordinator.admin import AdminServer
 from coordinator.catalog import Catalog
+from coordinator.choreography import Choreography, EventFollower
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import LegKind, Protocol
-from coordinator.engine import Policies
+from coordinator.engine import Policies, TripEngine
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.operations import OperatorActions
 from coordinator.saga import Saga, trip_saga
@@ -74,6 +76,8 @@ class CoordinatorConfig:
     toxiproxy_api: str = ""
     #: nats://host:port of the broker, through the coordinator's own proxy.
     broker: str = ""
+    #: Seconds with no event before a choreographed trip needs attention.
+    choreography_stuck_after: float = 30.0
     max_wait: float = 30.0
     sweep_every: float = 5.0
     grace: float = 5.0
@@ -119,6 +123,12 @@ class CoordinatorConfig:
             "--broker",
             default=env.get("TRIPMESH_BROKER", declared.broker_url(layouts.COORDINATOR)),
             help="nats://host:port of the broker for the choreographed saga's events (empty: none)",
+        )
+        p.add_argument(
+            "--choreography-stuck-after",
+            type=float,
+            default=float(env.get("TRIPMESH_CHOREOGRAPHY_STUCK_AFTER", 30)),
+            help="seconds with no event before a choreographed trip needs attention",
         )
         p.add_argument(
             "--default-protocol",
@@ -167,6 +177,8 @@ class CoordinatorConfig:
                 raise layouts.LayoutError("--decisions-listen: the participants need it")
             if a.broker:
                 layouts.check_broker_url(a.broker, "--broker")
+            if a.choreography_stuck_after <= 0:
+                raise layouts.LayoutError("--choreography-stuck-after: must be positive")
         except layouts.LayoutError as exc:
             p.error(exc.message)
         return cls(
@@ -189,6 +201,7 @@ class CoordinatorConfig:
             tls_dir=Path(a.tls_dir) if a.tls_dir else None,
             toxiproxy_api=a.toxiproxy_api,
             broker=a.broker,
+            choreography_stuck_after=a.choreography_stuck_after,
         )
 
 
@@ -221,7 +234,7 @@ async def serve(config: CoordinatorConfig) -> None:
         credentials=to_participants,
     )
     catalog = Catalog(participants)
-    engines = {
+    engines: dict[Protocol, TripEngine] = {
         engine.protocol: engine
         for engine in (
             TwoPhaseCommit(store, participants, config.policies, metrics),
@@ -229,6 +242,13 @@ async def serve(config: CoordinatorConfig) -> None:
             ThreePhaseCommit(store, participants, config.policies, metrics),
         )
     }
+    # The choreographed saga, when there is a broker: the services drive it, we follow.
+    follower = None
+    if config.broker:
+        follower = EventFollower(store, config.broker, stuck_after=config.choreography_stuck_after)
+        engines[Protocol.CHOREOGRAPHY] = Choreography(
+            store, participants, config.policies, metrics
+        ).bind(follower)
     service = TripService(store, engines, catalog, metrics=metrics)
     actions = OperatorActions(service, participants)
     operators = auth.operator_credentials(config.data_dir)
@@ -301,6 +321,10 @@ async def serve(config: CoordinatorConfig) -> None:
         )
     # Decisions must be answerable while we recover: prepared participants are asking.
     await catalog.load()
+    following = asyncio.create_task(
+        follower.run(store.db) if follower is not None else asyncio.Event().wait(),
+        name="choreography follower",
+    )
     recovery = asyncio.create_task(service.recover_unfinished(), name="recovery")
     housekeeping = asyncio.create_task(
         service.run_housekeeping(
@@ -322,7 +346,7 @@ async def serve(config: CoordinatorConfig) -> None:
     try:
         failed = await rpc.serve_until_signalled(planes, grace=config.grace, failure=failure)
     finally:
-        for task in (recovery, housekeeping):
+        for task in (recovery, housekeeping, following):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

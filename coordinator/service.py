@@ -19,7 +19,7 @@ from coordinator.engine import TripEngine
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
 from tripmesh.runtime import logs
-from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.errors import ErrorKind, FieldViolation
 from tripmesh.runtime.fields import quote
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,15 @@ class TripService:
 
         `correlation_id` (the caller's, if it sent one) follows the trip into every log line.
         """
+        if request.protocol not in self.engines:
+            why = f"this coordinator cannot book {request.protocol.value} trips"
+            if request.protocol is Protocol.CHOREOGRAPHY:
+                why += " (it was started with no broker: --broker)"
+            raise CoordinatorError(
+                f"protocol: {why}",
+                kind=ErrorKind.PRECONDITION,
+                violations=(FieldViolation("protocol", why),),
+            )
         await self.catalog.check(request)
         if len(self._active) >= self.max_in_flight:
             raise CoordinatorError(

@@ -16,11 +16,15 @@ state before it. A store that cannot do a call raises `StorageUnavailable`
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from coordinator.domain import Decision, Protocol, Trip, TripEvent, TripRequest, TripStatus
 from coordinator.journal import Change
+from tripmesh.v1 import events_pb2 as epb
+
+# An event and its subject, to queue in the outbox with a write.
+Told = tuple[epb.SagaEvent, str]
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,11 @@ class TripStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def write(self, trip_id: str, change: Change, now: float) -> None:
-        """Apply `change` to the trip durably, stamped `now`."""
+    async def write(
+        self, trip_id: str, change: Change, now: float, *, tell: Sequence[Told] = ()
+    ) -> None:
+        """Apply `change` to the trip durably, stamped `now`; `tell`: events for the broker,
+        queued in the outbox in the same transaction (tripmesh.runtime.outbox)."""
 
     @abc.abstractmethod
     async def purge_keys(self, older_than: float) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from coordinator.domain import (
@@ -28,13 +28,13 @@ from coordinator.domain import (
     reservation_id,
 )
 from coordinator.journal import Change
-from coordinator.store import TripQuery, TripStore
-from tripmesh.runtime import failpoints
+from coordinator.store import Told, TripQuery, TripStore
+from tripmesh.runtime import failpoints, outbox
 from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind
 from tripmesh.runtime.fields import quote
 
-SCHEMA = f"""
+TRIPS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS trips (
   trip_id TEXT PRIMARY KEY,
   protocol TEXT NOT NULL CHECK (protocol IN ({sql_values(Protocol)})),
@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS trips (
   created_at REAL NOT NULL,
   updated_at REAL NOT NULL,
   CHECK ((status = 'needs_attention') = (attention IS NOT NULL))
-);
+)"""
+SCHEMA = f"""{TRIPS_TABLE};
 CREATE INDEX IF NOT EXISTS trips_by_status ON trips(status);
 CREATE TABLE IF NOT EXISTS legs (
   trip_id TEXT NOT NULL REFERENCES trips(trip_id),
@@ -77,15 +78,44 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_trip ON events(trip_id, seq);
 """
 # Bumped whenever SCHEMA changes; a store written by another version is refused
-# at start-up rather than misread.
-SCHEMA_VERSION = 3
+# at start-up rather than misread, unless `_upgrade` knows the way (3 -> 4: the
+# choreographed saga widened the protocol and attention CHECKs).
+SCHEMA_VERSION = 4
 _STILL_DRIVEN = tuple(a.value for a in Attention if a.still_driven)
+
+
+def _upgrade(path: Path) -> None:
+    """Bring a version-3 store to version 4 by SQLite's own recipe for changing a table's
+    CHECKs (https://sqlite.org/lang_altertable.html#otheralter): foreign keys off, a new
+    table, the rows copied, the old one dropped, the new one renamed, in one transaction."""
+    if not path.exists():
+        return
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] != 3:
+            return
+        conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set first
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(TRIPS_TABLE.replace("EXISTS trips (", "EXISTS trips_v4 (", 1))
+        conn.execute("INSERT INTO trips_v4 SELECT * FROM trips")
+        conn.execute("DROP TABLE trips")
+        conn.execute("ALTER TABLE trips_v4 RENAME TO trips")
+        conn.execute("CREATE INDEX IF NOT EXISTS trips_by_status ON trips(status)")
+        if conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+            raise RuntimeError(f"{path}: upgrading the trip store broke a foreign key")
+        conn.execute("PRAGMA user_version = 4")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 class SqliteTripStore(TripStore):
     def __init__(self, path: Path | str) -> None:
+        _upgrade(Path(path))
         self.db = Database(path)
         self.db.run_sync(migrate(SCHEMA, SCHEMA_VERSION, table="trips", what="the trip store"))
+        # The choreographed saga's TRIP_REQUESTED, written with the trip it requests.
+        self.db.run_sync(outbox.create)
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         self.db.on_writer_death(callback)
@@ -98,8 +128,20 @@ class SqliteTripStore(TripStore):
         fingerprint, body = request.fingerprint(), request.to_json()
         return await self.db.run(lambda c: _create(c, request, fingerprint, body))
 
-    async def write(self, trip_id: str, change: Change, now: float) -> None:
-        await self.db.run(lambda c: _write(c, trip_id, change, now))
+    async def write(
+        self, trip_id: str, change: Change, now: float, *, tell: Sequence[Told] = ()
+    ) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            _write(conn, trip_id, change, now)
+            for event, subject in tell:
+                outbox.add(conn, event, subject)
+
+        await self.db.run(job)
+
+    @property
+    def outbox_db(self) -> Database:
+        """The database whose outbox the relay publishes."""
+        return self.db
 
     async def purge_keys(self, older_than: float) -> int:
         cutoff = time.time() - older_than

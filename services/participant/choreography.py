@@ -1,7 +1,7 @@
 """The choreographed saga as a participant plays it: react to the event before our step.
 
 No coordinator calls us. Each service consumes, from the broker, the events it
-reacts to (`REACTIONS`), does its local step and queues the event it must
+reacts to (tripmesh.choreography.FLOW), does its local step and queues the event it must
 publish in the same transaction (the outbox, tripmesh.runtime.outbox); the
 relay publishes it. Only then is the incoming event acknowledged: a crash
 before that gets it delivered again, and the step, keyed on the reservation id
@@ -16,55 +16,19 @@ id, which the outbox and the broker each keep once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from dataclasses import dataclass
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
 
 from services.participant.convert import hold_from_proto
 from services.participant.domain import ParticipantError, Reservation, StepResult
 from services.participant.store import ParticipantStore, Told
+from tripmesh.choreography import Reaction, reactions_of
 from tripmesh.runtime import broker, failpoints
-from tripmesh.runtime.outbox import Relay
 from tripmesh.v1 import events_pb2 as epb
 
 log = logging.getLogger("tripmesh.choreography")
 
-K = epb.SagaEventKind
-
-
-@dataclass(frozen=True)
-class Reaction:
-    """What an event makes a service do, and what it then tells the others."""
-
-    step: str  # "reserve" or "cancel"
-    done: int  # the event kind on success
-    refused: int = K.SAGA_EVENT_KIND_UNSPECIFIED  # a reserve's refusal
-
-
-REACTIONS: dict[str, dict[int, Reaction]] = {
-    "flight": {
-        K.SAGA_EVENT_KIND_TRIP_REQUESTED: Reaction(
-            "reserve", K.SAGA_EVENT_KIND_FLIGHT_RESERVED, K.SAGA_EVENT_KIND_FLIGHT_REFUSED
-        ),
-        K.SAGA_EVENT_KIND_HOTEL_REFUSED: Reaction("cancel", K.SAGA_EVENT_KIND_FLIGHT_CANCELLED),
-        K.SAGA_EVENT_KIND_HOTEL_CANCELLED: Reaction("cancel", K.SAGA_EVENT_KIND_FLIGHT_CANCELLED),
-    },
-    "hotel": {
-        K.SAGA_EVENT_KIND_FLIGHT_RESERVED: Reaction(
-            "reserve", K.SAGA_EVENT_KIND_HOTEL_RESERVED, K.SAGA_EVENT_KIND_HOTEL_REFUSED
-        ),
-        K.SAGA_EVENT_KIND_CAR_REFUSED: Reaction("cancel", K.SAGA_EVENT_KIND_HOTEL_CANCELLED),
-    },
-    "car": {
-        K.SAGA_EVENT_KIND_HOTEL_RESERVED: Reaction(
-            "reserve", K.SAGA_EVENT_KIND_CAR_RESERVED, K.SAGA_EVENT_KIND_CAR_REFUSED
-        ),
-    },
-}
 FETCH_BATCH = 64
 
 
@@ -75,53 +39,29 @@ class Choreographer:
         self.kind = kind
         self.store = store
         self.url = url
-        self.reactions = REACTIONS[kind]
-        self.relay: Relay | None = None
+        self.reactions = reactions_of(kind)
+        self.member = broker.Member(
+            url, durable=kind, kinds=self.reactions, outbox_db=store.db, batch=FETCH_BATCH
+        )
         self.handled = 0
         self.redelivered = 0
 
     async def run(self) -> None:
         """Consume and relay for ever; reconnects (the client does) when the broker is away."""
-        client = await broker.connect(self.url, f"tripmesh-{self.kind}")
-        js = client.jetstream()
-        relay = self.relay = Relay(self.store.db, lambda s, p, i: _publish(js, s, p, i))
-        relaying = asyncio.create_task(relay.run(), name=f"{self.kind} outbox relay")
-        try:
-            while True:
-                try:
-                    await broker.ensure_stream(js)
-                    consumer = await broker.durable_consumer(js, self.kind, self.reactions)
-                    await self._consume(consumer)
-                except asyncio.CancelledError:
-                    raise
-                except broker.BROKER_ERRORS as exc:  # the broker is away or restarting
-                    log.warning("choreography: %s; retrying", exc)
-                    await asyncio.sleep(0.5)
-        finally:
-            relaying.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relaying
-            await client.close()
+        await self.member.run(self._batch)
 
-    async def _consume(self, consumer: JetStreamContext.PullSubscription) -> None:
-        while True:
-            try:
-                messages = await consumer.fetch(FETCH_BATCH, timeout=1.0)
-            except NatsTimeout:
-                continue
-            await asyncio.gather(*(self._one(m) for m in messages))
+    async def _batch(self, messages: list[Msg]) -> None:
+        await asyncio.gather(*(self._one(m) for m in messages))
 
     async def _one(self, message: Msg) -> None:
-        if message.metadata.num_delivered > 1:
-            self.redelivered += 1
+        self.redelivered += broker.redelivered(message)
         try:
             await self.handle(epb.SagaEvent.FromString(message.data))
         except Exception:
             log.exception("choreography: an event could not be handled; it will come again")
             await message.nak(delay=1.0)
             return
-        if self.relay is not None:
-            self.relay.wake()
+        self.member.wake_relay()
         failpoints.hit("choreography.before_ack")
         await message.ack()
         self.handled += 1
@@ -173,8 +113,3 @@ class Choreographer:
             reaction.refused, plan, source=self.kind, reservation_id=reservation_id, reason=reason
         )
         return event, broker.subject(reaction.refused)
-
-
-async def _publish(js: JetStreamContext, subject: str, payload: bytes, event_id: str) -> None:
-    """Publish and wait for the broker's acknowledgement; the event id is the message id."""
-    await js.publish(subject, payload, headers={"Nats-Msg-Id": event_id}, timeout=2.0)

@@ -116,10 +116,11 @@ DOOMED_CATALOG = (
 
 
 @contextmanager
-def doomed_catalog_mesh(folder: Path) -> Iterator[tuple[Mesh, Books]]:
-    """A mesh as `make up` runs it, seeded with DOOMED_CATALOG for ten days; its books."""
+def doomed_catalog_mesh(folder: Path, **variables: str) -> Iterator[tuple[Mesh, Books]]:
+    """A mesh as `make up` runs it, seeded with DOOMED_CATALOG for ten days, with these
+    TRIPMESH_ variables for its processes; its books."""
     catalog = write_catalog_file(folder / "catalog.json", list(DOOMED_CATALOG), TODAY, 10)
-    env = {**isolated_env(), "TRIPMESH_CATALOG": str(catalog)}
+    env = {**isolated_env(), "TRIPMESH_CATALOG": str(catalog), **variables}
     mesh = start(folder / "mesh", env)
     lay = mesh.layout
     books = Books.open(lay.client_address, {k: lay.address(k) for k in PARTICIPANTS})

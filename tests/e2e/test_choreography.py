@@ -17,16 +17,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.books import TODAY, Books
+from tests.books import TODAY, Books, trip_request
 from tests.e2e.conftest import doomed_catalog_mesh
 from tripmesh import PARTICIPANTS
-from tripmesh.mesh.layout import COORDINATOR
+from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY
 from tripmesh.mesh.mesh import Mesh
+from tripmesh.mesh.toxiproxy import Toxiproxy
 from tripmesh.runtime import broker
+from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import events_pb2 as epb
 from tripmesh.v1 import participant_pb2 as ppb
 
 pytestmark = pytest.mark.e2e
+# Seconds with no event before the coordinator flags a choreographed trip.
+STUCK_AFTER = 3.0
 
 K = epb.SagaEventKind
 BOOKED = [
@@ -39,7 +43,8 @@ BOOKED = [
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Books]]:
-    with doomed_catalog_mesh(tmp_path_factory.mktemp("choreography")) as found:
+    folder = tmp_path_factory.mktemp("choreography")
+    with doomed_catalog_mesh(folder, TRIPMESH_CHOREOGRAPHY_STUCK_AFTER=str(STUCK_AFTER)) as found:
         yield found
 
 
@@ -191,3 +196,89 @@ def test_a_duplicated_or_redelivered_event_changes_nothing(mesh: tuple[Mesh, Boo
         books.participants["flight"].SummarizeInventory(ppb.SummarizeInventoryRequest(), timeout=5)
         == flight_totals
     )
+
+
+def _timeline(trip: cpb.Trip) -> list[tuple[str, str, str]]:
+    """(actor, leg, what) of the lines the services' events wrote."""
+    return [(e.actor, e.leg, e.detail.split(" ")[0]) for e in trip.events if e.kind == "event"]
+
+
+def test_book_trip_by_choreography_confirms_as_the_events_say(mesh: tuple[Mesh, Books]) -> None:
+    _, books = mesh
+    request = trip_request(
+        "chor-book-1", cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX", car="CX"
+    )
+    trip = books.coordinator.BookTrip(request, timeout=20).trip
+    assert trip.status == cpb.TRIP_STATUS_CONFIRMED, trip
+    assert trip.protocol == cpb.PROTOCOL_CHOREOGRAPHY
+    assert [leg.status for leg in trip.legs] == [cpb.LEG_STATUS_CONFIRMED] * 3
+    assert all(leg.price_cents > 0 for leg in trip.legs)
+    full = books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=trip.trip_id), timeout=5)
+    # The timeline says who reacted to what, from the events alone.
+    assert _timeline(full) == [
+        ("flight", "flight", "flight_reserved"),
+        ("hotel", "hotel", "hotel_reserved"),
+        ("car", "car", "car_reserved"),
+    ]
+    records = own_records(books, trip.trip_id)
+    assert {k: r.status for k, r in records.items()} == {
+        k: ppb.RESERVATION_STATUS_CONFIRMED for k in PARTICIPANTS
+    }
+
+
+def test_book_trip_by_choreography_with_the_car_sold_out_aborts_after_both_cancel(
+    mesh: tuple[Mesh, Books],
+) -> None:
+    _, books = mesh
+    request = trip_request(
+        "chor-book-2", cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX", car="C-NONE"
+    )
+    trip = books.coordinator.BookTrip(request, timeout=20).trip
+    assert trip.status == cpb.TRIP_STATUS_ABORTED, trip
+    assert trip.failure_reason.startswith("car: sold out")
+    assert [leg.status for leg in trip.legs] == [
+        cpb.LEG_STATUS_CANCELLED,
+        cpb.LEG_STATUS_CANCELLED,
+        cpb.LEG_STATUS_REFUSED,
+    ]
+    full = books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=trip.trip_id), timeout=5)
+    assert [what for _, _, what in _timeline(full)] == [
+        "flight_reserved",
+        "hotel_reserved",
+        "car_refused:",
+        "hotel_cancelled",
+        "flight_cancelled",
+    ]
+    # The same key again: the same trip, replayed.
+    again = books.coordinator.BookTrip(request, timeout=20)
+    assert again.replayed and again.trip.trip_id == trip.trip_id
+
+
+def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
+    mesh: tuple[Mesh, Books],
+) -> None:
+    started, books = mesh
+    toxiproxy = Toxiproxy(started.layout.host, started.layout.ports[TOXIPROXY])
+    toxiproxy.disable("car-to-broker")
+    try:
+        request = trip_request(
+            "chor-stuck-1", cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX", car="CX"
+        )
+        began = time.monotonic()
+        trip = books.coordinator.BookTrip(request, timeout=STUCK_AFTER + 10).trip
+        flagged = time.monotonic() - began
+        assert trip.status == cpb.TRIP_STATUS_NEEDS_ATTENTION, trip
+        assert trip.attention == cpb.ATTENTION_CHOREOGRAPHY_STUCK
+        assert "last: hotel_reserved; waiting for car to reserve" in trip.attention_detail
+        assert STUCK_AFTER <= flagged < STUCK_AFTER + 5
+    finally:
+        toxiproxy.enable("car-to-broker")
+    # The car hears the hotel's event once its link is back, and the trip moves on.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        trip = books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=trip.trip_id), timeout=5)
+        if trip.status == cpb.TRIP_STATUS_CONFIRMED:
+            break
+        time.sleep(0.3)
+    assert trip.status == cpb.TRIP_STATUS_CONFIRMED, trip
+    assert trip.attention == cpb.ATTENTION_UNSPECIFIED

@@ -144,6 +144,9 @@ BOOKINGS = [
     booking(
         INVALID, ("semantic_lock",), semantic_lock=True, protocol=cpb.PROTOCOL_THREE_PHASE_COMMIT
     ),
+    booking(INVALID, ("semantic_lock",), semantic_lock=True, protocol=cpb.PROTOCOL_CHOREOGRAPHY),
+    # This cluster's coordinator has no broker: it cannot book a choreographed trip.
+    booking(grpc.StatusCode.FAILED_PRECONDITION, ("protocol",), protocol=cpb.PROTOCOL_CHOREOGRAPHY),
     booking(INVALID, ("protocol",), protocol=7),
     booking(INVALID, ("protocol",), protocol=-1),
     booking(

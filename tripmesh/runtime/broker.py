@@ -15,17 +15,24 @@ waits in the outbox, not in the client).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
+from tripmesh.runtime.database import Database
+from tripmesh.runtime.outbox import Relay
 from tripmesh.v1 import events_pb2 as epb
+
+log = logging.getLogger("tripmesh.broker")
 
 STREAM = "TRIPMESH_SAGA"
 SUBJECT_PREFIX = "tripmesh.saga."
@@ -138,3 +145,66 @@ async def durable_consumer(
     return await js.pull_subscribe_bind(
         durable=(await js.add_consumer(STREAM, config)).name, stream=STREAM
     )
+
+
+# Handles one batch of fetched messages (acknowledging each); and publishes one event.
+Batch = Callable[[list[Msg]], Awaitable[None]]
+
+
+class Member:
+    """A process's part in the choreography: a durable consumer of the events it follows,
+    and the relay of its outbox; `run` keeps both going for ever, reconnecting."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durable: str,
+        kinds: Iterable[int],
+        outbox_db: Database,
+        batch: int,
+    ) -> None:
+        self.url = url
+        self.durable = durable
+        self.kinds = tuple(kinds)
+        self.outbox_db = outbox_db
+        self.batch = batch
+        self.relay: Relay | None = None
+
+    async def run(self, handle: Batch) -> None:
+        client = await connect(self.url, f"tripmesh-{self.durable}")
+        js = client.jetstream()
+
+        async def publish(subject: str, payload: bytes, message_id: str) -> None:
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": message_id}, timeout=2.0)
+
+        self.relay = Relay(self.outbox_db, publish, retry_on=BROKER_ERRORS)
+        relaying = asyncio.create_task(self.relay.run(), name=f"{self.durable} outbox relay")
+        try:
+            while True:
+                try:
+                    await ensure_stream(js)
+                    consumer = await durable_consumer(js, self.durable, self.kinds)
+                    while True:
+                        try:
+                            messages = await consumer.fetch(self.batch, timeout=1.0)
+                        except TimeoutError:
+                            continue
+                        await handle(messages)
+                except BROKER_ERRORS as exc:  # the broker is away or restarting
+                    log.warning("%s: the broker: %s; retrying", self.durable, exc)
+                    await asyncio.sleep(0.5)
+        finally:
+            relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
+            await client.close()
+
+    def wake_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.wake()
+
+
+def redelivered(message: Msg) -> bool:
+    """True when the broker delivers this message again (an earlier delivery went unacked)."""
+    return bool(message.metadata.num_delivered and message.metadata.num_delivered > 1)

@@ -30,6 +30,7 @@ PROTOCOL_NAMES: dict[int, str] = {
     pb.PROTOCOL_TWO_PHASE_COMMIT: "2pc",
     pb.PROTOCOL_THREE_PHASE_COMMIT: "3pc",
     pb.PROTOCOL_SAGA: "saga",
+    pb.PROTOCOL_CHOREOGRAPHY: "choreography",
 }
 #: The reverse: {"3pc": PROTOCOL_THREE_PHASE_COMMIT}.
 PROTOCOL_BY_NAME: dict[str, pb.Protocol] = {

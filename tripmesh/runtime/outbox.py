@@ -19,7 +19,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from tripmesh.runtime import failpoints
-from tripmesh.runtime.broker import BROKER_ERRORS
 from tripmesh.runtime.database import Database
 from tripmesh.v1 import events_pb2 as epb
 
@@ -77,9 +76,18 @@ def depth(conn: sqlite3.Connection) -> int:
 class Relay:
     """Publishes a database's outbox; `wake()` after a step that queued an event."""
 
-    def __init__(self, db: Database, publish: Publish, *, retry_after: float = 0.5) -> None:
+    def __init__(
+        self,
+        db: Database,
+        publish: Publish,
+        *,
+        retry_on: tuple[type[Exception], ...] = (OSError, TimeoutError),
+        retry_after: float = 0.5,
+    ) -> None:
+        """`retry_on`: what `publish` raises when the broker is away (the rows wait)."""
         self.db = db
         self.publish = publish
+        self.retry_on = retry_on
         self.retry_after = retry_after
         self._wake = asyncio.Event()
         self.published = 0
@@ -94,7 +102,7 @@ class Relay:
             self._wake.clear()
             try:
                 sent = await self.drain()
-            except BROKER_ERRORS as exc:  # the broker is away: keep the rows, try again soon
+            except self.retry_on as exc:  # the broker is away: keep the rows, try again soon
                 self.failures += 1
                 log.warning("outbox: publishing failed, retrying: %s", exc)
                 await asyncio.sleep(self.retry_after)

@@ -1,0 +1,280 @@
+"""The choreographed saga as the coordinator sees it: record, request, follow.
+
+The coordinator drives nothing here. `Choreography.book` writes TRIP_REQUESTED
+into the trip store's outbox in the same transaction as a line of the trip's
+timeline (the relay publishes it), and then only waits. The services react to
+each other's events (tripmesh.choreography.FLOW). `EventFollower` consumes
+every event of the stream on a durable consumer of its own and writes each
+into its trip (`change_for`): the leg's status, a line of the timeline saying
+who did what in reaction to what, and the trip's end (CONFIRMED at
+CAR_RESERVED, ABORTED at FLIGHT_REFUSED or FLIGHT_CANCELLED). An event it has
+already written changes nothing, so a redelivery is harmless.
+
+A trip with no event for `stuck_after` seconds is marked NEEDS_ATTENTION
+(CHOREOGRAPHY_STUCK), naming the last event and whose reaction is awaited;
+a later event still moves it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from nats.aio.msg import Msg
+
+from coordinator.domain import (
+    Attention,
+    Decision,
+    LegKind,
+    LegStatus,
+    Protocol,
+    Trip,
+    TripEvent,
+    TripStatus,
+)
+from coordinator.engine import TripEngine
+from coordinator.journal import Change, LegUpdate, TripJournal
+from coordinator.store import TripStore
+from tripmesh.choreography import BOOKED, LEG_OUTCOMES, UNDONE, answers, reaction_to
+from tripmesh.runtime import broker
+from tripmesh.runtime.database import Database
+from tripmesh.v1 import events_pb2 as epb
+from tripmesh.v1 import participant_pb2 as ppb
+
+log = logging.getLogger(__name__)
+
+K = epb.SagaEventKind
+REQUESTED = "requested"  # the timeline's line for TRIP_REQUESTED
+EVENT = "event"  # the timeline's line for a service's event
+_LEG_STATUS = {
+    "reserved": LegStatus.CONFIRMED,
+    "refused": LegStatus.REFUSED,
+    "cancelled": LegStatus.CANCELLED,
+}
+FETCH_BATCH = 256
+
+
+def plan_of(trip: Trip) -> epb.TripPlan:
+    """What each service must take, from the trip's request."""
+
+    def hold(kind: LegKind) -> ppb.Hold:
+        leg = trip.request.leg(kind)
+        return ppb.Hold(
+            resource_id=leg.resource_id,
+            start_date=leg.start_date,
+            days=leg.days,
+            quantity=leg.quantity,
+        )
+
+    return epb.TripPlan(
+        trip_id=trip.trip_id,
+        flight=hold(LegKind.FLIGHT),
+        hotel=hold(LegKind.HOTEL),
+        car=hold(LegKind.CAR),
+    )
+
+
+def change_for(trip: Trip, event: epb.SagaEvent) -> Change | None:
+    """What `event` does to `trip`; None when it changes nothing (ours, or written before)."""
+    outcome = LEG_OUTCOMES.get(event.kind)
+    if outcome is None:
+        return None  # TRIP_REQUESTED: the coordinator's own
+    leg_name, what = outcome
+    kind, status = LegKind(leg_name), _LEG_STATUS[what]
+    if trip.leg(kind).status is status:
+        return None
+    name = broker.kind_name(event.kind)
+    reacting = " or ".join(broker.kind_name(k) for k in answers(event.kind))
+    detail = f"{name}" + (f": {event.reason}" if event.reason else "") + f" (to {reacting})"
+    line = TripEvent(EVENT, leg_name, detail, event.source, event.at.ToNanoseconds() / 1e9)
+    update = LegUpdate(
+        status, reason=event.reason, price_cents=event.price_cents if what == "reserved" else None
+    )
+    new_status: TripStatus | None = None
+    decision: Decision | None = None
+    failure: str | None = None
+    if event.kind == BOOKED:
+        new_status, decision = TripStatus.CONFIRMED, Decision.COMMIT
+    elif event.kind in UNDONE:
+        new_status, decision = TripStatus.ABORTED, Decision.ABORT
+        refused = [
+            (leg.kind.value, leg.reason) for leg in trip.legs if leg.status is LegStatus.REFUSED
+        ]
+        if what == "refused":
+            refused.append((leg_name, event.reason))
+        failure = "; ".join(f"{k}: {why}" for k, why in refused) or "aborted"
+    else:
+        if what == "refused":
+            decision = Decision.ABORT  # undone from here on: compensation flows back
+        if trip.status is TripStatus.NEEDS_ATTENTION:
+            new_status = TripStatus.PENDING  # it moved again
+    return Change((line,), new_status, decision, {kind: update}, failure)
+
+
+def stuck_detail(timeline: list[TripEvent], quiet: float) -> str:
+    """Which event the trip stopped at, and whose reaction it waits for."""
+    last = next((e for e in reversed(timeline) if e.kind in (EVENT, REQUESTED)), None)
+    kind = K.SAGA_EVENT_KIND_TRIP_REQUESTED
+    if last is not None and last.kind == EVENT:
+        kind = K.Value(f"SAGA_EVENT_KIND_{last.detail.split(':')[0].split(' ')[0].upper()}")
+    waiting = reaction_to(kind)
+    who = f"{waiting.by} to {waiting.step}" if waiting else "nobody (the trip should have ended)"
+    return f"no event for {quiet:.0f} s; last: {broker.kind_name(kind)}; waiting for {who}"
+
+
+class EventFollower:
+    """Writes every choreography event into its trip; the outbox relay of the trip store."""
+
+    def __init__(self, store: TripStore, url: str, *, stuck_after: float) -> None:
+        self.store = store
+        self.url = url
+        self.stuck_after = stuck_after
+        self.member: broker.Member | None = None
+        # One writer per trip at a time (its events, and marking it stuck); held only while
+        # in use, so they never outnumber the trips being written.
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        # Who waits for a trip's next event; removed by that event or by the waiter.
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self.applied = 0
+        self.redelivered = 0
+
+    def wake_relay(self) -> None:
+        if self.member is not None:
+            self.member.wake_relay()
+
+    async def run(self, outbox_db: Database) -> None:
+        """Follow the stream and relay the outbox, for ever (reconnecting as needed)."""
+        self.member = broker.Member(
+            self.url,
+            durable="coordinator",
+            kinds=K.values(),
+            outbox_db=outbox_db,
+            batch=FETCH_BATCH,
+        )
+        await self.member.run(self._batch)
+
+    async def _batch(self, messages: list[Msg]) -> None:
+        """A trip's events in stream order; different trips' events side by side."""
+        by_trip: dict[str, list[Msg]] = defaultdict(list)
+        for m in messages:
+            by_trip[epb.SagaEvent.FromString(m.data).plan.trip_id].append(m)
+        await asyncio.gather(*(self._trip_events(ms) for ms in by_trip.values()))
+
+    async def _trip_events(self, messages: list[Msg]) -> None:
+        """One trip's events of a batch, in stream order, each acknowledged once written."""
+        for m in messages:
+            self.redelivered += broker.redelivered(m)
+            try:
+                await self.apply(epb.SagaEvent.FromString(m.data))
+            except Exception:
+                log.exception("a choreography event could not be written; it will come again")
+                await m.nak(delay=1.0)
+                continue
+            await m.ack()
+
+    async def apply(self, event: epb.SagaEvent) -> None:
+        trip_id = event.plan.trip_id
+        async with self._locked(trip_id):
+            trip = await self.store.get(trip_id)
+            if trip is None or trip.protocol is not Protocol.CHOREOGRAPHY:
+                return  # not a trip of ours (another coordinator's, or a test's)
+            change = change_for(trip, event)
+            if change is not None:
+                await self.store.write(trip_id, change, time.time())
+                self.applied += 1
+        waiter = self._waiters.pop(trip_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, trip_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(trip_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[trip_id]
+
+    async def until_settled(self, trip_id: str) -> Trip:
+        """Wait for the trip's end; mark it stuck after `stuck_after` seconds with no event."""
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = self._waiters.setdefault(trip_id, loop.create_future())
+            try:
+                trip = await self.store.get(trip_id)
+                assert trip is not None
+                if trip.status.terminal:
+                    return trip
+                quiet = time.time() - trip.updated_at
+                await asyncio.wait_for(
+                    asyncio.shield(waiter), timeout=max(0.0, self.stuck_after - quiet)
+                )
+            except TimeoutError:
+                stuck = await self._mark_stuck(trip_id)
+                if stuck is not None:
+                    return stuck
+            finally:
+                if self._waiters.get(trip_id) is waiter and not waiter.done():
+                    del self._waiters[trip_id]
+
+    async def _mark_stuck(self, trip_id: str) -> Trip | None:
+        """NEEDS_ATTENTION if still quiet (under the trip's lock); None if it moved."""
+        async with self._locked(trip_id):
+            trip = await self.store.get(trip_id)
+            assert trip is not None
+            quiet = time.time() - trip.updated_at
+            if trip.status.terminal or trip.status is TripStatus.NEEDS_ATTENTION:
+                return trip
+            if quiet < self.stuck_after:
+                return None
+            detail = stuck_detail(await self.store.events(trip_id), quiet)
+            log.warning("choreography stuck: %s", detail)
+            change = Change(
+                (TripEvent("attention", detail=detail),),
+                TripStatus.NEEDS_ATTENTION,
+                attention=Attention.CHOREOGRAPHY_STUCK,
+                attention_detail=detail,
+            )
+            await self.store.write(trip_id, change, time.time())
+            return await self.store.get(trip_id)
+
+
+class Choreography(TripEngine):
+    """Records the trip and requests it; the services do the rest (see the module doc)."""
+
+    protocol = Protocol.CHOREOGRAPHY
+    follower: EventFollower
+
+    def bind(self, follower: EventFollower) -> Choreography:
+        self.follower = follower
+        return self
+
+    async def book(self, trip: Trip) -> Trip:
+        await self._request(trip)
+        return await self.follower.until_settled(trip.trip_id)
+
+    async def recover(self, trip: Trip) -> Trip:
+        """Queue TRIP_REQUESTED again if it never was (its id keeps it once), then follow."""
+        if not any(e.kind == REQUESTED for e in await self.store.events(trip.trip_id)):
+            await self._request(trip)
+        return await self.follower.until_settled(trip.trip_id)
+
+    async def _request(self, trip: Trip) -> None:
+        event = broker.new_event(
+            K.SAGA_EVENT_KIND_TRIP_REQUESTED,
+            plan_of(trip),
+            source="coordinator",
+            at=dt.datetime.now(dt.UTC).timestamp(),
+        )
+        told = (event, broker.subject(event.kind))
+        line = TripEvent(REQUESTED, detail="trip_requested, published through the outbox")
+        await TripJournal(self.store, trip).write(line, tell=[told])
+        self.follower.wake_relay()

@@ -1,0 +1,81 @@
+"""Who reacts to what in the choreographed saga: the one table both sides read.
+
+The services act on it (services/participant/choreography.py: the event each
+one consumes, its step, the event it then publishes); the coordinator only
+reads it, to tell in a trip's timeline what each event answered and, when a
+trip goes quiet, whose reaction it is waiting for (coordinator/choreography.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tripmesh.v1 import events_pb2 as epb
+
+K = epb.SagaEventKind
+
+
+@dataclass(frozen=True)
+class Reaction:
+    """`by` does `step` when it sees `to`, then publishes `done` (or `refused`)."""
+
+    to: int
+    by: str  # flight, hotel, car
+    step: str  # "reserve" or "cancel"
+    done: int
+    refused: int = K.SAGA_EVENT_KIND_UNSPECIFIED
+
+
+FLOW = (
+    Reaction(
+        K.SAGA_EVENT_KIND_TRIP_REQUESTED,
+        "flight",
+        "reserve",
+        K.SAGA_EVENT_KIND_FLIGHT_RESERVED,
+        K.SAGA_EVENT_KIND_FLIGHT_REFUSED,
+    ),
+    Reaction(
+        K.SAGA_EVENT_KIND_FLIGHT_RESERVED,
+        "hotel",
+        "reserve",
+        K.SAGA_EVENT_KIND_HOTEL_RESERVED,
+        K.SAGA_EVENT_KIND_HOTEL_REFUSED,
+    ),
+    Reaction(
+        K.SAGA_EVENT_KIND_HOTEL_RESERVED,
+        "car",
+        "reserve",
+        K.SAGA_EVENT_KIND_CAR_RESERVED,
+        K.SAGA_EVENT_KIND_CAR_REFUSED,
+    ),
+    Reaction(K.SAGA_EVENT_KIND_CAR_REFUSED, "hotel", "cancel", K.SAGA_EVENT_KIND_HOTEL_CANCELLED),
+    Reaction(
+        K.SAGA_EVENT_KIND_HOTEL_REFUSED, "flight", "cancel", K.SAGA_EVENT_KIND_FLIGHT_CANCELLED
+    ),
+    Reaction(
+        K.SAGA_EVENT_KIND_HOTEL_CANCELLED, "flight", "cancel", K.SAGA_EVENT_KIND_FLIGHT_CANCELLED
+    ),
+)
+#: The event that books a trip, and those that end one undone.
+BOOKED = K.SAGA_EVENT_KIND_CAR_RESERVED
+UNDONE = frozenset({K.SAGA_EVENT_KIND_FLIGHT_REFUSED, K.SAGA_EVENT_KIND_FLIGHT_CANCELLED})
+#: The events that report a leg: kind -> (leg, what happened to it).
+LEG_OUTCOMES: dict[int, tuple[str, str]] = {
+    **{r.done: (r.by, "reserved" if r.step == "reserve" else "cancelled") for r in FLOW},
+    **{r.refused: (r.by, "refused") for r in FLOW if r.refused},
+}
+
+
+def reactions_of(service: str) -> dict[int, Reaction]:
+    """What `service` consumes, and what it does with each event."""
+    return {r.to: r for r in FLOW if r.by == service}
+
+
+def reaction_to(kind: int) -> Reaction | None:
+    """Who must react to an event of `kind` (None: it ends the trip)."""
+    return next((r for r in FLOW if r.to == kind), None)
+
+
+def answers(kind: int) -> tuple[int, ...]:
+    """The events an event of `kind` can be the reaction to."""
+    return tuple(r.to for r in FLOW if kind in (r.done, r.refused))
