@@ -48,6 +48,7 @@ def registry() -> dict[str, Scenario]:
     from chaos.scenarios import (
         baseline,
         black_friday,
+        broker_faults,
         coordinator_crash,
         failpoints,
         flaky_network,
@@ -65,6 +66,7 @@ def registry() -> dict[str, Scenario]:
         flaky_network,
         failpoints,
         black_friday,
+        broker_faults,
     )
     return {m.SCENARIO.name: m.SCENARIO for m in modules}
 

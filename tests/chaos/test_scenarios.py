@@ -84,7 +84,8 @@ def test_the_same_seed_gives_the_same_faults_and_workload(tmp_path: Path) -> Non
 # 3PC is all-or-nothing only while no participant is cut off or restarted at the wrong
 # moment (its time-outs then decide apart: see test_three_phase_partition.py). Its
 # reduced runs of the scenarios whose faults cannot do that must be valid.
-SAFE_FOR_3PC = ("baseline", "geo-latency")
+# broker-faults touches only the broker, which 3PC does not use.
+SAFE_FOR_3PC = ("baseline", "geo-latency", "broker-faults")
 
 
 # 3PC completes fewer trips while black-friday crashes its coordinator again and again
@@ -143,3 +144,23 @@ def test_reduced_3pc_scenario_breaks_only_where_its_time_outs_split_a_trip(
         fired = {p.name.removesuffix(".fired") for p in (outcome.run_dir / "failpoints").iterdir()}
         expected = {fp.split("@")[0] for fp in (*COORDINATOR["3pc"], *PARTICIPANTS.values())}
         assert fired == expected
+
+
+# The choreographed saga through the faults that reach it: the broker's, a coordinator
+# killed (it only follows; the services go on), services killed again and again.
+CHOREOGRAPHY_SCENARIOS = ("broker-faults", "coordinator-crash", "participant-crash-loop")
+
+
+@pytest.mark.parametrize("name", CHOREOGRAPHY_SCENARIOS)
+def test_reduced_choreography_scenario_finds_no_violation(tmp_path: Path, name: str) -> None:
+    scenario = registry()[name]
+    outcome = run(RunConfig(scenario, "choreography", 7, 10.0, 100_000, 8, 60.0, tmp_path))
+    assert outcome.verdict == "valid", (outcome.run_dir / "summary.md").read_text()
+    history = read_history(outcome.run_dir / HISTORY_FILE)
+    completed = [op for op in history if op.type == "ok"]
+    assert len(completed) >= 20, f"only {len(completed)} choreographed trips completed"
+    applied = json.loads((outcome.run_dir / "faults.json").read_text())
+    assert len(applied["windows"]) == len(scenario.schedule(random.Random(7), 10.0))
+    books = load_books(outcome.run_dir / BOOKS_FILE)
+    assert {t.protocol for t in books.trips} == {"choreography"}
+    assert all(t.status in ("confirmed", "aborted") for t in books.trips)
