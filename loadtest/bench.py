@@ -11,7 +11,9 @@ with a catalog that never sells out (`loadtest.trips.bench_catalog`):
    Toxiproxy proxy, in RPCs/s, at each concurrency;
 2. saga trips/s and p50/p99 at concurrency 1, 16, 64, 256 (closed loop: each
    of `c` workers books its next trip when the last one returns CONFIRMED);
-3. the saga with its semantic lock (saga-lock), 2PC and 3PC the same;
+3. the saga with its semantic lock (saga-lock), 2PC, 3PC and the choreographed
+   saga the same (its trips travel as events on the broker, not as RPCs: it has
+   no RPC count and no efficiency);
 4. efficiency = trips/s x RPCs per trip / echo RPCs/s at the same concurrency.
    RPCs per trip, on the success path: the client's BookTrip (1) plus the
    coordinator's participant calls: saga 3 Reserves (4 in all), saga-lock 3

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 # What the bench measures, in its tables' order: saga-lock is the saga with its semantic lock.
-PROTOCOLS = ("saga", "saga-lock", "2pc", "3pc")
+PROTOCOLS = ("saga", "saga-lock", "2pc", "3pc", "choreography")
 RSS_TARGET_TRIPS = 50_000
 RSS_TARGET_MB = 20.0
 NOISY_PERCENT = 10.0  # CPU other processes may take during a run before it is flagged
@@ -36,6 +36,8 @@ def efficiency(
     found: dict[str, dict[str, float]] = {}
     for protocol in _measured(points):
         found[protocol] = {}
+        if protocol not in rpcs:
+            continue  # its work is not RPCs (the choreographed saga's events): no ratio
         for point in points[protocol]:
             echo = _at(points["echo"], point["concurrency"])
             if echo and echo["per_second"]:
@@ -130,7 +132,7 @@ def render(results: Mapping[str, Any], console: Console | None = None) -> None:
                 f"{p['per_second']:.1f}",
                 f"{p['p50_ms']:.1f}",
                 f"{p['p99_ms']:.1f}",
-                str(rpcs.get(protocol, "")),
+                str(rpcs.get(protocol, "events")),
                 f"{eff[protocol].get(str(level), float('nan')):.2f}",
             )
     console.print(table)
