@@ -39,6 +39,7 @@ from coordinator.domain import (
 )
 from coordinator.engine import TripEngine
 from coordinator.journal import Change, LegUpdate, TripJournal
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
 from tripmesh.choreography import BOOKED, LEG_OUTCOMES, UNDONE, answers, reaction_to
 from tripmesh.runtime import broker
@@ -130,8 +131,16 @@ def stuck_detail(timeline: list[TripEvent], quiet: float) -> str:
 class EventFollower:
     """Writes every choreography event into its trip; the outbox relay of the trip store."""
 
-    def __init__(self, store: TripStore, url: str, *, stuck_after: float) -> None:
+    def __init__(
+        self,
+        store: TripStore,
+        url: str,
+        *,
+        stuck_after: float,
+        metrics: CoordinatorMetrics | None = None,
+    ) -> None:
         self.store = store
+        self.metrics = metrics or CoordinatorMetrics()
         self.url = url
         self.stuck_after = stuck_after
         self.member: broker.Member | None = None
@@ -168,9 +177,12 @@ class EventFollower:
     async def _trip_events(self, messages: list[Msg]) -> None:
         """One trip's events of a batch, in stream order, each acknowledged once written."""
         for m in messages:
-            self.redelivered += broker.redelivered(m)
+            again = broker.redelivered(m)
+            self.redelivered += again
+            event = epb.SagaEvent.FromString(m.data)
+            self.metrics.choreography.handled(event, redelivered=again)
             try:
-                await self.apply(epb.SagaEvent.FromString(m.data))
+                await self.apply(event)
             except Exception:
                 log.exception("a choreography event could not be written; it will come again")
                 await m.nak(delay=1.0)
@@ -237,6 +249,7 @@ class EventFollower:
                 return None
             detail = stuck_detail(await self.store.events(trip_id), quiet)
             log.warning("choreography stuck: %s", detail)
+            self.metrics.choreography_stuck.inc()
             change = Change(
                 (TripEvent("attention", detail=detail),),
                 TripStatus.NEEDS_ATTENTION,

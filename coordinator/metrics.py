@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator.domain import TripStatus
+from tripmesh.runtime.event_metrics import EventMetrics
 from tripmesh.runtime.prometheus import new_registry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -75,6 +76,12 @@ class CoordinatorMetrics:
         )
         self.operator_actions = Counter(
             "tripmesh_operator_actions", "Operator actions taken.", ["action"], registry=r
+        )
+        self.choreography = EventMetrics(r)
+        self.choreography_stuck = Counter(
+            "tripmesh_choreography_stuck",
+            "Choreographed trips marked NEEDS_ATTENTION after no event for too long.",
+            registry=r,
         )
 
     def watch_store(

@@ -221,6 +221,7 @@ async def serve(config: CoordinatorConfig) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = SqliteTripStore(config.data_dir / "coordinator.db")
     metrics = CoordinatorMetrics()
+    metrics.choreography.watch_outbox(store.db)
     mesh_token = auth.read_mesh_token(config.data_dir)
     identity = (
         None if config.tls_dir is None else tls.Identity.load(config.tls_dir, tls.COORDINATOR)
@@ -245,7 +246,9 @@ async def serve(config: CoordinatorConfig) -> None:
     # The choreographed saga, when there is a broker: the services drive it, we follow.
     follower = None
     if config.broker:
-        follower = EventFollower(store, config.broker, stuck_after=config.choreography_stuck_after)
+        follower = EventFollower(
+            store, config.broker, stuck_after=config.choreography_stuck_after, metrics=metrics
+        )
         engines[Protocol.CHOREOGRAPHY] = Choreography(
             store, participants, config.policies, metrics
         ).bind(follower)

@@ -192,6 +192,7 @@ PROTOCOL_STEPS = (
 async def serve(config: ServiceConfig) -> None:
     store = open_store(config)
     metrics = ParticipantMetrics(config.kind, store.db.path)
+    metrics.choreography.watch_outbox(store.db)
     if config.metrics_listen:
         host, _, port = config.metrics_listen.rpartition(":")
         start_http_server(int(port), addr=host, registry=metrics.registry)
@@ -241,7 +242,7 @@ async def serve(config: ServiceConfig) -> None:
     timing = asyncio.create_task(timer.run_forever(), name="3PC time-outs")
     # The choreographed saga: our part, driven by the broker's events, not by a coordinator.
     reacting = asyncio.create_task(
-        Choreographer(config.kind, store, config.broker).run()
+        Choreographer(config.kind, store, config.broker, metrics.choreography).run()
         if config.broker
         else asyncio.Event().wait(),
         name="choreography",

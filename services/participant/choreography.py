@@ -25,6 +25,7 @@ from services.participant.domain import ParticipantError, Reservation, StepResul
 from services.participant.store import ParticipantStore, Told
 from tripmesh.choreography import Reaction, reactions_of
 from tripmesh.runtime import broker, failpoints
+from tripmesh.runtime.event_metrics import EventMetrics
 from tripmesh.v1 import events_pb2 as epb
 
 log = logging.getLogger("tripmesh.choreography")
@@ -35,11 +36,14 @@ FETCH_BATCH = 64
 class Choreographer:
     """One service's part: a durable consumer, its steps, and the relay of its outbox."""
 
-    def __init__(self, kind: str, store: ParticipantStore, url: str) -> None:
+    def __init__(
+        self, kind: str, store: ParticipantStore, url: str, metrics: EventMetrics | None = None
+    ) -> None:
         self.kind = kind
         self.store = store
         self.url = url
         self.reactions = reactions_of(kind)
+        self.metrics = metrics
         self.member = broker.Member(
             url, durable=kind, kinds=self.reactions, outbox_db=store.db, batch=FETCH_BATCH
         )
@@ -54,9 +58,13 @@ class Choreographer:
         await asyncio.gather(*(self._one(m) for m in messages))
 
     async def _one(self, message: Msg) -> None:
-        self.redelivered += broker.redelivered(message)
+        again = broker.redelivered(message)
+        self.redelivered += again
+        event = epb.SagaEvent.FromString(message.data)
+        if self.metrics is not None:
+            self.metrics.handled(event, redelivered=again)
         try:
-            await self.handle(epb.SagaEvent.FromString(message.data))
+            await self.handle(event)
         except Exception:
             log.exception("choreography: an event could not be handled; it will come again")
             await message.nak(delay=1.0)

@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tripmesh.runtime.database import connect
+from tripmesh.runtime.event_metrics import EventMetrics
 from tripmesh.runtime.prometheus import new_registry
 
 
@@ -41,6 +42,7 @@ class ParticipantMetrics:
             ["participant", "decision"],
             registry=r,
         )
+        self.choreography = EventMetrics(r)
         self.in_doubt_settled = Counter(
             "tripmesh_participant_in_doubt_settled",
             "Prepared holds settled by asking the coordinator for its decision.",

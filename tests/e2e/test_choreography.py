@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -20,7 +21,7 @@ import pytest
 from tests.books import TODAY, Books, trip_request
 from tests.e2e.conftest import doomed_catalog_mesh
 from tripmesh import PARTICIPANTS
-from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY
+from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY, admin_name
 from tripmesh.mesh.mesh import Mesh
 from tripmesh.mesh.toxiproxy import Toxiproxy
 from tripmesh.runtime import broker
@@ -282,3 +283,32 @@ def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
         time.sleep(0.3)
     assert trip.status == cpb.TRIP_STATUS_CONFIRMED, trip
     assert trip.attention == cpb.ATTENTION_UNSPECIFIED
+
+
+def _scrape(address: str) -> dict[str, float]:
+    """Every sample of a /metrics page: {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_the_choreography_is_measured_where_it_happens(mesh: tuple[Mesh, Books]) -> None:
+    started, books = mesh
+    request = trip_request("chor-metrics", cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX",
+                           car="CX")  # fmt: skip
+    assert books.coordinator.BookTrip(request, timeout=20).trip.status == cpb.TRIP_STATUS_CONFIRMED
+    lay = started.layout
+    flight = _scrape(lay.address(admin_name("flight")))
+    car = _scrape(lay.address(admin_name("car")))
+    coordinator = _scrape(lay.address(admin_name(COORDINATOR)))
+    # The flight reacts to TRIP_REQUESTED, the car to HOTEL_RESERVED; the coordinator follows all.
+    assert flight['tripmesh_choreography_events_total{kind="trip_requested"}'] >= 1
+    assert car['tripmesh_choreography_events_total{kind="hotel_reserved"}'] >= 1
+    assert coordinator['tripmesh_choreography_events_total{kind="car_reserved"}'] >= 1
+    assert car['tripmesh_choreography_event_lag_seconds_count{kind="hotel_reserved"}'] >= 1
+    # Everything committed has been published.
+    assert flight["tripmesh_outbox_depth"] == coordinator["tripmesh_outbox_depth"] == 0

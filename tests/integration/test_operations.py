@@ -128,6 +128,7 @@ def test_metrics_agree_with_the_books(make_cluster) -> None:
 
 PROMQL_WORDS = {
     "sum",
+    "max",
     "rate",
     "increase",
     "by",
@@ -168,6 +169,8 @@ def test_alert_rules_load_and_name_only_exported_metrics(make_cluster) -> None:
         "TripDurationHigh",
         "TooManyPendingTrips",
         "TripNeedsAttention",
+        "ChoreographyStuck",
+        "OutboxBacklog",
     } <= names
     assert all(r["labels"]["severity"] in ("critical", "warning") for r in rules)
 
@@ -178,6 +181,8 @@ def test_alert_rules_load_and_name_only_exported_metrics(make_cluster) -> None:
         exported |= declared(metrics_address(cluster, kind))
     # A counter nothing has incremented yet is declared all the same.
     assert "tripmesh_compensation_failures_total" in exported
+    # So are the choreographed saga's, with no broker at all in this cluster.
+    assert {"tripmesh_choreography_stuck_total", "tripmesh_outbox_depth"} <= exported
     # Every alert says what to do, and so does nothing else: a runbook line each.
     assert all(r["annotations"]["runbook"].strip() for r in rules)
     panels = json.loads(DASHBOARD.read_text())["panels"]
