@@ -89,6 +89,16 @@ class OperatorActions:
             trip = await self.service.get(trip_id)
             if not self._stuck(trip):
                 raise _refuse(trip, "compensate", "; only a trip that needs attention can be")
+            if trip.protocol is Protocol.CHOREOGRAPHY:
+                # Its services compensate by events; a late event to the stuck service would
+                # take its units after the others gave theirs back. Not offered until the
+                # contract has an event every service undoes its leg on.
+                raise _refuse(
+                    trip,
+                    "compensate",
+                    " and choreographed: its services decide; retry it (it waits for the stuck"
+                    " service again) once that service is back",
+                )
             if trip.decision is Decision.COMMIT:
                 what = (
                     "its saga is past its pivot or done (decision COMMIT)"

@@ -16,6 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from tests.books import TODAY, Books, trip_request
@@ -24,8 +25,9 @@ from tripmesh import PARTICIPANTS
 from tripmesh.mesh.layout import COORDINATOR, TOXIPROXY, admin_name
 from tripmesh.mesh.mesh import Mesh
 from tripmesh.mesh.toxiproxy import Toxiproxy
-from tripmesh.runtime import broker
+from tripmesh.runtime import auth, broker
 from tripmesh.v1 import coordinator_pb2 as cpb
+from tripmesh.v1 import coordinator_pb2_grpc
 from tripmesh.v1 import events_pb2 as epb
 from tripmesh.v1 import participant_pb2 as ppb
 
@@ -272,6 +274,16 @@ def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
         assert trip.attention == cpb.ATTENTION_CHOREOGRAPHY_STUCK
         assert "last: hotel_reserved; waiting for car to reserve" in trip.attention_detail
         assert STUCK_AFTER <= flagged < STUCK_AFTER + 5
+        # The operator: compensating is refused (the services decide, by events); a retry
+        # is taken, and waits for the car again.
+        operator = _operator(started)
+        action = cpb.OperatorActionRequest(trip_id=trip.trip_id, reason="car cut off the broker")
+        with pytest.raises(grpc.RpcError) as refused:
+            operator.ForceCompensation(action, timeout=5, metadata=_token(started))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert "choreographed" in refused.value.details()  # type: ignore[attr-defined]
+        retried = operator.RetryTrip(action, timeout=2 * STUCK_AFTER, metadata=_token(started))
+        assert retried.status in (cpb.TRIP_STATUS_PENDING, cpb.TRIP_STATUS_NEEDS_ATTENTION)
     finally:
         toxiproxy.enable("car-to-broker")
     # The car hears the hotel's event once its link is back, and the trip moves on.
@@ -283,6 +295,19 @@ def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
         time.sleep(0.3)
     assert trip.status == cpb.TRIP_STATUS_CONFIRMED, trip
     assert trip.attention == cpb.ATTENTION_UNSPECIFIED
+    kinds = [e.kind for e in trip.events]
+    assert kinds.index("attention") < kinds.index("operator-retry") < len(kinds) - 1
+
+
+def _operator(mesh: Mesh) -> coordinator_pb2_grpc.OperatorStub:
+    channel = grpc.insecure_channel(mesh.layout.operator_address)
+    return coordinator_pb2_grpc.OperatorStub(channel)
+
+
+def _token(mesh: Mesh) -> tuple[tuple[str, str], ...]:
+    """The first operator's token, as `make up` wrote it."""
+    line = (mesh.data_dir / auth.SECRETS / auth.OPERATORS).read_text().splitlines()[0]
+    return auth.bearer(line.split(" ", 1)[1].strip())
 
 
 def _scrape(address: str) -> dict[str, float]:
