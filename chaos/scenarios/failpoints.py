@@ -26,10 +26,19 @@ COORDINATOR = {
         "3pc.between_docommits@8",
     ),
     "saga": ("saga.after_step_rpc@6", "saga.mid_compensation@2"),
+    # The choreographed saga's coordinator only publishes (TRIP_REQUESTED) and follows.
+    "choreography": ("outbox.before_publish@4", "outbox.after_publish@9"),
 }
 # The participants' failpoints are on the paths that hold first (2PC's and 3PC's):
 # a crash just after a yes vote is durable, and one just before the commit.
 PARTICIPANTS = {"flight": "participant.after_vote_yes@5", "hotel": "participant.before_commit@7"}
+# In the choreographed saga a service dies between its step's commit and the acknowledgement
+# of the event it reacted to, or on either side of publishing its own event.
+CHOREOGRAPHY_PARTICIPANTS = {
+    "flight": "choreography.before_ack@5",
+    "hotel": "outbox.after_publish@7",
+    "car": "outbox.before_publish@3",
+}
 
 
 def schedule(rng: random.Random, duration: float) -> list[Fault]:
@@ -42,6 +51,9 @@ def environment(protocol: str, marker_dir: Path) -> dict[str, dict[str, str]]:
     env = {"coordinator": {"TRIPMESH_FAILPOINTS": ",".join(coordinator)}}
     if {"2pc", "3pc"} & set(protocols):
         for kind, fp in PARTICIPANTS.items():
+            env[kind] = {"TRIPMESH_FAILPOINTS": fp.replace("@", "=crash@", 1)}
+    if "choreography" in protocols:
+        for kind, fp in CHOREOGRAPHY_PARTICIPANTS.items():
             env[kind] = {"TRIPMESH_FAILPOINTS": fp.replace("@", "=crash@", 1)}
     for process_env in env.values():
         process_env["TRIPMESH_FAILPOINT_DIR"] = str(marker_dir)

@@ -20,7 +20,7 @@ from chaos.audit import load_books
 from chaos.history import read_history
 from chaos.run import BOOKS_FILE, HISTORY_FILE, RunConfig, RunOutcome, run, write_catalogs
 from chaos.scenarios import registry
-from chaos.scenarios.failpoints import COORDINATOR, PARTICIPANTS
+from chaos.scenarios.failpoints import CHOREOGRAPHY_PARTICIPANTS, COORDINATOR, PARTICIPANTS
 from chaos.workload import generate
 
 SCENARIOS = list(registry())
@@ -147,8 +147,14 @@ def test_reduced_3pc_scenario_breaks_only_where_its_time_outs_split_a_trip(
 
 
 # The choreographed saga through the faults that reach it: the broker's, a coordinator
-# killed (it only follows; the services go on), services killed again and again.
-CHOREOGRAPHY_SCENARIOS = ("broker-faults", "coordinator-crash", "participant-crash-loop")
+# killed (it only follows; the services go on), services killed again and again, and each
+# process killed at its own crash points (between commit, publish and acknowledgement).
+CHOREOGRAPHY_SCENARIOS = (
+    "broker-faults",
+    "coordinator-crash",
+    "participant-crash-loop",
+    "failpoints",
+)
 
 
 @pytest.mark.parametrize("name", CHOREOGRAPHY_SCENARIOS)
@@ -158,9 +164,16 @@ def test_reduced_choreography_scenario_finds_no_violation(tmp_path: Path, name: 
     assert outcome.verdict == "valid", (outcome.run_dir / "summary.md").read_text()
     history = read_history(outcome.run_dir / HISTORY_FILE)
     completed = [op for op in history if op.type == "ok"]
-    assert len(completed) >= 20, f"only {len(completed)} choreographed trips completed"
+    least = MIN_COMPLETED.get(name, 20)
+    assert len(completed) >= least, f"only {len(completed)} choreographed trips completed"
     applied = json.loads((outcome.run_dir / "faults.json").read_text())
     assert len(applied["windows"]) == len(scenario.schedule(random.Random(7), 10.0))
     books = load_books(outcome.run_dir / BOOKS_FILE)
     assert {t.protocol for t in books.trips} == {"choreography"}
     assert all(t.status in ("confirmed", "aborted") for t in books.trips)
+    if name == "failpoints":
+        fired = {p.name.removesuffix(".fired") for p in (outcome.run_dir / "failpoints").iterdir()}
+        assert fired == {
+            fp.split("@")[0]
+            for fp in (*COORDINATOR["choreography"], *CHOREOGRAPHY_PARTICIPANTS.values())
+        }

@@ -39,8 +39,10 @@ SUBJECT_PREFIX = "tripmesh.saga."
 # A re-published event is dropped within this long of the first (the outbox
 # relay republishes only what it could not confirm, seconds later at most).
 DUPLICATE_WINDOW = 15 * 60.0
-# How long an event may stay unacknowledged before it is delivered again.
-ACK_WAIT = 10.0
+# How long an event may stay unacknowledged before it is delivered again: what a consumer
+# that died holding it costs its trip. A step takes milliseconds; a redelivery to a slow
+# consumer that is still at work is harmless (every step is idempotent).
+ACK_WAIT = 3.0
 # Events are kept this long: long enough to replay a day's trips.
 MAX_AGE = 7 * 24 * 3600.0
 
