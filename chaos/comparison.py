@@ -357,9 +357,10 @@ STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1180px; padding: 1em 1.5em;
        color: #1d1d1f; }
 h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: .4em 0 1.2em; font-size: .92em; }
+table { border-collapse: collapse; margin: .4em 0 1.2em; font-size: .92em; display: block;
+        max-width: 100%; overflow-x: auto; }
 th, td { border: 1px solid #d8d8d8; padding: .25em .55em; vertical-align: top; }
-th { background: #f3f3f3; text-align: left; } td.n { text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; text-align: left; } td.n { text-align: right; }
 caption { text-align: left; font-weight: 600; padding: .3em 0; }
 caption small { display: block; font-weight: normal; color: #555; }
 td:target { outline: 3px solid #f5a623; background: #fff7e6; }

@@ -89,3 +89,6 @@ def test_make_chaos_report_rebuilds_from_stored_runs_in_seconds(runs: Path, tab:
     for href in links:
         assert tab.page.locator(href).count() == 1, href
     assert "Must keep selling during a partition" in tab.page.locator("ul.rec").inner_text()
+    # Readable on a laptop: at 1,000 px nothing makes the page scroll sideways.
+    tab.page.set_viewport_size({"width": 1000, "height": 800})
+    assert tab.page.evaluate("document.documentElement.scrollWidth") <= 1000
