@@ -41,7 +41,7 @@ from coordinator.engine import TripEngine
 from coordinator.journal import Change, LegUpdate, TripJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
-from tripmesh.choreography import BOOKED, LEG_OUTCOMES, UNDONE, answers, reaction_to
+from tripmesh.choreography import BOOKED, LEG_OUTCOMES, UNDONE, answers, reactions_to
 from tripmesh.runtime import broker
 from tripmesh.runtime.database import Database
 from tripmesh.v1 import events_pb2 as epb
@@ -99,8 +99,10 @@ def change_for(trip: Trip, event: epb.SagaEvent) -> Change | None:
     new_status: TripStatus | None = None
     decision: Decision | None = None
     failure: str | None = None
-    if event.kind == BOOKED:
+    if event.kind == BOOKED and trip.decision is not Decision.ABORT:
         new_status, decision = TripStatus.CONFIRMED, Decision.COMMIT
+    elif event.kind == BOOKED:
+        pass  # abandoned before: the car took its units late, and its TRIP_ABANDONED follows
     elif event.kind in UNDONE:
         new_status, decision = TripStatus.ABORTED, Decision.ABORT
         refused = [
@@ -108,7 +110,7 @@ def change_for(trip: Trip, event: epb.SagaEvent) -> Change | None:
         ]
         if what == "refused":
             refused.append((leg_name, event.reason))
-        failure = "; ".join(f"{k}: {why}" for k, why in refused) or "aborted"
+        failure = "; ".join(f"{k}: {why}" for k, why in refused) or trip.failure_reason or "aborted"
     else:
         if what == "refused":
             decision = Decision.ABORT  # undone from here on: compensation flows back
@@ -123,8 +125,8 @@ def stuck_detail(timeline: list[TripEvent], quiet: float) -> str:
     kind = K.SAGA_EVENT_KIND_TRIP_REQUESTED
     if last is not None and last.kind == EVENT:
         kind = K.Value(f"SAGA_EVENT_KIND_{last.detail.split(':')[0].split(' ')[0].upper()}")
-    waiting = reaction_to(kind)
-    who = f"{waiting.by} to {waiting.step}" if waiting else "nobody (the trip should have ended)"
+    waiting = [f"{r.by} to {r.step}" for r in reactions_to(kind)]
+    who = " or ".join(waiting) or "nobody (the trip should have ended)"
     return f"no event for {quiet:.0f} s; last: {broker.kind_name(kind)}; waiting for {who}"
 
 
@@ -279,6 +281,21 @@ class Choreography(TripEngine):
         if not any(e.kind == REQUESTED for e in await self.store.events(trip.trip_id)):
             await self._request(trip)
         return await self.follower.until_settled(trip.trip_id)
+
+    async def abandon(self, trip: Trip, operator: str, reason: str) -> Trip:
+        """An operator gives the trip up: ABORT, and TRIP_ABANDONED queued with it; every
+        service undoes its leg when it hears it, however late."""
+        event = broker.new_event(K.SAGA_EVENT_KIND_TRIP_ABANDONED, plan_of(trip), source=operator)
+        told = (event, broker.subject(event.kind))
+        written = await TripJournal(self.store, trip).write(
+            TripEvent("operator-compensation", detail=reason, actor=operator),
+            status=TripStatus.PENDING,
+            decision=Decision.ABORT,
+            failure_reason=f"abandoned by {operator}: {reason}",
+            tell=[told],
+        )
+        self.follower.wake_relay()
+        return written
 
     async def _request(self, trip: Trip) -> None:
         event = broker.new_event(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from coordinator.choreography import Choreography
 from coordinator.clients import Holding, OutcomeUnknown, ParticipantRejected, Participants
 from coordinator.domain import (
     CoordinatorError,
@@ -89,16 +90,6 @@ class OperatorActions:
             trip = await self.service.get(trip_id)
             if not self._stuck(trip):
                 raise _refuse(trip, "compensate", "; only a trip that needs attention can be")
-            if trip.protocol is Protocol.CHOREOGRAPHY:
-                # Its services compensate by events; a late event to the stuck service would
-                # take its units after the others gave theirs back. Not offered until the
-                # contract has an event every service undoes its leg on.
-                raise _refuse(
-                    trip,
-                    "compensate",
-                    " and choreographed: its services decide; retry it (it waits for the stuck"
-                    " service again) once that service is back",
-                )
             if trip.decision is Decision.COMMIT:
                 what = (
                     "its saga is past its pivot or done (decision COMMIT)"
@@ -106,6 +97,12 @@ class OperatorActions:
                     else f"its {trip.protocol.value} decision is COMMIT"
                 )
                 raise _refuse(trip, "compensate", f" and {what}: retry it instead")
+            engine = self.service.engines.get(trip.protocol)
+            if isinstance(engine, Choreography):
+                # Its services undo their legs on TRIP_ABANDONED, each when it hears it.
+                trip = await engine.abandon(trip, operator, reason)
+                self.metrics.operator_actions.labels("force_compensation").inc()
+                return await self._drive_and_wait(trip, wait)
             trip = await TripJournal(self.store, trip).write(
                 TripEvent("operator-compensation", detail=reason, actor=operator),
                 status=TripStatus.PENDING,

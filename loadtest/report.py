@@ -133,7 +133,7 @@ def render(results: Mapping[str, Any], console: Console | None = None) -> None:
                 f"{p['p50_ms']:.1f}",
                 f"{p['p99_ms']:.1f}",
                 str(rpcs.get(protocol, "events")),
-                f"{eff[protocol].get(str(level), float('nan')):.2f}",
+                f"{eff[protocol][str(level)]:.2f}" if str(level) in eff[protocol] else "—",
             )
     console.print(table)
     cpu = Table(title="CPU, percent of one core, during each run at c=64")

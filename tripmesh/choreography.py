@@ -55,6 +55,15 @@ FLOW = (
     Reaction(
         K.SAGA_EVENT_KIND_HOTEL_CANCELLED, "flight", "cancel", K.SAGA_EVENT_KIND_FLIGHT_CANCELLED
     ),
+    # An operator gave the trip up: every service undoes its leg (a tombstone if it took
+    # nothing yet, so that a late request is refused).
+    Reaction(
+        K.SAGA_EVENT_KIND_TRIP_ABANDONED, "flight", "cancel", K.SAGA_EVENT_KIND_FLIGHT_CANCELLED
+    ),
+    Reaction(
+        K.SAGA_EVENT_KIND_TRIP_ABANDONED, "hotel", "cancel", K.SAGA_EVENT_KIND_HOTEL_CANCELLED
+    ),
+    Reaction(K.SAGA_EVENT_KIND_TRIP_ABANDONED, "car", "cancel", K.SAGA_EVENT_KIND_CAR_CANCELLED),
 )
 #: The event that books a trip, and those that end one undone.
 BOOKED = K.SAGA_EVENT_KIND_CAR_RESERVED
@@ -71,9 +80,9 @@ def reactions_of(service: str) -> dict[int, Reaction]:
     return {r.to: r for r in FLOW if r.by == service}
 
 
-def reaction_to(kind: int) -> Reaction | None:
-    """Who must react to an event of `kind` (None: it ends the trip)."""
-    return next((r for r in FLOW if r.to == kind), None)
+def reactions_to(kind: int) -> tuple[Reaction, ...]:
+    """Who must react to an event of `kind` (none: it ends the trip)."""
+    return tuple(r for r in FLOW if r.to == kind)
 
 
 def answers(kind: int) -> tuple[int, ...]:

@@ -274,14 +274,9 @@ def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
         assert trip.attention == cpb.ATTENTION_CHOREOGRAPHY_STUCK
         assert "last: hotel_reserved; waiting for car to reserve" in trip.attention_detail
         assert STUCK_AFTER <= flagged < STUCK_AFTER + 5
-        # The operator: compensating is refused (the services decide, by events); a retry
-        # is taken, and waits for the car again.
+        # The operator retries: the trip waits for the car again.
         operator = _operator(started)
         action = cpb.OperatorActionRequest(trip_id=trip.trip_id, reason="car cut off the broker")
-        with pytest.raises(grpc.RpcError) as refused:
-            operator.ForceCompensation(action, timeout=5, metadata=_token(started))
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-        assert "choreographed" in refused.value.details()  # type: ignore[attr-defined]
         retried = operator.RetryTrip(action, timeout=2 * STUCK_AFTER, metadata=_token(started))
         assert retried.status in (cpb.TRIP_STATUS_PENDING, cpb.TRIP_STATUS_NEEDS_ATTENTION)
     finally:
@@ -297,6 +292,43 @@ def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
     assert trip.attention == cpb.ATTENTION_UNSPECIFIED
     kinds = [e.kind for e in trip.events]
     assert kinds.index("attention") < kinds.index("operator-retry") < len(kinds) - 1
+
+
+def test_an_operator_gives_a_stuck_trip_up_and_the_late_service_undoes_its_leg(
+    mesh: tuple[Mesh, Books],
+) -> None:
+    started, books = mesh
+    toxiproxy = Toxiproxy(started.layout.host, started.layout.ports[TOXIPROXY])
+    toxiproxy.disable("car-to-broker")
+    try:
+        request = trip_request(
+            "chor-abandon-1", cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX", car="CX"
+        )
+        trip = books.coordinator.BookTrip(request, timeout=STUCK_AFTER + 10).trip
+        assert trip.status == cpb.TRIP_STATUS_NEEDS_ATTENTION, trip
+        action = cpb.OperatorActionRequest(trip_id=trip.trip_id, reason="give it up")
+        given_up = _operator(started).ForceCompensation(
+            action, timeout=15, metadata=_token(started)
+        )
+        # The flight and the hotel undo their legs at once; the trip is aborted.
+        assert given_up.status == cpb.TRIP_STATUS_ABORTED, given_up
+        assert [leg.status for leg in given_up.legs[:2]] == [cpb.LEG_STATUS_CANCELLED] * 2
+        assert given_up.failure_reason.startswith("abandoned by ")
+    finally:
+        toxiproxy.enable("car-to-broker")
+    # The car, back, hears HOTEL_RESERVED and then TRIP_ABANDONED: it takes and gives back.
+    events = events_until(started, trip.trip_id, K.SAGA_EVENT_KIND_CAR_CANCELLED)
+    kinds = [e.kind for e in events]
+    assert kinds.index(K.SAGA_EVENT_KIND_TRIP_ABANDONED) < kinds.index(
+        K.SAGA_EVENT_KIND_CAR_CANCELLED
+    )
+    records = own_records(books, trip.trip_id)
+    assert {k: r.status for k, r in records.items()} == {
+        k: ppb.RESERVATION_STATUS_CANCELLED for k in PARTICIPANTS
+    }
+    final = books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=trip.trip_id), timeout=5)
+    assert final.status == cpb.TRIP_STATUS_ABORTED  # a late CAR_RESERVED confirmed nothing
+    assert final.legs[2].status == cpb.LEG_STATUS_CANCELLED
 
 
 def _operator(mesh: Mesh) -> coordinator_pb2_grpc.OperatorStub:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from dataclasses import replace
 from functools import reduce
 from pathlib import Path
 
@@ -117,6 +118,30 @@ def test_a_refusal_turns_the_trip_back_and_the_flights_cancellation_ends_it(
     store.close()
 
 
+def test_a_trip_given_up_is_not_confirmed_by_a_late_car(tmp_path: Path) -> None:
+    store, trip = _created(tmp_path)
+    reserved = _apply(
+        trip,
+        _event(trip, K.SAGA_EVENT_KIND_FLIGHT_RESERVED, "flight"),
+        _event(trip, K.SAGA_EVENT_KIND_HOTEL_RESERVED, "hotel"),
+    )
+    given_up = replace(reserved, decision=Decision.ABORT)  # what `abandon` writes
+    ended = _apply(
+        given_up,
+        _event(trip, K.SAGA_EVENT_KIND_HOTEL_CANCELLED, "hotel"),
+        _event(trip, K.SAGA_EVENT_KIND_FLIGHT_CANCELLED, "flight"),
+        _event(trip, K.SAGA_EVENT_KIND_CAR_RESERVED, "car"),
+    )
+    assert ended.status is TripStatus.ABORTED
+    assert ended.leg(LegKind.CAR).status is LegStatus.CONFIRMED  # for now: its undo follows
+    undone = _apply(ended, _event(trip, K.SAGA_EVENT_KIND_CAR_CANCELLED, "car"))
+    assert (undone.status, undone.leg(LegKind.CAR).status) == (
+        TripStatus.ABORTED,
+        LegStatus.CANCELLED,
+    )
+    store.close()
+
+
 def test_a_quiet_trip_names_the_last_event_and_whose_reaction_it_awaits() -> None:
     requested = [TripEvent("created"), TripEvent("requested")]
     assert stuck_detail(requested, 31) == (
@@ -126,6 +151,10 @@ def test_a_quiet_trip_names_the_last_event_and_whose_reaction_it_awaits() -> Non
     assert stuck_detail(hotel, 45.2).endswith("last: hotel_reserved; waiting for car to reserve")
     refused = [*hotel, TripEvent("event", "car", "car_refused: sold out (to hotel_reserved)")]
     assert stuck_detail(refused, 40).endswith("waiting for hotel to cancel")
+    abandoned = [*refused, TripEvent("event", "car", "trip_abandoned (to )")]
+    assert stuck_detail(abandoned, 40).endswith(
+        "waiting for flight to cancel or hotel to cancel or car to cancel"
+    )
 
 
 def test_the_follower_marks_a_quiet_trip_stuck_and_a_later_event_moves_it_on(
