@@ -15,6 +15,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -261,16 +262,10 @@ def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
     mesh: tuple[Mesh, Books],
 ) -> None:
     started, books = mesh
-    toxiproxy = Toxiproxy(started.layout.host, started.layout.ports[TOXIPROXY])
-    toxiproxy.disable("car-to-broker")
-    try:
-        request = trip_request(
-            "chor-stuck-1", cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX", car="CX"
-        )
+    with _car_cut_off(started):
         began = time.monotonic()
-        trip = books.coordinator.BookTrip(request, timeout=STUCK_AFTER + 10).trip
+        trip = _book_stuck(books, "chor-stuck-1")
         flagged = time.monotonic() - began
-        assert trip.status == cpb.TRIP_STATUS_NEEDS_ATTENTION, trip
         assert trip.attention == cpb.ATTENTION_CHOREOGRAPHY_STUCK
         assert "last: hotel_reserved; waiting for car to reserve" in trip.attention_detail
         assert STUCK_AFTER <= flagged < STUCK_AFTER + 5
@@ -279,8 +274,6 @@ def test_a_service_cut_off_the_broker_leaves_the_trip_flagged_then_it_finishes(
         action = cpb.OperatorActionRequest(trip_id=trip.trip_id, reason="car cut off the broker")
         retried = operator.RetryTrip(action, timeout=2 * STUCK_AFTER, metadata=_token(started))
         assert retried.status in (cpb.TRIP_STATUS_PENDING, cpb.TRIP_STATUS_NEEDS_ATTENTION)
-    finally:
-        toxiproxy.enable("car-to-broker")
     # The car hears the hotel's event once its link is back, and the trip moves on.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -298,14 +291,8 @@ def test_an_operator_gives_a_stuck_trip_up_and_the_late_service_undoes_its_leg(
     mesh: tuple[Mesh, Books],
 ) -> None:
     started, books = mesh
-    toxiproxy = Toxiproxy(started.layout.host, started.layout.ports[TOXIPROXY])
-    toxiproxy.disable("car-to-broker")
-    try:
-        request = trip_request(
-            "chor-abandon-1", cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX", car="CX"
-        )
-        trip = books.coordinator.BookTrip(request, timeout=STUCK_AFTER + 10).trip
-        assert trip.status == cpb.TRIP_STATUS_NEEDS_ATTENTION, trip
+    with _car_cut_off(started):
+        trip = _book_stuck(books, "chor-abandon-1")
         action = cpb.OperatorActionRequest(trip_id=trip.trip_id, reason="give it up")
         given_up = _operator(started).ForceCompensation(
             action, timeout=15, metadata=_token(started)
@@ -314,8 +301,6 @@ def test_an_operator_gives_a_stuck_trip_up_and_the_late_service_undoes_its_leg(
         assert given_up.status == cpb.TRIP_STATUS_ABORTED, given_up
         assert [leg.status for leg in given_up.legs[:2]] == [cpb.LEG_STATUS_CANCELLED] * 2
         assert given_up.failure_reason.startswith("abandoned by ")
-    finally:
-        toxiproxy.enable("car-to-broker")
     # The car, back, hears HOTEL_RESERVED and then TRIP_ABANDONED: it takes and gives back.
     events = events_until(started, trip.trip_id, K.SAGA_EVENT_KIND_CAR_CANCELLED)
     kinds = [e.kind for e in events]
@@ -329,6 +314,25 @@ def test_an_operator_gives_a_stuck_trip_up_and_the_late_service_undoes_its_leg(
     final = books.coordinator.GetTrip(cpb.GetTripRequest(trip_id=trip.trip_id), timeout=5)
     assert final.status == cpb.TRIP_STATUS_ABORTED  # a late CAR_RESERVED confirmed nothing
     assert final.legs[2].status == cpb.LEG_STATUS_CANCELLED
+
+
+@contextmanager
+def _car_cut_off(mesh: Mesh) -> Iterator[None]:
+    """The car's link to the broker disabled (its proxy), then restored."""
+    toxiproxy = Toxiproxy(mesh.layout.host, mesh.layout.ports[TOXIPROXY])
+    toxiproxy.disable("car-to-broker")
+    try:
+        yield
+    finally:
+        toxiproxy.enable("car-to-broker")
+
+
+def _book_stuck(books: Books, key: str) -> cpb.Trip:
+    """A choreographed booking whose car never hears of it: NEEDS_ATTENTION, answered."""
+    request = trip_request(key, cpb.PROTOCOL_CHOREOGRAPHY, flight="FX", hotel="HX", car="CX")
+    trip = books.coordinator.BookTrip(request, timeout=STUCK_AFTER + 10).trip
+    assert trip.status == cpb.TRIP_STATUS_NEEDS_ATTENTION, trip
+    return trip
 
 
 def _operator(mesh: Mesh) -> coordinator_pb2_grpc.OperatorStub:
