@@ -28,7 +28,7 @@ from chaos.scenarios import registry
 from tripmesh.mesh.mesh import ROOT
 
 # What a full report covers when nothing is asked for and no runs are given.
-DEFAULT_PROTOCOLS = "2pc,3pc,saga,saga-lock"
+DEFAULT_PROTOCOLS = "2pc,3pc,saga,saga-lock,choreography"
 DEFAULT_SEEDS = "1,2,3"
 DEFAULT_DURATION = 30.0
 

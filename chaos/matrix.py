@@ -28,12 +28,13 @@ from chaos.measures import Measures
 HISTORY_FILES = ("history.jsonl.gz", "history.jsonl")
 
 # Column order; a protocol appears when some run used it.
-PROTOCOL_ORDER = ("2pc", "3pc", "saga", "saga-lock", "mixed")
+PROTOCOL_ORDER = ("2pc", "3pc", "saga", "saga-lock", "choreography", "mixed")
 PROTOCOL_TITLES = {
     "2pc": "2PC",
     "3pc": "3PC",
     "saga": "saga",
     "saga-lock": "saga with semantic lock",
+    "choreography": "choreographed saga",
     "mixed": "mixed",
 }
 # The story's factors, in its order.
