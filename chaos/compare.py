@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
 
 def main(argv: list[str] | None = None) -> int:
     args, p = parse_args(argv)
+    bench = _bench(args.bench, p)  # refused before anything is run or read
     scenarios = registry()
     if args.duration is not None and args.duration <= 0:
         p.error("--duration: must be positive")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no reported runs under {', '.join(map(str, args.runs))}")
     started = time.monotonic()
     out = args.out or runs_dir / "report"
-    md, page, sentences = write_report(records, out, _bench(args.bench, p))
+    md, page, sentences = write_report(records, out, bench)
     print(f"\n{len(records)} runs; report built in {time.monotonic() - started:.1f} s\n")
     print("Recommendation:")
     for s in sentences:
