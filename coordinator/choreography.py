@@ -151,8 +151,6 @@ class EventFollower:
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         # Who waits for a trip's next event; removed by that event or by the waiter.
         self._waiters: dict[str, asyncio.Future[None]] = {}
-        self.applied = 0
-        self.redelivered = 0
 
     def wake_relay(self) -> None:
         if self.member is not None:
@@ -166,6 +164,7 @@ class EventFollower:
             kinds=K.values(),
             outbox_db=outbox_db,
             batch=FETCH_BATCH,
+            metrics=self.metrics.choreography,
         )
         await self.member.run(self._batch)
 
@@ -178,18 +177,9 @@ class EventFollower:
 
     async def _trip_events(self, messages: list[Msg]) -> None:
         """One trip's events of a batch, in stream order, each acknowledged once written."""
+        assert self.member is not None
         for m in messages:
-            again = broker.redelivered(m)
-            self.redelivered += again
-            event = epb.SagaEvent.FromString(m.data)
-            self.metrics.choreography.handled(event, redelivered=again)
-            try:
-                await self.apply(event)
-            except Exception:
-                log.exception("a choreography event could not be written; it will come again")
-                await m.nak(delay=1.0)
-                continue
-            await m.ack()
+            await self.member.settle(m, self.apply)
 
     async def apply(self, event: epb.SagaEvent) -> None:
         trip_id = event.plan.trip_id
@@ -200,7 +190,6 @@ class EventFollower:
             change = change_for(trip, event)
             if change is not None:
                 await self.store.write(trip_id, change, time.time())
-                self.applied += 1
         waiter = self._waiters.pop(trip_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

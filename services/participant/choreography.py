@@ -16,7 +16,6 @@ id, which the outbox and the broker each keep once.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from nats.aio.msg import Msg
 
@@ -27,8 +26,6 @@ from tripmesh.choreography import Reaction, reactions_of
 from tripmesh.runtime import broker, failpoints
 from tripmesh.runtime.event_metrics import EventMetrics
 from tripmesh.v1 import events_pb2 as epb
-
-log = logging.getLogger("tripmesh.choreography")
 
 FETCH_BATCH = 64
 
@@ -43,36 +40,27 @@ class Choreographer:
         self.store = store
         self.url = url
         self.reactions = reactions_of(kind)
-        self.metrics = metrics
         self.member = broker.Member(
-            url, durable=kind, kinds=self.reactions, outbox_db=store.db, batch=FETCH_BATCH
+            url,
+            durable=kind,
+            kinds=self.reactions,
+            outbox_db=store.db,
+            batch=FETCH_BATCH,
+            metrics=metrics,
         )
-        self.handled = 0
-        self.redelivered = 0
 
     async def run(self) -> None:
         """Consume and relay for ever; reconnects (the client does) when the broker is away."""
         await self.member.run(self._batch)
 
     async def _batch(self, messages: list[Msg]) -> None:
-        await asyncio.gather(*(self._one(m) for m in messages))
+        await asyncio.gather(
+            *(self.member.settle(m, self._handle, before_ack=_before_ack) for m in messages)
+        )
 
-    async def _one(self, message: Msg) -> None:
-        again = broker.redelivered(message)
-        self.redelivered += again
-        event = epb.SagaEvent.FromString(message.data)
-        if self.metrics is not None:
-            self.metrics.handled(event, redelivered=again)
-        try:
-            await self.handle(event)
-        except Exception:
-            log.exception("choreography: an event could not be handled; it will come again")
-            await message.nak(delay=1.0)
-            return
-        self.member.wake_relay()
-        failpoints.hit("choreography.before_ack")
-        await message.ack()
-        self.handled += 1
+    async def _handle(self, event: epb.SagaEvent) -> None:
+        await self.handle(event)
+        self.member.wake_relay()  # the event our step queued
 
     async def handle(self, event: epb.SagaEvent) -> None:
         """Our step for `event`, and the event it tells, in one local transaction."""
@@ -121,3 +109,7 @@ class Choreographer:
             reaction.refused, plan, source=self.kind, reservation_id=reservation_id, reason=reason
         )
         return event, broker.subject(reaction.refused)
+
+
+def _before_ack() -> None:
+    failpoints.hit("choreography.before_ack")

@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import nats
 from nats.aio.client import Client
@@ -31,6 +32,9 @@ from nats.js.errors import NotFoundError
 from tripmesh.runtime.database import Database
 from tripmesh.runtime.outbox import Relay
 from tripmesh.v1 import events_pb2 as epb
+
+if TYPE_CHECKING:
+    from tripmesh.runtime.event_metrics import EventMetrics
 
 log = logging.getLogger("tripmesh.broker")
 
@@ -149,8 +153,10 @@ async def durable_consumer(
     )
 
 
-# Handles one batch of fetched messages (acknowledging each); and publishes one event.
+# Handles one batch of fetched messages (each through `Member.settle`).
 Batch = Callable[[list[Msg]], Awaitable[None]]
+# Handles one event (raises if it could not: the event comes again).
+Handle = Callable[[epb.SagaEvent], Awaitable[None]]
 
 
 class Member:
@@ -165,12 +171,14 @@ class Member:
         kinds: Iterable[int],
         outbox_db: Database,
         batch: int,
+        metrics: EventMetrics | None = None,
     ) -> None:
         self.url = url
         self.durable = durable
         self.kinds = tuple(kinds)
         self.outbox_db = outbox_db
         self.batch = batch
+        self.metrics = metrics
         self.relay: Relay | None = None
 
     async def run(self, handle: Batch) -> None:
@@ -205,6 +213,24 @@ class Member:
     def wake_relay(self) -> None:
         if self.relay is not None:
             self.relay.wake()
+
+    async def settle(
+        self, message: Msg, handle: Handle, *, before_ack: Callable[[], None] | None = None
+    ) -> None:
+        """One delivered event: counted, handled, then acknowledged (after `before_ack`);
+        if handling fails it is offered again a second later."""
+        event = epb.SagaEvent.FromString(message.data)
+        if self.metrics is not None:
+            self.metrics.handled(event, redelivered=redelivered(message))
+        try:
+            await handle(event)
+        except Exception:
+            log.exception("%s: an event could not be handled; it will come again", self.durable)
+            await message.nak(delay=1.0)
+            return
+        if before_ack is not None:
+            before_ack()
+        await message.ack()
 
 
 def redelivered(message: Msg) -> bool:
