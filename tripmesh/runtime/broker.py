@@ -185,10 +185,12 @@ class Member:
         client = await connect(self.url, f"tripmesh-{self.durable}")
         js = client.jetstream()
 
-        async def publish(subject: str, payload: bytes, message_id: str) -> None:
-            await js.publish(subject, payload, headers={"Nats-Msg-Id": message_id}, timeout=2.0)
+        async def send(subject: str, payload: bytes, message_id: str) -> Awaitable[object]:
+            return await js.publish_async(
+                subject, payload, wait_stall=2.0, headers={"Nats-Msg-Id": message_id}
+            )
 
-        self.relay = Relay(self.outbox_db, publish, retry_on=BROKER_ERRORS)
+        self.relay = Relay(self.outbox_db, send, retry_on=BROKER_ERRORS, ack_timeout=2.0)
         relaying = asyncio.create_task(self.relay.run(), name=f"{self.durable} outbox relay")
         try:
             while True:

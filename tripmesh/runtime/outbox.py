@@ -7,6 +7,11 @@ the broker drops the second copy (the event id is the message id). The table
 lives in the service's own database; `add` is called inside the step's
 transaction; the `Relay` publishes in order of writing, in batches, and marks
 each row published once the broker has acknowledged it.
+
+A batch is pipelined: every event of it is sent, in order, on the one
+connection before any acknowledgement is awaited (one round trip a batch, not
+one an event), and a row is marked only when it and every row before it were
+acknowledged, so what is sent again after a failure keeps its order.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(seq) WHERE published_at 
 """
 BATCH = 256
 
-# Publishes one event (subject, payload, message id); returns once the broker has it.
-Publish = Callable[[str, bytes, str], Awaitable[None]]
+# Sends one event (subject, payload, message id) and returns, without waiting for the
+# broker, what resolves when the broker has stored it (or raises if it could not).
+Send = Callable[[str, bytes, str], Awaitable[Awaitable[object]]]
 
 
 def create(conn: sqlite3.Connection) -> None:
@@ -79,16 +85,19 @@ class Relay:
     def __init__(
         self,
         db: Database,
-        publish: Publish,
+        send: Send,
         *,
         retry_on: tuple[type[Exception], ...] = (OSError, TimeoutError),
         retry_after: float = 0.5,
+        ack_timeout: float = 2.0,
     ) -> None:
-        """`retry_on`: what `publish` raises when the broker is away (the rows wait)."""
+        """`retry_on`: what sending raises when the broker is away (the rows wait);
+        `ack_timeout`: how long a batch's acknowledgements may take."""
         self.db = db
-        self.publish = publish
+        self.send = send
         self.retry_on = retry_on
         self.retry_after = retry_after
+        self.ack_timeout = ack_timeout
         self._wake = asyncio.Event()
         self.published = 0
         self.failures = 0
@@ -107,6 +116,11 @@ class Relay:
                 log.warning("outbox: publishing failed, retrying: %s", exc)
                 await asyncio.sleep(self.retry_after)
                 continue
+            except Exception:  # not the broker being away: loud, and the rows still wait
+                self.failures += 1
+                log.exception("outbox: publishing failed unexpectedly; retrying")
+                await asyncio.sleep(self.retry_after)
+                continue
             if not sent:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
@@ -117,19 +131,46 @@ class Relay:
         """Publish every pending event, in order; how many were published."""
         total = 0
         while rows := await self.db.read(pending):
-            done: list[int] = []
-            try:
-                for seq, event_id, subject, payload in rows:
-                    failpoints.hit("outbox.before_publish")
-                    await self.publish(subject, payload, event_id)
-                    failpoints.hit("outbox.after_publish")
-                    done.append(seq)
-            finally:
-                if done:
-                    await self.db.run(functools.partial(_mark, seqs=tuple(done)))
-                    total += len(done)
-                    self.published += len(done)
+            acked, failure = await self._publish(rows)
+            if acked:
+                await self.db.run(functools.partial(_mark, seqs=tuple(acked)))
+                total += len(acked)
+                self.published += len(acked)
+            if failure is not None:
+                raise failure
         return total
+
+    async def _publish(
+        self, rows: list[tuple[int, str, str, bytes]]
+    ) -> tuple[list[int], BaseException | None]:
+        """Send every row, then await their acknowledgements: the seqs of the acknowledged
+        prefix, and what stopped the rest (None if nothing did)."""
+        failure: BaseException | None = None
+        confirmations: list[Awaitable[object]] = []
+        try:
+            for _, event_id, subject, payload in rows:
+                failpoints.hit("outbox.before_publish")
+                confirmations.append(await self.send(subject, payload, event_id))
+        except self.retry_on as exc:
+            failure = exc  # the rows sent before it may still be acknowledged
+        waiting = [asyncio.ensure_future(c) for c in confirmations]
+        try:
+            if waiting:
+                await asyncio.wait(waiting, timeout=self.ack_timeout)
+        finally:
+            for w in waiting:
+                w.cancel()  # not acknowledged in time: sent again later (the broker keeps one)
+        acked: list[int] = []
+        for (seq, *_), w in zip(rows, waiting, strict=False):
+            if w.cancelled() or w.exception() is not None:
+                why = None if w.cancelled() else w.exception()
+                return acked, why or TimeoutError(
+                    f"the broker acknowledged {len(acked)} of {len(rows)} events"
+                    f" within {self.ack_timeout:g} s"
+                )
+            failpoints.hit("outbox.after_publish")
+            acked.append(seq)
+        return acked, failure
 
 
 def _mark(conn: sqlite3.Connection, seqs: tuple[int, ...]) -> None:
