@@ -1,6 +1,6 @@
 """`make bench`: how close 2PC, 3PC and the saga get to what this machine can do at all.
 
-    python -m loadtest.bench [--duration 8] [--rss-trips 50000] [--profile]
+    python -m loadtest.bench [--protocols saga,2pc] [--duration 8] [--rss-trips 50000] [--profile]
 
 In one run, on one isolated mesh started as `make up` starts it (supervisord,
 every hop through Toxiproxy, no toxics, SQLite with synchronous=FULL), seeded
@@ -24,7 +24,7 @@ with a catalog that never sells out (`loadtest.trips.bench_catalog`):
 
 Then: the coordinator's memory (VmRSS) over `--rss-trips` more trips, and the
 contended flight (`loadtest.contention`). With `--profile`, py-spy records the
-coordinator and the flight service during an extra run of each protocol at
+coordinator and the flight service during an extra run of each protocol measured at
 concurrency 64 (not one of the measured runs). Everything is written to
 runs/bench-<timestamp>/bench.json, and printed as tables.
 """
@@ -66,6 +66,7 @@ RPCS_PER_TRIP = {"saga": 4, "saga-lock": 7, "2pc": 7, "3pc": 10}
 @dataclass(frozen=True)
 class BenchConfig:
     levels: tuple[int, ...] = (1, 16, 64, 256)
+    protocols: tuple[str, ...] = report.PROTOCOLS
     duration: float = 8.0
     warmup: float = 2.0
     rss_trips: int = 50_000
@@ -199,12 +200,12 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         c = self.config
         print("warming up ...", flush=True)
-        for protocol in report.PROTOCOLS:
+        for protocol in c.protocols:
             await run_count(self.book(protocol, f"warm-{protocol}"), 16, 300)
         await run_count(self.echo(), 16, 1000)
         print("contention: a flight with few seats, each protocol ...", flush=True)
         contended = {}
-        for protocol in report.PROTOCOLS:
+        for protocol in c.protocols:
             contended[protocol] = await contention.contend(
                 self.trips[0],
                 participant_pb2_grpc.ParticipantStub(self.audit_channel),
@@ -218,13 +219,13 @@ class Bench:
             print("  " + line, flush=True)
         print("throughput (closed loop) ...", flush=True)
         points: dict[str, list[dict[str, Any]]] = {"echo": []}
-        points.update({protocol: [] for protocol in report.PROTOCOLS})
+        points.update({protocol: [] for protocol in c.protocols})
         for level in c.levels:
             for what, series in points.items():
                 series.append((await self.point(what, level)).summary())
         profiles = {}
         if c.profile:
-            for protocol in ("saga", "2pc"):
+            for protocol in c.protocols:
                 print(f"profiling {protocol} at c=64 ...", flush=True)
                 profiles[protocol] = await self.profile(protocol)
         memory = {}
@@ -243,6 +244,11 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
     d = BenchConfig()
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="concurrencies")
+    p.add_argument(
+        "--protocols",
+        default=",".join(d.protocols),
+        help=f"comma-separated, from {','.join(report.PROTOCOLS)} (all by default)",
+    )
     p.add_argument("--duration", type=float, default=d.duration, help="measured seconds a point")
     p.add_argument("--warmup", type=float, default=d.warmup)
     p.add_argument("--rss-trips", type=int, default=d.rss_trips, help="0 to skip")
@@ -254,11 +260,20 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
         default=d.noisy_retries,
         help="times a point is measured again when other processes used CPU meanwhile",
     )
-    p.add_argument("--profile", action="store_true", help="py-spy the coordinator and flight")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the coordinator and flight, each protocol"
+    )
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
     a = p.parse_args(argv)
+    protocols = tuple(x.strip() for x in a.protocols.split(",") if x.strip())
+    unknown = [x for x in protocols if x not in report.PROTOCOLS]
+    if unknown or not protocols:
+        p.error(
+            f"--protocols: {','.join(unknown) or 'none given'}; choose from {','.join(report.PROTOCOLS)}"
+        )
     config = BenchConfig(
         levels=tuple(int(x) for x in a.levels.split(",")),
+        protocols=protocols,
         duration=a.duration,
         warmup=a.warmup,
         rss_trips=a.rss_trips,
