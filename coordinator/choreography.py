@@ -7,7 +7,8 @@ each other's events (tripmesh.choreography.FLOW). `EventFollower` consumes
 every event of the stream on a durable consumer of its own and writes each
 into its trip (`change_for`): the leg's status, a line of the timeline saying
 who did what in reaction to what, and the trip's end (CONFIRMED at
-CAR_RESERVED, ABORTED at FLIGHT_REFUSED or FLIGHT_CANCELLED). An event it has
+CAR_RESERVED, ABORTED once it is being undone and no leg is left reserved:
+at FLIGHT_REFUSED, or at the last cancellation). An event it has
 already written changes nothing, so a redelivery is harmless.
 
 A trip with no event for `stuck_after` seconds is marked NEEDS_ATTENTION
@@ -24,6 +25,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
@@ -41,7 +43,7 @@ from coordinator.engine import TripEngine
 from coordinator.journal import Change, LegUpdate, TripJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
-from tripmesh.choreography import BOOKED, LEG_OUTCOMES, UNDONE, answers, reactions_to
+from tripmesh.choreography import BOOKED, LEG_OUTCOMES, answers, reactions_to
 from tripmesh.runtime import broker
 from tripmesh.runtime.database import Database
 from tripmesh.v1 import events_pb2 as epb
@@ -50,8 +52,14 @@ from tripmesh.v1 import participant_pb2 as ppb
 log = logging.getLogger(__name__)
 
 K = epb.SagaEventKind
-REQUESTED = "requested"  # the timeline's line for TRIP_REQUESTED
-EVENT = "event"  # the timeline's line for a service's event
+# A timeline line for an event is of the event's own kind ("hotel_reserved"): the
+# coordinator's own (the request, an operator's give-up) and every service's reports.
+REQUESTED = broker.kind_name(K.SAGA_EVENT_KIND_TRIP_REQUESTED)
+ABANDONED = broker.kind_name(K.SAGA_EVENT_KIND_TRIP_ABANDONED)
+_LINE_KINDS = {
+    broker.kind_name(k): k
+    for k in (K.SAGA_EVENT_KIND_TRIP_REQUESTED, K.SAGA_EVENT_KIND_TRIP_ABANDONED, *LEG_OUTCOMES)
+}
 _LEG_STATUS = {
     "reserved": LegStatus.CONFIRMED,
     "refused": LegStatus.REFUSED,
@@ -89,28 +97,39 @@ def change_for(trip: Trip, event: epb.SagaEvent) -> Change | None:
     kind, status = LegKind(leg_name), _LEG_STATUS[what]
     if trip.leg(kind).status is status:
         return None
-    name = broker.kind_name(event.kind)
     reacting = " or ".join(broker.kind_name(k) for k in answers(event.kind))
-    detail = f"{name}" + (f": {event.reason}" if event.reason else "") + f" (to {reacting})"
-    line = TripEvent(EVENT, leg_name, detail, event.source, event.at.ToNanoseconds() / 1e9)
+    detail = f"to {reacting}" + (f": {event.reason}" if event.reason else "")
+    line = TripEvent(
+        broker.kind_name(event.kind), leg_name, detail, event.source, event.at.ToNanoseconds() / 1e9
+    )
     update = LegUpdate(
         status, reason=event.reason, price_cents=event.price_cents if what == "reserved" else None
     )
     new_status: TripStatus | None = None
     decision: Decision | None = None
     failure: str | None = None
-    if event.kind == BOOKED and trip.decision is not Decision.ABORT:
+    # Undone (refused, or given up) and nothing left reserved once this is written: the
+    # end. An operator's give-up undoes every leg at once, so the last to go ends it.
+    undoing = trip.decision is Decision.ABORT or what == "refused"
+    held = any(
+        (status if leg.kind is kind else leg.status) is LegStatus.CONFIRMED for leg in trip.legs
+    )
+    if trip.status.terminal:
+        pass  # a late report (the car that was cut off gives back): the leg, nothing more
+    elif event.kind == BOOKED and trip.decision is not Decision.ABORT:
         new_status, decision = TripStatus.CONFIRMED, Decision.COMMIT
     elif event.kind == BOOKED:
         pass  # abandoned before: the car took its units late, and its TRIP_ABANDONED follows
-    elif event.kind in UNDONE:
+    elif what != "reserved" and undoing and not held:
         new_status, decision = TripStatus.ABORTED, Decision.ABORT
         refused = [
             (leg.kind.value, leg.reason) for leg in trip.legs if leg.status is LegStatus.REFUSED
         ]
         if what == "refused":
             refused.append((leg_name, event.reason))
-        failure = "; ".join(f"{k}: {why}" for k, why in refused) or trip.failure_reason or "aborted"
+        failure = (
+            trip.failure_reason or "; ".join(f"{k}: {why}" for k, why in refused) or "aborted"
+        )
     else:
         if what == "refused":
             decision = Decision.ABORT  # undone from here on: compensation flows back
@@ -121,13 +140,30 @@ def change_for(trip: Trip, event: epb.SagaEvent) -> Change | None:
 
 def stuck_detail(timeline: list[TripEvent], quiet: float) -> str:
     """Which event the trip stopped at, and whose reaction it waits for."""
-    last = next((e for e in reversed(timeline) if e.kind in (EVENT, REQUESTED)), None)
-    kind = K.SAGA_EVENT_KIND_TRIP_REQUESTED
-    if last is not None and last.kind == EVENT:
-        kind = K.Value(f"SAGA_EVENT_KIND_{last.detail.split(':')[0].split(' ')[0].upper()}")
+    last = next((e.kind for e in reversed(timeline) if e.kind in _LINE_KINDS), REQUESTED)
+    kind = _LINE_KINDS[last]
     waiting = [f"{r.by} to {r.step}" for r in reactions_to(kind)]
     who = " or ".join(waiting) or "nobody (the trip should have ended)"
     return f"no event for {quiet:.0f} s; last: {broker.kind_name(kind)}; waiting for {who}"
+
+
+@dataclass
+class _Following:
+    """A trip someone waits on: the latest state the follower wrote, and a signal."""
+
+    written: Trip | None = None
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
+    users: int = 0
+
+    def moved_to(self, trip: Trip) -> None:
+        self.written = trip
+        self.moved.set()
+
+    def latest(self, read: Trip) -> Trip:
+        """The newer of what the waiter read and what the follower wrote since."""
+        if self.written is not None and self.written.updated_at >= read.updated_at:
+            return self.written
+        return read
 
 
 class EventFollower:
@@ -149,8 +185,9 @@ class EventFollower:
         # One writer per trip at a time (its events, and marking it stuck); held only while
         # in use, so they never outnumber the trips being written.
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-        # Who waits for a trip's next event; removed by that event or by the waiter.
-        self._waiters: dict[str, asyncio.Future[None]] = {}
+        # The trips someone waits on (BookTrip, recovery), each with its latest state as
+        # the follower wrote it: a waiter never reads the store again for an event.
+        self._following: dict[str, _Following] = {}
 
     def wake_relay(self) -> None:
         if self.member is not None:
@@ -161,7 +198,7 @@ class EventFollower:
         self.member = broker.Member(
             self.url,
             durable="coordinator",
-            kinds=K.values(),
+            kinds=LEG_OUTCOMES,  # the services' reports; its own events it knows
             outbox_db=outbox_db,
             batch=FETCH_BATCH,
             metrics=self.metrics.choreography,
@@ -188,11 +225,13 @@ class EventFollower:
             if trip is None or trip.protocol is not Protocol.CHOREOGRAPHY:
                 return  # not a trip of ours (another coordinator's, or a test's)
             change = change_for(trip, event)
-            if change is not None:
-                await self.store.write(trip_id, change, time.time())
-        waiter = self._waiters.pop(trip_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            if change is None:
+                return
+            now = time.time()
+            await self.store.write(trip_id, change, now)
+        following = self._following.get(trip_id)
+        if following is not None:
+            following.moved_to(change.apply(trip, now))
 
     @contextlib.asynccontextmanager
     async def _locked(self, trip_id: str) -> AsyncIterator[None]:
@@ -208,25 +247,32 @@ class EventFollower:
 
     async def until_settled(self, trip_id: str) -> Trip:
         """Wait for the trip's end; mark it stuck after `stuck_after` seconds with no event."""
-        loop = asyncio.get_running_loop()
-        while True:
-            waiter = self._waiters.setdefault(trip_id, loop.create_future())
-            try:
-                trip = await self.store.get(trip_id)
-                assert trip is not None
+        following = self._following.setdefault(trip_id, _Following())
+        following.users += 1
+        try:
+            # Read once, after registering: whatever is written from now on comes to us.
+            trip = await self.store.get(trip_id)
+            assert trip is not None
+            while True:
+                trip = following.latest(trip)
                 if trip.status.terminal:
                     return trip
+                following.moved.clear()
                 quiet = time.time() - trip.updated_at
-                await asyncio.wait_for(
-                    asyncio.shield(waiter), timeout=max(0.0, self.stuck_after - quiet)
-                )
-            except TimeoutError:
-                stuck = await self._mark_stuck(trip_id)
-                if stuck is not None:
-                    return stuck
-            finally:
-                if self._waiters.get(trip_id) is waiter and not waiter.done():
-                    del self._waiters[trip_id]
+                try:
+                    await asyncio.wait_for(
+                        following.moved.wait(), timeout=max(0.0, self.stuck_after - quiet)
+                    )
+                except TimeoutError:
+                    stuck = await self._mark_stuck(trip_id)
+                    if stuck is not None:
+                        return stuck
+                    trip = await self.store.get(trip_id)  # it moved meanwhile: as written
+                    assert trip is not None
+        finally:
+            following.users -= 1
+            if not following.users:
+                del self._following[trip_id]
 
     async def _mark_stuck(self, trip_id: str) -> Trip | None:
         """NEEDS_ATTENTION if still quiet (under the trip's lock); None if it moved."""
@@ -271,13 +317,13 @@ class Choreography(TripEngine):
             await self._request(trip)
         return await self.follower.until_settled(trip.trip_id)
 
-    async def abandon(self, trip: Trip, operator: str, reason: str) -> Trip:
+    async def give_up(self, trip: Trip, operator: str, reason: str) -> Trip:
         """An operator gives the trip up: ABORT, and TRIP_ABANDONED queued with it; every
         service undoes its leg when it hears it, however late."""
         event = broker.new_event(K.SAGA_EVENT_KIND_TRIP_ABANDONED, plan_of(trip), source=operator)
         told = (event, broker.subject(event.kind))
         written = await TripJournal(self.store, trip).write(
-            TripEvent("operator-compensation", detail=reason, actor=operator),
+            TripEvent(ABANDONED, detail=reason, actor=operator),
             status=TripStatus.PENDING,
             decision=Decision.ABORT,
             failure_reason=f"abandoned by {operator}: {reason}",
@@ -294,6 +340,6 @@ class Choreography(TripEngine):
             at=dt.datetime.now(dt.UTC).timestamp(),
         )
         told = (event, broker.subject(event.kind))
-        line = TripEvent(REQUESTED, detail="trip_requested, published through the outbox")
+        line = TripEvent(REQUESTED, detail="published through the outbox")
         await TripJournal(self.store, trip).write(line, tell=[told])
         self.follower.wake_relay()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.clients import Participants, RetryPolicy
-from coordinator.domain import Protocol, Trip, TripEvent
+from coordinator.domain import Decision, Protocol, Trip, TripEvent, TripStatus
 from coordinator.journal import TripJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
@@ -62,3 +62,13 @@ class TripEngine(abc.ABC):
     @abc.abstractmethod
     async def recover(self, trip: Trip) -> Trip:
         """Finish a trip found unfinished in the log (after a crash or a driver failure)."""
+
+    async def give_up(self, trip: Trip, operator: str, reason: str) -> Trip:
+        """An operator gives the trip up: ABORT, written before anything is undone; the
+        caller then drives it (`recover` compensates a saga, aborts an undecided 2PC)."""
+        return await TripJournal(self.store, trip).write(
+            TripEvent("operator-compensation", detail=reason, actor=operator),
+            status=TripStatus.PENDING,
+            decision=Decision.ABORT,
+            failure_reason=f"compensation forced by {operator}: {reason}",
+        )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from coordinator.choreography import Choreography
 from coordinator.clients import Holding, OutcomeUnknown, ParticipantRejected, Participants
 from coordinator.domain import (
     CoordinatorError,
@@ -97,18 +96,7 @@ class OperatorActions:
                     else f"its {trip.protocol.value} decision is COMMIT"
                 )
                 raise _refuse(trip, "compensate", f" and {what}: retry it instead")
-            engine = self.service.engines.get(trip.protocol)
-            if isinstance(engine, Choreography):
-                # Its services undo their legs on TRIP_ABANDONED, each when it hears it.
-                trip = await engine.abandon(trip, operator, reason)
-                self.metrics.operator_actions.labels("force_compensation").inc()
-                return await self._drive_and_wait(trip, wait)
-            trip = await TripJournal(self.store, trip).write(
-                TripEvent("operator-compensation", detail=reason, actor=operator),
-                status=TripStatus.PENDING,
-                decision=Decision.ABORT,
-                failure_reason=f"compensation forced by {operator}: {reason}",
-            )
+            trip = await self.service.engines[trip.protocol].give_up(trip, operator, reason)
             self.metrics.operator_actions.labels("force_compensation").inc()
             return await self._drive_and_wait(trip, wait)
 

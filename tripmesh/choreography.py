@@ -65,9 +65,8 @@ FLOW = (
     ),
     Reaction(K.SAGA_EVENT_KIND_TRIP_ABANDONED, "car", "cancel", K.SAGA_EVENT_KIND_CAR_CANCELLED),
 )
-#: The event that books a trip, and those that end one undone.
+#: The event that books a trip (one undone ends when no leg is left reserved).
 BOOKED = K.SAGA_EVENT_KIND_CAR_RESERVED
-UNDONE = frozenset({K.SAGA_EVENT_KIND_FLIGHT_REFUSED, K.SAGA_EVENT_KIND_FLIGHT_CANCELLED})
 #: The events that report a leg: kind -> (leg, what happened to it).
 LEG_OUTCOMES: dict[int, tuple[str, str]] = {
     **{r.done: (r.by, "reserved" if r.step == "reserve" else "cancelled") for r in FLOW},

@@ -84,8 +84,8 @@ def test_events_book_a_trip_and_a_repeated_event_changes_nothing(tmp_path: Path)
     change = change_for(after_flight, _event(trip, K.SAGA_EVENT_KIND_HOTEL_RESERVED, "hotel"))
     assert change is not None
     (line,) = change.events
-    assert (line.kind, line.leg, line.actor) == ("event", "hotel", "hotel")
-    assert line.detail == "hotel_reserved (to flight_reserved)"
+    assert (line.kind, line.leg, line.actor) == ("hotel_reserved", "hotel", "hotel")
+    assert line.detail == "to flight_reserved"
     store.close()
 
 
@@ -125,11 +125,14 @@ def test_a_trip_given_up_is_not_confirmed_by_a_late_car(tmp_path: Path) -> None:
         _event(trip, K.SAGA_EVENT_KIND_FLIGHT_RESERVED, "flight"),
         _event(trip, K.SAGA_EVENT_KIND_HOTEL_RESERVED, "hotel"),
     )
-    given_up = replace(reserved, decision=Decision.ABORT)  # what `abandon` writes
+    given_up = replace(reserved, decision=Decision.ABORT)  # what `give_up` writes
+    # Every service undoes its leg at once: the flight may answer first, and the trip is
+    # not over while the hotel still holds its room.
+    flight_first = _apply(given_up, _event(trip, K.SAGA_EVENT_KIND_FLIGHT_CANCELLED, "flight"))
+    assert flight_first.status is TripStatus.PENDING
     ended = _apply(
-        given_up,
+        flight_first,
         _event(trip, K.SAGA_EVENT_KIND_HOTEL_CANCELLED, "hotel"),
-        _event(trip, K.SAGA_EVENT_KIND_FLIGHT_CANCELLED, "flight"),
         _event(trip, K.SAGA_EVENT_KIND_CAR_RESERVED, "car"),
     )
     assert ended.status is TripStatus.ABORTED
@@ -143,15 +146,17 @@ def test_a_trip_given_up_is_not_confirmed_by_a_late_car(tmp_path: Path) -> None:
 
 
 def test_a_quiet_trip_names_the_last_event_and_whose_reaction_it_awaits() -> None:
-    requested = [TripEvent("created"), TripEvent("requested")]
+    requested = [TripEvent("created"), TripEvent("trip_requested")]
     assert stuck_detail(requested, 31) == (
         "no event for 31 s; last: trip_requested; waiting for flight to reserve"
     )
-    hotel = [*requested, TripEvent("event", "hotel", "hotel_reserved (to flight_reserved)")]
+    hotel = [*requested, TripEvent("hotel_reserved", "hotel", "to flight_reserved")]
     assert stuck_detail(hotel, 45.2).endswith("last: hotel_reserved; waiting for car to reserve")
-    refused = [*hotel, TripEvent("event", "car", "car_refused: sold out (to hotel_reserved)")]
+    refused = [*hotel, TripEvent("car_refused", "car", "to hotel_reserved: sold out")]
     assert stuck_detail(refused, 40).endswith("waiting for hotel to cancel")
-    abandoned = [*refused, TripEvent("event", "car", "trip_abandoned (to )")]
+    noted = [*refused, TripEvent("retry", "car", "cancel unavailable")]  # not an event's line
+    assert stuck_detail(noted, 40).endswith("waiting for hotel to cancel")
+    abandoned = [*noted, TripEvent("trip_abandoned", "", "no car for a day", "ops@example")]
     assert stuck_detail(abandoned, 40).endswith(
         "waiting for flight to cancel or hotel to cancel or car to cancel"
     )
