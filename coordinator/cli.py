@@ -159,7 +159,8 @@ def cmd_trips(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace, _: grpc.Channel) -> int:
-    with tls.dial(_service_address(args.kind), _credentials()) as channel:
+    address = _service_address(args.kind)
+    with tls.dial(address, _credentials(address)) as channel:
         reply = participant_pb2_grpc.ParticipantStub(channel).GetInventory(
             participant_pb2.GetInventoryRequest(
                 resource_id=args.resource_id, from_date=args.from_date, to_date=args.to_date
@@ -187,7 +188,8 @@ def cmd_inventory(args: argparse.Namespace, _: grpc.Channel) -> int:
 def cmd_search(args: argparse.Namespace, _: grpc.Channel) -> int:
     kind = {"flights": "flight", "hotels": "hotel", "cars": "car"}[args.what]
     date = args.date or (dt.date.today() + dt.timedelta(days=7)).isoformat()
-    with tls.dial(_service_address(kind), _credentials()) as channel:
+    address = _service_address(kind)
+    with tls.dial(address, _credentials(address)) as channel:
         if kind == "flight":
             reply = catalog_pb2_grpc.FlightServiceStub(channel).SearchFlights(
                 catalog_pb2.SearchFlightsRequest(
@@ -386,17 +388,20 @@ def _since(moment: dt.datetime | None) -> Timestamp | None:
     return stamp
 
 
-def _credentials() -> grpc.ChannelCredentials | None:
-    """TLS when the mesh speaks it: the `client` certificate from TRIPMESH_TLS_DIR, else
-    from the mesh's data folder."""
+def _credentials(address: str) -> grpc.ChannelCredentials | None:
+    """TLS when the mesh at `address` speaks it: the `client` certificate from
+    TRIPMESH_TLS_DIR, else from the mesh's data folder."""
     folder = os.environ.get("TRIPMESH_TLS_DIR")
     if folder:
         return tls.Identity.load(Path(folder), tls.CLIENT).channel_credentials()
     started = layouts.stored(_data_dir())
-    # Only for the mesh that folder describes, not one found on other ports.
-    if started is not None and started.tls and dict(started.ports) == dict(mesh_layout().ports):
-        return tls.client_credentials(_data_dir())
-    return None
+    # Only for the mesh that folder describes, not one found on other ports (another
+    # mesh, started elsewhere and dialled with --coordinator, may speak plaintext).
+    if started is None or not started.tls or dict(started.ports) != dict(mesh_layout().ports):
+        return None
+    if address.rpartition(":")[2] not in {str(port) for port in started.ports.values()}:
+        return None
+    return tls.client_credentials(_data_dir())
 
 
 def _service_address(kind: str) -> str:
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         address = args.operator_plane if args.run is cmd_operator else args.coordinator
-        with tls.dial(address, _credentials()) as channel:
+        with tls.dial(address, _credentials(address)) as channel:
             code: int = args.run(args, channel)
     except grpc.RpcError as error:
         report_error(error)
