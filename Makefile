@@ -167,5 +167,5 @@ load-chaos: venv proto toxiproxy broker ## Locust during a chaos scenario: SCENA
 	$(PY) -m loadtest.chaosload $(or $(SCENARIO),baseline) --protocol $(or $(PROTOCOL),saga) \
 		--users $(or $(USERS),20) --duration $(or $(DURATION),60) --shape $(or $(SHAPE),steady)
 
-bench: venv proto toxiproxy broker ## Echo ceiling, 2PC and saga trips/s and p50/p99, memory, contention; runs/bench-*/ [BENCH_ARGS=]
+bench: venv proto toxiproxy broker ## Echo ceiling, every protocol's trips/s, p50/p99 and CPU per trip, memory, contention; runs/bench-*/ [BENCH_ARGS=--protocols saga,2pc]
 	$(PY) -m loadtest.bench $(BENCH_ARGS)
