@@ -80,7 +80,9 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     for protocol in _measured(points):
         peak = max((p["per_second"] for p in points[protocol]), default=0)
         last = _at(points[protocol], 256)
-        share = round(last["per_second"] / peak, 3) if last and peak else None
+        if last is None:
+            continue  # c=256 not measured this run (--levels)
+        share = round(last["per_second"] / peak, 3) if peak else None
         found.append(
             _target(f"{protocol} c=256 >= 80% of peak", share, _ge(share, 0.8), f"{share}")
         )
