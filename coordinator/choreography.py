@@ -45,7 +45,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
 from tripmesh.choreography import BOOKED, LEG_OUTCOMES, answers, reactions_to
 from tripmesh.runtime import broker
-from tripmesh.runtime.database import Database
+from tripmesh.runtime.outbox import Outbox
 from tripmesh.v1 import events_pb2 as epb
 from tripmesh.v1 import participant_pb2 as ppb
 
@@ -64,6 +64,15 @@ _LEG_STATUS = {
     "reserved": LegStatus.CONFIRMED,
     "refused": LegStatus.REFUSED,
     "cancelled": LegStatus.CANCELLED,
+}
+# A leg only moves forward: taken, then given back (or refused at once). JetStream delivers
+# an event again after its ack wait, behind newer ones, so a reservation may arrive after
+# its own cancellation: it is stale, and changes nothing.
+_RANK = {
+    LegStatus.NOT_STARTED: 0,
+    LegStatus.CONFIRMED: 1,
+    LegStatus.REFUSED: 2,
+    LegStatus.CANCELLED: 2,
 }
 FETCH_BATCH = 256
 
@@ -95,8 +104,8 @@ def change_for(trip: Trip, event: epb.SagaEvent) -> Change | None:
         return None  # TRIP_REQUESTED: the coordinator's own
     leg_name, what = outcome
     kind, status = LegKind(leg_name), _LEG_STATUS[what]
-    if trip.leg(kind).status is status:
-        return None
+    if _RANK[status] <= _RANK.get(trip.leg(kind).status, 0):
+        return None  # written before (a redelivery), or stale (overtaken by a later event)
     reacting = " or ".join(broker.kind_name(k) for k in answers(event.kind))
     detail = f"to {reacting}" + (f": {event.reason}" if event.reason else "")
     line = TripEvent(
@@ -108,28 +117,27 @@ def change_for(trip: Trip, event: epb.SagaEvent) -> Change | None:
     new_status: TripStatus | None = None
     decision: Decision | None = None
     failure: str | None = None
-    # Undone (refused, or given up) and nothing left reserved once this is written: the
-    # end. An operator's give-up undoes every leg at once, so the last to go ends it.
+    # The end of an undone trip (refused, or given up): the flight, the last to undo, has
+    # given back or refused, and no leg is left reserved once this is written (events
+    # may arrive out of order; an operator's give-up undoes every leg at once).
     undoing = trip.decision is Decision.ABORT or what == "refused"
-    held = any(
-        (status if leg.kind is kind else leg.status) is LegStatus.CONFIRMED for leg in trip.legs
-    )
+    after = {leg.kind: status if leg.kind is kind else leg.status for leg in trip.legs}
+    held = LegStatus.CONFIRMED in after.values()
+    flight_undone = after[LegKind.FLIGHT] in (LegStatus.CANCELLED, LegStatus.REFUSED)
     if trip.status.terminal:
         pass  # a late report (the car that was cut off gives back): the leg, nothing more
     elif event.kind == BOOKED and trip.decision is not Decision.ABORT:
         new_status, decision = TripStatus.CONFIRMED, Decision.COMMIT
     elif event.kind == BOOKED:
         pass  # abandoned before: the car took its units late, and its TRIP_ABANDONED follows
-    elif what != "reserved" and undoing and not held:
+    elif what != "reserved" and undoing and flight_undone and not held:
         new_status, decision = TripStatus.ABORTED, Decision.ABORT
         refused = [
             (leg.kind.value, leg.reason) for leg in trip.legs if leg.status is LegStatus.REFUSED
         ]
         if what == "refused":
             refused.append((leg_name, event.reason))
-        failure = (
-            trip.failure_reason or "; ".join(f"{k}: {why}" for k, why in refused) or "aborted"
-        )
+        failure = trip.failure_reason or "; ".join(f"{k}: {why}" for k, why in refused) or "aborted"
     else:
         if what == "refused":
             decision = Decision.ABORT  # undone from here on: compensation flows back
@@ -193,13 +201,13 @@ class EventFollower:
         if self.member is not None:
             self.member.wake_relay()
 
-    async def run(self, outbox_db: Database) -> None:
+    async def run(self, outbox: Outbox) -> None:
         """Follow the stream and relay the outbox, for ever (reconnecting as needed)."""
         self.member = broker.Member(
             self.url,
             durable="coordinator",
             kinds=LEG_OUTCOMES,  # the services' reports; its own events it knows
-            outbox_db=outbox_db,
+            outbox=outbox,
             batch=FETCH_BATCH,
             metrics=self.metrics.choreography,
         )
