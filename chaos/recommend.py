@@ -77,9 +77,9 @@ def consistency(matrix: Matrix) -> Sentence | None:
         text = "No protocol measured here kept every invariant in every run."
     for p, h in ranked:
         if h.value:
-            worst = max(
+            worst = max(  # by the runs' total: one bad seed in three is not a median
                 matrix.scenarios,
-                key=lambda s: c.median if (c := matrix.cell("violations", s, p)) else -1,
+                key=lambda s: sum(c.values) if (c := matrix.cell("violations", s, p)) else -1,
             )
             cites.append(cell_id("violations", worst, p))
             text += (
@@ -138,7 +138,18 @@ def _lowest(
     best = _best(ranked)
     h = ranked[0][1]
     if h.value == 0 and ROW_BY_KEY[key].better == "lower":
-        text = f"Choose {_join(best)}: {claim} zero in every scenario."
+        # Zero medians; a single run may still have had some: say so rather than "zero".
+        outliers = [(p, *o) for p in best if (o := _worst_run(matrix, key, p))[0] > 0]
+        if outliers:
+            text = f"Choose {_join(best)}: {claim} zero in the median of every scenario" + (
+                "; but "
+                + "; ".join(
+                    f"{_figure(key, v)} in one run of {_title(p)} ({s})" for p, v, s in outliers
+                )
+                + "."
+            )
+        else:
+            text = f"Choose {_join(best)}: {claim} zero in every run."
     else:
         text = f"Choose {_join(best)}: {claim} at worst {_figure(key, h.value)}{_where(h)}."
     cites = [headline_id(key, p) for p in best]
@@ -150,6 +161,14 @@ def _lowest(
         text += "."
         cites += [headline_id(key, p) for p, _ in rest]
     return Sentence(requirement, text, tuple(cites))
+
+
+def _worst_run(matrix: Matrix, key: str, protocol: str) -> tuple[float, str]:
+    """The highest value of `key` in any single run of `protocol`, and its scenario."""
+    found = [
+        (c.high, s) for s in matrix.scenarios if (c := matrix.cell(key, s, protocol)) is not None
+    ]
+    return max(found, default=(0.0, ""))
 
 
 def no_dirty_reads(matrix: Matrix) -> Sentence | None:

@@ -141,13 +141,32 @@ def test_the_recommendation_follows_the_numbers(tmp_path: Path) -> None:
     )
     assert said["Inventory must not stay locked when the coordinator or the network fails"] == (
         "Choose saga: the unit-seconds of holds a fault caught open, kept off sale until they"
-        " settled, were zero in every scenario. Against: 3PC 10.0 unit·s (in"
+        " settled, were zero in every run. Against: 3PC 10.0 unit·s (in"
         " partition-during-commit); 2PC 62.0 unit·s (in partition-during-commit)."
     )
     assert said["Must book the most trips per second"].startswith("Choose saga: 232.0/s")
     # The same lab with the availabilities swapped: the partition sentence changes its choice.
     swapped = _sentences(lab(tmp_path / "b", saga_available=0.9, two_pc_available=0.97))
     assert swapped["Must keep selling during a partition"].startswith("Choose 2PC: at worst 97.0 %")
+
+
+def test_one_bad_seed_of_three_is_named_not_hidden_by_the_median(tmp_path: Path) -> None:
+    root = lab(tmp_path / "a")
+    # 2PC's second seed under the partition, run again: one violation, one trip for a person.
+    run_folder(
+        root, "partition-during-commit", "2pc", 2, windows=CUT, violations=1,
+        availability=0.9, held_through_faults_seconds=62.0, dirty_readers=0,
+        recover_seconds=2.0, causes={"attention": 1}, stamp="20300101T000100",
+    )  # fmt: skip
+    said = _sentences(root)
+    assert (
+        "Avoid 2PC: 1 violations over its 6 runs, most in partition-during-commit."
+        in said["Cannot oversell or leave a trip partial"]
+    )
+    assert said["Must finish every trip without an operator"].startswith(
+        "Choose 2PC and 3PC: the trips left for a person to finish were zero in the median of"
+        " every scenario; but 1 in one run of 2PC (partition-during-commit)."
+    )
 
 
 def test_write_report_writes_markdown_html_and_a_figure_per_scenario(tmp_path: Path) -> None:
