@@ -65,6 +65,11 @@ class CoordinatorMetrics:
             ["participant"],
             registry=r,
         )
+        self.leases_lost = Counter(
+            "tripmesh_leases_lost",
+            "Trips this coordinator stopped driving because another took their lease over.",
+            registry=r,
+        )
         self.recoveries = Counter(
             "tripmesh_recovery_runs", "Recovery runs that resumed at least one trip.", registry=r
         )

@@ -8,7 +8,11 @@ Configuration (flags override the environment):
 | TRIPMESH_OPERATOR_LISTEN | 127.0.0.1:15058 | the operator plane: Operator, operators' tokens only (empty: off) |
 | TRIPMESH_DECISIONS_LISTEN | 127.0.0.1:15059 | the mesh plane: Decisions, for the participants' queries (mesh token) |
 | TRIPMESH_ADMIN_LISTEN | 127.0.0.1:9100 | the admin HTTP port: /metrics, the operator page, /api (empty: off) |
-| TRIPMESH_DATA_DIR | .data | the trip store is DATA_DIR/coordinator.db |
+| TRIPMESH_DATA_DIR | .data | the trip store is DATA_DIR/coordinator.db (unless TRIPMESH_STORE) |
+| TRIPMESH_STORE | (none: SQLite) | a PostgreSQL URL (postgresql://user@host:port/db): the trip log there, one several coordinators can share |
+| TRIPMESH_REPLICA | host:client port | this coordinator's name in the shared log's leases |
+| TRIPMESH_SWEEP_EVERY | 5 | seconds between sweeps that resume unfinished trips no driver holds (and, on a shared log, take over expired leases) |
+| TRIPMESH_LEASE | 5 | seconds a trip's lease lasts unrenewed: how soon another coordinator takes over the trips of one that died or stalled |
 | TRIPMESH_FLIGHT / _HOTEL / _CAR | 127.0.0.1:16051 / 16052 / 16053 | participants (their Toxiproxy proxies) |
 | TRIPMESH_DEFAULT_PROTOCOL | saga | 2pc, 3pc or saga, for requests that do not say |
 | TRIPMESH_SAGA_PIVOT | (none) | flight, hotel or car: the saga's pivot step (steps before it compensatable, after it retriable); none: every step compensatable |
@@ -30,10 +34,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from coordinator.admin import AdminServer
 from coordinator.catalog import Catalog
@@ -46,15 +53,29 @@ from coordinator.operations import OperatorActions
 from coordinator.saga import Saga, trip_saga
 from coordinator.service import TripService
 from coordinator.servicer import CoordinatorServicer, DecisionsServicer, OperatorServicer
+from coordinator.store import TripStore
+from coordinator.store.postgres import PostgresTripStore
 from coordinator.store.sqlite import SqliteTripStore
 from coordinator.threepc import ThreePhaseCommit
 from coordinator.twopc import TwoPhaseCommit
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
 from tripmesh.runtime import auth, failpoints, logs, rpc, tls
+from tripmesh.runtime.database import StorageUnavailable
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+def check_store(store: str) -> None:
+    """`--store` must be a PostgreSQL connection string: a URL or libpq's key=value form."""
+    try:
+        conninfo_to_dict(store)
+    except psycopg.ProgrammingError as exc:
+        raise layouts.LayoutError(
+            f"--store {store!r}: not a PostgreSQL connection string ({str(exc).strip()}); give"
+            " postgresql://user@host:port/db, or leave it empty for SQLite in the data folder"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,14 @@ class CoordinatorConfig:
     broker: str = ""
     #: Seconds with no event before a choreographed trip needs attention.
     choreography_stuck_after: float = 30.0
+    #: Where the trip log is: "" for SQLite in the data folder (the default), or a
+    #: PostgreSQL connection string (postgresql://user@host:port/db) for a shared one.
+    store: str = ""
+    #: This coordinator's name in the shared log's leases ("" : host and client port).
+    replica: str = ""
+    #: Seconds a trip's lease lasts unrenewed: how soon a live coordinator takes over the
+    #: trips of one that died or stalled (a shared PostgreSQL log only).
+    lease: float = 5.0
     max_wait: float = 30.0
     sweep_every: float = 5.0
     grace: float = 5.0
@@ -131,6 +160,29 @@ class CoordinatorConfig:
             help="seconds with no event before a choreographed trip needs attention",
         )
         p.add_argument(
+            "--store",
+            default=env.get("TRIPMESH_STORE", ""),
+            help="the trip log: empty for SQLite in the data folder (default), or a PostgreSQL"
+            " URL, postgresql://user@host:port/database",
+        )
+        p.add_argument(
+            "--replica",
+            default=env.get("TRIPMESH_REPLICA", ""),
+            help="this coordinator's name in a shared log's leases (default: host:port)",
+        )
+        p.add_argument(
+            "--lease",
+            type=float,
+            default=float(env.get("TRIPMESH_LEASE", 5)),
+            help="seconds a trip's lease lasts unrenewed (a shared PostgreSQL log)",
+        )
+        p.add_argument(
+            "--sweep-every",
+            type=float,
+            default=float(env.get("TRIPMESH_SWEEP_EVERY", 5)),
+            help="seconds between sweeps that resume unfinished trips nobody drives",
+        )
+        p.add_argument(
             "--default-protocol",
             choices=[x.value for x in Protocol],
             default=env.get("TRIPMESH_DEFAULT_PROTOCOL", "saga"),
@@ -179,6 +231,12 @@ class CoordinatorConfig:
                 layouts.check_broker_url(a.broker, "--broker")
             if a.choreography_stuck_after <= 0:
                 raise layouts.LayoutError("--choreography-stuck-after: must be positive")
+            if a.lease <= 0:
+                raise layouts.LayoutError("--lease: must be positive")
+            if a.sweep_every <= 0:
+                raise layouts.LayoutError("--sweep-every: must be positive")
+            if a.store:
+                check_store(a.store)
         except layouts.LayoutError as exc:
             p.error(exc.message)
         return cls(
@@ -202,6 +260,10 @@ class CoordinatorConfig:
             toxiproxy_api=a.toxiproxy_api,
             broker=a.broker,
             choreography_stuck_after=a.choreography_stuck_after,
+            store=a.store,
+            replica=a.replica or f"{socket.gethostname()}:{a.listen.rpartition(':')[2]}",
+            lease=a.lease,
+            sweep_every=a.sweep_every,
         )
 
 
@@ -217,11 +279,25 @@ def _guard(
     return [auth.Guard({service: credentials})]
 
 
+async def open_store(config: CoordinatorConfig) -> TripStore:
+    """The trip log the configuration names: PostgreSQL at `store`, else SQLite."""
+    if config.store:
+        try:
+            return await PostgresTripStore.open(
+                config.store, replica=config.replica, lease=config.lease
+            )
+        except StorageUnavailable as exc:
+            # Loud and short: supervisord restarts us, and the log says what is missing.
+            log.critical("the trip log (--store) cannot be opened: %s", exc)
+            raise SystemExit(f"coordinator: --store: {exc}") from None
+    return SqliteTripStore(config.data_dir / "coordinator.db")
+
+
 async def serve(config: CoordinatorConfig) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteTripStore(config.data_dir / "coordinator.db")
+    store = await open_store(config)
     metrics = CoordinatorMetrics()
-    metrics.choreography.watch_outbox(store.db)
+    metrics.choreography.watch_outbox(store.outbox)
     mesh_token = auth.read_mesh_token(config.data_dir)
     identity = (
         None if config.tls_dir is None else tls.Identity.load(config.tls_dir, tls.COORDINATOR)
@@ -325,7 +401,7 @@ async def serve(config: CoordinatorConfig) -> None:
     # Decisions must be answerable while we recover: prepared participants are asking.
     await catalog.load()
     following = asyncio.create_task(
-        follower.run(store.db) if follower is not None else asyncio.Event().wait(),
+        follower.run(store.outbox) if follower is not None else asyncio.Event().wait(),
         name="choreography follower",
     )
     recovery = asyncio.create_task(service.recover_unfinished(), name="recovery")

@@ -17,7 +17,7 @@ from coordinator.catalog import Catalog
 from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest, TripStatus
 from coordinator.engine import TripEngine
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.store import TripStore
+from coordinator.store import LeaseLost, TripStore
 from tripmesh.runtime import logs
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 from tripmesh.runtime.fields import quote
@@ -128,14 +128,21 @@ class TripService:
             logs.bind(trip_id=trip.trip_id)
         try:
             if recovering:
+                if not await self.store.hold_lease(trip.trip_id):
+                    log.info("trip held by another coordinator, which drives it")
+                    return None
                 async with self._recovery_slots:
                     final = await engine.recover(trip)
             else:
-                final = await engine.book(trip)
+                final = await engine.book(trip)  # created holding its lease
             self._finished(final)
             return final
         except asyncio.CancelledError:
             raise
+        except LeaseLost as lost:  # another coordinator took the trip over: it finishes it
+            log.warning("stopped driving: %s", lost.message)
+            self.metrics.leases_lost.inc()
+            return None
         except Exception:
             log.exception(
                 "trip driver failed; the sweeper will resume it", extra={"trip_id": trip.trip_id}
@@ -143,6 +150,7 @@ class TripService:
             return None
         finally:
             self._active.pop(trip.trip_id, None)
+            self.store.release_lease(trip.trip_id)
 
     def _finished(self, trip: Trip) -> None:
         if trip.status.terminal or trip.status is TripStatus.NEEDS_ATTENTION:
@@ -182,11 +190,11 @@ class TripService:
     async def resume_unfinished(self) -> list[asyncio.Task[Trip | None]]:
         """Start a recovery task for every unfinished trip that no task is driving."""
         resumed = []
-        for trip_id in await self.store.unfinished():
-            if self.is_driven(trip_id):
-                continue
-            trip = await self.store.get(trip_id)
+        for trip_id in await self.store.claim_unfinished():
+            trip = None if self.is_driven(trip_id) else await self.store.get(trip_id)
             if trip is None or self.is_driven(trip_id) or self._being_created(trip):
+                if trip_id not in self._active:  # an operator's, or being created: not ours
+                    self.store.release_lease(trip_id)
                 continue
             self._start(trip, recovering=True)
             resumed.append(self._active[trip_id])

@@ -192,7 +192,7 @@ PROTOCOL_STEPS = (
 async def serve(config: ServiceConfig) -> None:
     store = open_store(config)
     metrics = ParticipantMetrics(config.kind, store.db.path)
-    metrics.choreography.watch_outbox(store.db)
+    metrics.choreography.watch_outbox(store.outbox)
     if config.metrics_listen:
         host, _, port = config.metrics_listen.rpartition(":")
         start_http_server(int(port), addr=host, registry=metrics.registry)

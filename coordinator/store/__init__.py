@@ -16,11 +16,28 @@ state before it. A store that cannot do a call raises `StorageUnavailable`
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+from typing import Protocol as Shape
 
-from coordinator.domain import Decision, Protocol, Trip, TripEvent, TripRequest, TripStatus
+from coordinator.domain import (
+    LEG_ORDER,
+    Attention,
+    CoordinatorError,
+    Decision,
+    Leg,
+    LegKind,
+    LegStatus,
+    Protocol,
+    Trip,
+    TripEvent,
+    TripRequest,
+    TripStatus,
+)
 from coordinator.journal import Change
+from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.outbox import Outbox
 from tripmesh.v1 import events_pb2 as epb
 
 # An event and its subject, to queue in the outbox with a write.
@@ -42,8 +59,24 @@ class TripQuery:
     created_before: float | None = None
 
 
+class LeaseLost(CoordinatorError):
+    """Another coordinator drives this trip now: this one may not write it (fencing)."""
+
+    def __init__(self, trip_id: str, why: str) -> None:
+        super().__init__(f"trip {trip_id}: {why}", kind=ErrorKind.PRECONDITION)
+        self.trip_id = trip_id
+
+
 class TripStore(abc.ABC):
-    """Where trips are kept; every method is one transaction."""
+    """Where trips are kept; every method is one transaction.
+
+    A store several coordinators share gives each trip one driver at a time: a
+    coordinator holds a trip's lease while it drives it (it creates the trip holding
+    it, or `hold_lease`s or `claim_unfinished`es it), the store renews the leases it holds,
+    and a write to a trip whose lease was taken over raises `LeaseLost` (each takeover
+    raises the trip's fencing number, and every write checks it). A store only one
+    coordinator uses (SQLite's) holds every trip: the defaults below.
+    """
 
     # -- writes ------------------------------------------------------------------
     @abc.abstractmethod
@@ -102,6 +135,24 @@ class TripStore(abc.ABC):
     async def in_doubt(self) -> int:
         """2PC trips whose decision is stored but not yet acknowledged by everyone."""
 
+    # -- leases: one driver per trip among coordinators sharing the store ----------
+    async def claim_unfinished(self) -> list[str]:
+        """`unfinished()` trips this coordinator now holds the lease of, to drive: its own,
+        and those whose lease expired (their coordinator died or stalled)."""
+        return await self.unfinished()
+
+    async def hold_lease(self, trip_id: str) -> bool:
+        """Hold the trip's lease to drive it; False if another coordinator holds it."""
+        return True
+
+    def release_lease(self, trip_id: str) -> None:
+        """Stop holding the trip's lease (its driver stopped); it lapses unless re-held."""
+
+    # -- the outbox: what `write(..., tell=...)` queued, for the relay -------------
+    @property
+    @abc.abstractmethod
+    def outbox(self) -> Outbox: ...
+
     # -- lifecycle ---------------------------------------------------------------
     @abc.abstractmethod
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
@@ -110,3 +161,35 @@ class TripStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+class Row(Shape):
+    """A row as both backends read it: its columns by name (sqlite3.Row, psycopg's dict_row)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def trip_from_rows(row: Row, leg_rows: Iterable[Row]) -> Trip:
+    """A trip from its `trips` row (`request` as JSON text) and its three `legs` rows."""
+    legs = {
+        LegKind(r["kind"]): Leg(
+            LegKind(r["kind"]),
+            r["reservation_id"],
+            LegStatus(r["status"]),
+            r["price_cents"],
+            r["reason"],
+        )
+        for r in leg_rows
+    }
+    return Trip(
+        trip_id=row["trip_id"],
+        request=TripRequest.from_json(row["request"]),
+        status=TripStatus(row["status"]),
+        decision=Decision(row["decision"]) if row["decision"] else None,
+        legs=tuple(legs[kind] for kind in LEG_ORDER),
+        failure_reason=row["failure_reason"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        attention=Attention(row["attention"]) if row["attention"] else None,
+        attention_detail=row["attention_detail"],
+    )

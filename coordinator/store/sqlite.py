@@ -18,7 +18,6 @@ from coordinator.domain import (
     CoordinatorError,
     Decision,
     Leg,
-    LegKind,
     LegStatus,
     Protocol,
     Trip,
@@ -28,11 +27,12 @@ from coordinator.domain import (
     reservation_id,
 )
 from coordinator.journal import Change
-from coordinator.store import Told, TripQuery, TripStore
+from coordinator.store import Told, TripQuery, TripStore, trip_from_rows
 from tripmesh.runtime import failpoints, outbox
 from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind
 from tripmesh.runtime.fields import quote
+from tripmesh.runtime.outbox import SqliteOutbox
 
 TRIPS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS trips (
@@ -116,6 +116,7 @@ class SqliteTripStore(TripStore):
         self.db.run_sync(migrate(SCHEMA, SCHEMA_VERSION, table="trips", what="the trip store"))
         # The choreographed saga's TRIP_REQUESTED, written with the trip it requests.
         self.db.run_sync(outbox.create)
+        self._outbox = SqliteOutbox(self.db)
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         self.db.on_writer_death(callback)
@@ -139,9 +140,8 @@ class SqliteTripStore(TripStore):
         await self.db.run(job)
 
     @property
-    def outbox_db(self) -> Database:
-        """The database whose outbox the relay publishes."""
-        return self.db
+    def outbox(self) -> SqliteOutbox:
+        return self._outbox
 
     async def purge_keys(self, older_than: float) -> int:
         cutoff = time.time() - older_than
@@ -299,7 +299,7 @@ def _get(conn: sqlite3.Connection, trip_id: str) -> Trip | None:
     if row is None:
         return None
     legs = conn.execute("SELECT * FROM legs WHERE trip_id = ?", (trip_id,)).fetchall()
-    return _trip(row, legs)
+    return trip_from_rows(row, legs)
 
 
 _CUSTOMER = "json_extract(request, '$.customer_id')"
@@ -336,30 +336,5 @@ def _page(
         marks = ", ".join("?" * len(rows))
         for leg in conn.execute(f"SELECT * FROM legs WHERE trip_id IN ({marks})", list(legs)):
             legs[leg["trip_id"]].append(leg)
-    trips = [_trip(r, legs[r["trip_id"]]) for r in rows]
+    trips = [trip_from_rows(r, legs[r["trip_id"]]) for r in rows]
     return trips, (rows[-1]["seq"] if more else None)
-
-
-def _trip(row: sqlite3.Row, leg_rows: Iterable[sqlite3.Row]) -> Trip:
-    legs = {
-        LegKind(r["kind"]): Leg(
-            LegKind(r["kind"]),
-            r["reservation_id"],
-            LegStatus(r["status"]),
-            r["price_cents"],
-            r["reason"],
-        )
-        for r in leg_rows
-    }
-    return Trip(
-        trip_id=row["trip_id"],
-        request=TripRequest.from_json(row["request"]),
-        status=TripStatus(row["status"]),
-        decision=Decision(row["decision"]) if row["decision"] else None,
-        legs=tuple(legs[kind] for kind in LEG_ORDER),
-        failure_reason=row["failure_reason"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        attention=Attention(row["attention"]) if row["attention"] else None,
-        attention_detail=row["attention_detail"],
-    )

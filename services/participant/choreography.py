@@ -44,7 +44,7 @@ class Choreographer:
             url,
             durable=kind,
             kinds=self.reactions,
-            outbox_db=store.db,
+            outbox=store.outbox,
             batch=FETCH_BATCH,
             metrics=metrics,
         )

@@ -95,6 +95,7 @@ class ParticipantStore:
         # The choreographed saga's events, written with the step they report (a table
         # of its own: books without it are read as before, and gain it).
         self.db.run_sync(outbox.create)
+        self.outbox = outbox.SqliteOutbox(self.db)
         self.kind = kind  # "flight", "hotel", "car": for messages
 
     def close(self) -> None:

@@ -64,7 +64,7 @@ def _setup(tmp_path: Path, n: int) -> tuple[Database, list[str]]:
 def test_a_batch_is_published_in_order_and_marked(tmp_path: Path) -> None:
     db, ids = _setup(tmp_path, 5)
     fake = Broker()
-    relay = outbox.Relay(db, fake.send, ack_timeout=1.0)
+    relay = outbox.Relay(outbox.SqliteOutbox(db), fake.send, ack_timeout=1.0)
     assert asyncio.run(relay.drain()) == 5
     assert fake.sent == ids
     assert db.run_sync(outbox.depth) == 0
@@ -80,7 +80,9 @@ def test_only_the_acknowledged_prefix_is_marked_and_the_rest_goes_again_in_order
     db, ids = _setup(tmp_path, 6)
     fake = Broker()
     getattr(fake, broken).add(2)  # the third event is refused, or never acknowledged
-    relay = outbox.Relay(db, fake.send, retry_on=broker.BROKER_ERRORS, ack_timeout=0.2)
+    relay = outbox.Relay(
+        outbox.SqliteOutbox(db), fake.send, retry_on=broker.BROKER_ERRORS, ack_timeout=0.2
+    )
     with pytest.raises(broker.BROKER_ERRORS):
         asyncio.run(relay.drain())
     assert fake.sent == ids  # all six went out in one pipelined batch

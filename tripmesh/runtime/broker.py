@@ -29,8 +29,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from tripmesh.runtime.database import Database
-from tripmesh.runtime.outbox import Relay
+from tripmesh.runtime.outbox import Outbox, Relay
 from tripmesh.v1 import events_pb2 as epb
 
 if TYPE_CHECKING:
@@ -169,14 +168,14 @@ class Member:
         *,
         durable: str,
         kinds: Iterable[int],
-        outbox_db: Database,
+        outbox: Outbox,
         batch: int,
         metrics: EventMetrics | None = None,
     ) -> None:
         self.url = url
         self.durable = durable
         self.kinds = tuple(kinds)
-        self.outbox_db = outbox_db
+        self.outbox = outbox
         self.batch = batch
         self.metrics = metrics
         self.relay: Relay | None = None
@@ -190,7 +189,7 @@ class Member:
                 subject, payload, wait_stall=2.0, headers={"Nats-Msg-Id": message_id}
             )
 
-        self.relay = Relay(self.outbox_db, send, retry_on=BROKER_ERRORS, ack_timeout=2.0)
+        self.relay = Relay(self.outbox, send, retry_on=BROKER_ERRORS, ack_timeout=2.0)
         relaying = asyncio.create_task(self.relay.run(), name=f"{self.durable} outbox relay")
         try:
             while True:

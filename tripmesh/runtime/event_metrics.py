@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tripmesh.runtime import broker, outbox
-from tripmesh.runtime.database import Database
+from tripmesh.runtime import broker
+from tripmesh.runtime.outbox import Outbox
 from tripmesh.v1 import events_pb2 as epb
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -54,18 +54,18 @@ class EventMetrics:
         if event.HasField("at"):
             self.lag.labels(kind).observe(max(0.0, time.time() - event.at.ToNanoseconds() / 1e9))
 
-    def watch_outbox(self, db: Database) -> None:
+    def watch_outbox(self, outbox: Outbox) -> None:
         """Export the outbox's depth, read at every scrape."""
-        self.registry.register(OutboxDepth(db))
+        self.registry.register(OutboxDepth(outbox))
 
 
 class OutboxDepth(Collector):
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
             "tripmesh_outbox_depth",
             "Events committed here and not yet published to the broker.",
-            value=self.db.read_sync(outbox.depth),
+            value=self.outbox.depth(),
         )

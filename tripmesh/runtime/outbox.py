@@ -16,12 +16,13 @@ acknowledged, so what is sent again after a failure keeps its order.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database
@@ -61,7 +62,7 @@ def add(conn: sqlite3.Connection, event: epb.SagaEvent, subject: str) -> bool:
     return cursor.rowcount == 1
 
 
-def pending(conn: sqlite3.Connection, limit: int = BATCH) -> list[tuple[int, str, str, bytes]]:
+def pending(conn: sqlite3.Connection, limit: int = BATCH) -> list[Row]:
     """(seq, event id, subject, payload) of unpublished events, oldest first."""
     return [
         (int(seq), str(event_id), str(subject), bytes(payload))
@@ -79,12 +80,48 @@ def depth(conn: sqlite3.Connection) -> int:
     return int(count)
 
 
+# (seq, event id, subject, payload) of one queued event.
+Row = tuple[int, str, str, bytes]
+
+
+class Outbox(abc.ABC):
+    """Where a process's outbox table lives, as its relay and its metrics see it."""
+
+    @abc.abstractmethod
+    async def pending(self, limit: int = BATCH) -> list[Row]:
+        """Unpublished events, oldest first."""
+
+    @abc.abstractmethod
+    async def mark(self, seqs: Sequence[int]) -> None:
+        """These events are published (the broker acknowledged them)."""
+
+    @abc.abstractmethod
+    def depth(self) -> int:
+        """How many events wait to be published (blocking: for a metrics scrape)."""
+
+
+class SqliteOutbox(Outbox):
+    """The outbox table in a SQLite `Database` (a service's, or the coordinator's)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def pending(self, limit: int = BATCH) -> list[Row]:
+        return await self.db.read(functools.partial(pending, limit=limit))
+
+    async def mark(self, seqs: Sequence[int]) -> None:
+        await self.db.run(functools.partial(_mark, seqs=tuple(seqs)))
+
+    def depth(self) -> int:
+        return self.db.read_sync(depth)
+
+
 class Relay:
-    """Publishes a database's outbox; `wake()` after a step that queued an event."""
+    """Publishes an outbox; `wake()` after a step that queued an event."""
 
     def __init__(
         self,
-        db: Database,
+        outbox: Outbox,
         send: Send,
         *,
         retry_on: tuple[type[Exception], ...] = (OSError, TimeoutError),
@@ -93,7 +130,7 @@ class Relay:
     ) -> None:
         """`retry_on`: what sending raises when the broker is away (the rows wait);
         `ack_timeout`: how long a batch's acknowledgements may take."""
-        self.db = db
+        self.outbox = outbox
         self.send = send
         self.retry_on = retry_on
         self.retry_after = retry_after
@@ -130,19 +167,17 @@ class Relay:
     async def drain(self) -> int:
         """Publish every pending event, in order; how many were published."""
         total = 0
-        while rows := await self.db.read(pending):
+        while rows := await self.outbox.pending():
             acked, failure = await self._publish(rows)
             if acked:
-                await self.db.run(functools.partial(_mark, seqs=tuple(acked)))
+                await self.outbox.mark(acked)
                 total += len(acked)
                 self.published += len(acked)
             if failure is not None:
                 raise failure
         return total
 
-    async def _publish(
-        self, rows: list[tuple[int, str, str, bytes]]
-    ) -> tuple[list[int], BaseException | None]:
+    async def _publish(self, rows: list[Row]) -> tuple[list[int], BaseException | None]:
         """Send every row, then await their acknowledgements: the seqs of the acknowledged
         prefix, and what stopped the rest (None if nothing did)."""
         failure: BaseException | None = None
