@@ -81,7 +81,12 @@ class ServiceConfig:
         parser.add_argument("--listen", default=env.get("TRIPMESH_LISTEN"))
         parser.add_argument("--metrics-listen", default=env.get("TRIPMESH_METRICS_LISTEN"))
         parser.add_argument("--data-dir", default=env.get("TRIPMESH_DATA_DIR", ".data"))
-        parser.add_argument("--decisions", default=env.get("TRIPMESH_DECISIONS"))
+        parser.add_argument(
+            "--decisions",
+            default=env.get("TRIPMESH_DECISIONS"),
+            help="where to ask for 2PC/3PC decisions: host:port, or several coordinators'"
+            " (comma-separated IPs: round robin over the healthy ones)",
+        )
         parser.add_argument(
             "--broker",
             default=env.get("TRIPMESH_BROKER"),
@@ -127,8 +132,12 @@ class ServiceConfig:
             layouts.check_listen(metrics_listen, "--metrics-listen")
             if broker:
                 layouts.check_broker_url(broker, "--broker")
+            if args.decisions:
+                rpc.target(args.decisions)  # one host:port, or several coordinators' IPs
         except layouts.LayoutError as exc:
             parser.error(exc.message)
+        except ValueError as exc:
+            parser.error(f"--decisions: {exc}")
         return cls(
             kind=args.kind,
             listen=listen,

@@ -30,6 +30,7 @@ from tests.books import trip_request
 from tests.postgres import fresh_database, postgres_server
 from tests.procs import Proc
 from tripmesh.mesh.layout import free_port
+from tripmesh.runtime import tls
 from tripmesh.runtime.postgres import PostgresServer
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
@@ -262,3 +263,39 @@ def _book(books, request: cpb.BookTripRequest) -> object:
         return books.coordinator.BookTrip(request, timeout=20)
     except grpc.RpcError as exc:
         return exc.code()
+
+
+def test_a_channel_over_both_coordinators_books_on_each_and_keeps_booking_when_one_dies(
+    make_cluster, server: PostgresServer
+) -> None:
+    dsn = fresh_database(server)
+    cluster, books = make_cluster(**_shared(dsn, "a"))
+    other = _second_coordinator(cluster, dsn, "b", {})
+    assert cluster.coordinator is not None
+    both = f"{cluster.coordinator.address},{other.address}"
+    try:
+        with tls.dial(both) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+
+            def book(key: str, i: int) -> str:
+                request = trip_request(
+                    key, cpb.PROTOCOL_SAGA, flight="FX", hotel="H", car="C", offset=i % 5
+                )
+                try:
+                    reply = stub.BookTrip(request, timeout=10)
+                except grpc.RpcError as exc:  # the replica died under the call: same key again
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    reply = stub.BookTrip(request, timeout=10)
+                assert reply.trip.status == cpb.TRIP_STATUS_CONFIRMED, reply.trip
+                return reply.trip.trip_id
+
+            first = [book(f"rr-{i}", i) for i in range(8)]
+            owners = {_row(dsn, t)[0] for t in first}
+            assert owners == {"a", "b"}  # round robin: each replica created some
+            cluster.coordinator.kill()
+            after = [book(f"rr-after-{i}", i) for i in range(8)]
+            assert {_row(dsn, t)[0] for t in after} == {"b"}
+            for trip_id in first + after:
+                books.assert_all_or_nothing(_get_trip(other, trip_id))
+    finally:
+        other.stop()

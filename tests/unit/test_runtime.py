@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tripmesh.runtime import failpoints, logs
+from tripmesh.runtime import failpoints, logs, rpc
 from tripmesh.runtime.database import Database, StorageUnavailable
 
 
@@ -210,3 +210,17 @@ def test_a_process_given_a_log_file_writes_it_itself_rotated(
         "commit trip-1-flight",
         "trip-1",
     )
+
+
+def test_several_addresses_make_one_balanced_target_with_health_checking() -> None:
+    assert rpc.target("127.0.0.1:15050") == "127.0.0.1:15050"
+    assert rpc.channel_options("127.0.0.1:15050") == []
+    assert rpc.target("127.0.0.1:1, localhost:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    (config,) = [json.loads(v) for k, v in rpc.channel_options("127.0.0.1:1,127.0.0.1:2")]
+    assert config == {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
+    }
+    for bad in ("db.example:1,127.0.0.1:2", "127.0.0.1:x,127.0.0.1:2", " , "):
+        with pytest.raises(ValueError):
+            rpc.target(bad)

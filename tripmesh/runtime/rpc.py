@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import json
 import logging
 import os
@@ -396,33 +397,77 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main)
 
 
-def _service_config(services: Sequence[str]) -> str:
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": s} for s in services],
-                    "retryPolicy": {
-                        "maxAttempts": 3,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
+def _service_config(services: Sequence[str], *, balanced: bool) -> str:
+    config: dict[str, Any] = {}
+    if services:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": s} for s in services],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    if balanced:
+        # Several replicas: calls go round robin over those whose health (the standard
+        # protocol, every server's overall status) is SERVING; one that dies or drains
+        # drops out until it is back.
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return json.dumps(config)
+
+
+def target(addresses: str) -> str:
+    """The gRPC target for `addresses`: one host:port as it is, or several, comma-separated
+    (replicas of one service), as one static target of IP literals (`ipv4:a:1,b:2`)."""
+    found = [a.strip() for a in addresses.split(",") if a.strip()]
+    if not found:
+        raise ValueError("no address given")
+    if len(found) == 1:
+        return found[0]
+    literal = []
+    for address in found:
+        host, _, port = address.rpartition(":")
+        host = "127.0.0.1" if host == "localhost" else host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"{address!r}: several addresses must be IP literals (127.0.0.1:15050)"
+            ) from None
+        if ip.version != 4 or not port.isdigit():
+            raise ValueError(f"{address!r}: several addresses must be IPv4 host:port")
+        literal.append(f"{host}:{port}")
+    return "ipv4:" + ",".join(literal)
+
+
+def channel_options(addresses: str, retry_services: Sequence[str] = ()) -> list[tuple[str, Any]]:
+    """The service config for `addresses`: retries for `retry_services`, round robin with
+    health checking over several replicas."""
+    balanced = target(addresses).startswith("ipv4:")
+    if not retry_services and not balanced:
+        return []
+    options: list[tuple[str, Any]] = [
+        ("grpc.service_config", _service_config(retry_services, balanced=balanced))
+    ]
+    if retry_services:
+        options.append(("grpc.enable_retries", 1))
+    return options
 
 
 def channel(
-    target: str,
+    addresses: str,
     *,
     retry_services: Sequence[str] = (),
     credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
-    """A long-lived channel to `target`; calls to `retry_services` retry UNAVAILABLE;
-    TLS when given `credentials`.
+    """A long-lived channel to `addresses` (one host:port, or several replicas,
+    comma-separated: round robin over the healthy ones); calls to `retry_services` retry
+    UNAVAILABLE; TLS when given `credentials`.
 
     Only list services whose every method is idempotent.
     """
@@ -436,9 +481,7 @@ def channel(
         ("grpc.max_reconnect_backoff_ms", 2_000),
         ("grpc.min_reconnect_backoff_ms", 100),
     ]
-    if retry_services:
-        options.append(("grpc.enable_retries", 1))
-        options.append(("grpc.service_config", _service_config(retry_services)))
+    options += channel_options(addresses, retry_services)
     if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, options=options)
-    return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target(addresses), credentials, options=options)
+    return grpc.aio.insecure_channel(target(addresses), options=options)

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tripmesh import PARTICIPANTS
+from tripmesh.runtime import rpc
 
 FOLDER = "tls"  # under DATA_DIR/secrets
 CA = "ca"
@@ -94,11 +95,13 @@ def client_credentials(data_dir: Path) -> grpc.ChannelCredentials:
     return Identity.load(folder_of(data_dir), CLIENT).channel_credentials()
 
 
-def dial(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-    """A blocking channel: TLS with `credentials`, else plaintext."""
+def dial(addresses: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A blocking channel to `addresses` (one host:port, or several replicas, comma-separated:
+    round robin over the healthy ones): TLS with `credentials`, else plaintext."""
+    target, options = rpc.target(addresses), rpc.channel_options(addresses)
     if credentials is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, credentials)
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def peer_names(context: grpc.aio.ServicerContext) -> list[str]:
