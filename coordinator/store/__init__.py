@@ -169,6 +169,32 @@ class Row(Shape):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
+def page_filter(
+    query: TripQuery, before: int, *, seq: str, customer: str, key: str, mark: str
+) -> tuple[str, list[object]]:
+    """`query` (and a page position `before`) as SQL conditions, " AND ..." each, and their
+    arguments; each backend names its sequence column, its JSON fields of the request and
+    its placeholder (`mark`)."""
+    sql, args = "", []
+    conditions: list[tuple[str, object]] = [
+        (f"{seq} < {mark}", before or None),
+        (f"status = {mark}", query.status.value if query.status is not None else None),
+        (f"protocol = {mark}", query.protocol.value if query.protocol is not None else None),
+        (f"{customer} = {mark}", query.customer_id or None),
+        (f"{key} = {mark}", query.idempotency_key or None),
+        (f"created_at >= {mark}", query.created_after),
+        (f"created_at < {mark}", query.created_before),
+    ]
+    for condition, value in conditions:
+        if value is not None:
+            sql += f" AND {condition}"
+            args.append(value)
+    if query.text:
+        sql += f" AND (trip_id = {mark} OR {key} = {mark} OR {customer} = {mark})"
+        args += [query.text] * 3
+    return sql, args
+
+
 def trip_from_rows(row: Row, leg_rows: Iterable[Row]) -> Trip:
     """A trip from its `trips` row (`request` as JSON text) and its three `legs` rows."""
     legs = {

@@ -64,7 +64,14 @@ from coordinator.domain import (
     reservation_id,
 )
 from coordinator.journal import Change
-from coordinator.store import LeaseLost, Told, TripQuery, TripStore, trip_from_rows
+from coordinator.store import (
+    LeaseLost,
+    Told,
+    TripQuery,
+    TripStore,
+    page_filter,
+    trip_from_rows,
+)
 from tripmesh.runtime import failpoints, outbox
 from tripmesh.runtime.database import StorageUnavailable, sql_values
 from tripmesh.runtime.errors import ErrorKind
@@ -156,6 +163,8 @@ LOST = -1  # the fence of a lease taken over (see PostgresTripStore._held)
 # Leases are timed by the server's clock, the one clock every coordinator shares.
 _NOW = "extract(epoch from clock_timestamp())"
 _UNFINISHED = "(status = 'pending' OR (status = 'needs_attention' AND attention = ANY(%s)))"
+# A trip another coordinator may take (its owner's parameter): ours, never held, or lapsed.
+_FREE_OR_OURS = f"(owner = %s OR owner = '' OR lease_until < {_NOW})"
 _TRIP = (
     "seq, trip_id, status, decision, request::text AS request, failure_reason,"
     " attention, attention_detail, created_at, updated_at"
@@ -534,9 +543,7 @@ class PostgresTripStore(TripStore):
     async def unfinished(self) -> list[str]:
         async def job(conn: Conn) -> list[str]:
             cur = await conn.execute(
-                "SELECT trip_id FROM trips WHERE status = 'pending'"
-                " OR (status = 'needs_attention' AND attention = ANY(%s)) ORDER BY seq",
-                (_STILL_DRIVEN,),
+                f"SELECT trip_id FROM trips WHERE {_UNFINISHED} ORDER BY seq", (_STILL_DRIVEN,)
             )
             return [str(r[0]) for r in await cur.fetchall()]
 
@@ -716,7 +723,7 @@ async def _write(
         args += [lease.seconds, trip_id, lease.owner, fence]
     else:  # not held: written unless another holds it, fencing out any stale holder
         sets.append("owner = %s, fence = fence + 1")
-        where = f"trip_id = %s AND (owner = %s OR owner = '' OR lease_until < {_NOW})"
+        where = f"trip_id = %s AND {_FREE_OR_OURS}"
         args += [lease.owner, trip_id, lease.owner]
     cur = await conn.execute(
         f"UPDATE trips SET {', '.join(sets)} WHERE {where} RETURNING fence", args
@@ -748,7 +755,7 @@ async def _claim(
     cur = await conn.execute(
         f"UPDATE trips SET owner = %s, fence = fence + 1, lease_until = {_NOW} + %s"
         " WHERE trip_id IN (SELECT trip_id FROM trips"
-        f"  WHERE {which} AND (owner = %s OR owner = '' OR lease_until < {_NOW})"
+        f"  WHERE {which} AND {_FREE_OR_OURS}"
         "  ORDER BY seq FOR UPDATE SKIP LOCKED)"
         " RETURNING trip_id, fence",
         [lease.owner, lease.seconds, *args, lease.owner],
@@ -785,23 +792,8 @@ async def _page(
 ) -> tuple[list[Trip], int | None]:
     """A page of trips in two statements: the trips, then all of their legs."""
     sql = f"SELECT {_TRIP} FROM trips WHERE true"
-    args: list[object] = []
-    conditions: list[tuple[str, object]] = [
-        ("seq < %s", before or None),
-        ("status = %s", query.status.value if query.status is not None else None),
-        ("protocol = %s", query.protocol.value if query.protocol is not None else None),
-        (f"{_CUSTOMER} = %s", query.customer_id or None),
-        (f"{_KEY} = %s", query.idempotency_key or None),
-        ("created_at >= %s", query.created_after),
-        ("created_at < %s", query.created_before),
-    ]
-    for condition, value in conditions:
-        if value is not None:
-            sql += f" AND {condition}"
-            args.append(value)
-    if query.text:
-        sql += f" AND (trip_id = %s OR {_KEY} = %s OR {_CUSTOMER} = %s)"
-        args += [query.text] * 3
+    where, args = page_filter(query, before, seq="seq", customer=_CUSTOMER, key=_KEY, mark="%s")
+    sql += where
     rows = await _rows(conn, sql + " ORDER BY seq DESC LIMIT %s", (*args, limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]

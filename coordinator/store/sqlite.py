@@ -27,7 +27,7 @@ from coordinator.domain import (
     reservation_id,
 )
 from coordinator.journal import Change
-from coordinator.store import Told, TripQuery, TripStore, trip_from_rows
+from coordinator.store import Told, TripQuery, TripStore, page_filter, trip_from_rows
 from tripmesh.runtime import failpoints, outbox
 from tripmesh.runtime.database import Database, migrate, sql_values
 from tripmesh.runtime.errors import ErrorKind
@@ -311,23 +311,8 @@ def _page(
 ) -> tuple[list[Trip], int | None]:
     """A page of trips in two statements: the trips, then all of their legs."""
     sql = "SELECT rowid AS seq, * FROM trips WHERE 1 = 1"
-    args: list[object] = []
-    conditions: list[tuple[str, object]] = [
-        ("rowid < ?", before or None),
-        ("status = ?", query.status.value if query.status is not None else None),
-        ("protocol = ?", query.protocol.value if query.protocol is not None else None),
-        (f"{_CUSTOMER} = ?", query.customer_id or None),
-        (f"{_KEY} = ?", query.idempotency_key or None),
-        ("created_at >= ?", query.created_after),
-        ("created_at < ?", query.created_before),
-    ]
-    for condition, value in conditions:
-        if value is not None:
-            sql += f" AND {condition}"
-            args.append(value)
-    if query.text:
-        sql += f" AND (trip_id = ? OR {_KEY} = ? OR {_CUSTOMER} = ?)"
-        args += [query.text] * 3
+    where, args = page_filter(query, before, seq="rowid", customer=_CUSTOMER, key=_KEY, mark="?")
+    sql += where
     rows = conn.execute(sql + " ORDER BY rowid DESC LIMIT ?", (*args, limit + 1)).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
