@@ -38,8 +38,8 @@ help: ## Show the targets
 	@grep -E '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
 		awk -F'\t' '{ printf "  make %-22s %s\n", $$1, $$2 }'
 
-up: venv proto toxiproxy broker ## Install what is missing, start the mesh, wait until all of it is SERVING (TLS=1: mTLS on every hop)
-	@$(PY) -m tripmesh.mesh up $(if $(filter 1,$(TLS)),--tls)
+up: venv proto toxiproxy broker ## Install what is missing, start the mesh, wait until all of it is SERVING (TLS=1: mTLS on every hop; STORE=postgres COORDINATORS=2: the books and trip log on PostgreSQL, two coordinators)
+	@$(PY) -m tripmesh.mesh up $(if $(filter 1,$(TLS)),--tls) $(if $(STORE),--store $(STORE)) $(if $(COORDINATORS),--coordinators $(COORDINATORS))
 
 down: ## Stop every process gracefully (SIGTERM, in-flight RPCs finish); none is left
 	@if [ -f $(INSTALLED) ]; then $(PY) -m tripmesh.mesh down; else echo "tripmesh is not running (nothing installed yet)"; fi
@@ -153,11 +153,12 @@ chaos-report: venv proto toxiproxy broker ## The report that decides: matrix, re
 # [MESH=auto|running|isolated TARGET=host:port MAX_FAILURES=0.01 LOAD_ARGS="-- --think-time 0.5"]
 LOAD_FLAGS = --protocol $(or $(PROTOCOL),saga) --users $(or $(USERS),50) \
 	--duration $(or $(DURATION),60) --shape $(or $(SHAPE),steady) --mesh $(or $(MESH),auto) \
-	$(if $(TARGET),--target $(TARGET)) $(if $(MAX_FAILURES),--max-failure-ratio $(MAX_FAILURES)) $(LOAD_ARGS)
+	$(if $(TARGET),--target $(TARGET)) $(if $(MAX_FAILURES),--max-failure-ratio $(MAX_FAILURES)) \
+	$(if $(WORKERS),--workers $(WORKERS)) $(LOAD_ARGS)
 
 .PHONY: load-ui load-chaos
 
-load: venv proto toxiproxy broker ## Locust, headless: PROTOCOL= USERS= DURATION= SHAPE=steady|black-friday; reports in runs/load-*/
+load: venv proto toxiproxy broker ## Locust, headless: PROTOCOL= USERS= DURATION= SHAPE=steady|black-friday WORKERS=N (distributed: a master, N workers); reports in runs/load-*/
 	$(PY) -m loadtest.run $(LOAD_FLAGS)
 
 load-ui: venv proto toxiproxy broker ## Locust's web UI on http://127.0.0.1:8089 against the mesh (same options as load)
@@ -167,5 +168,5 @@ load-chaos: venv proto toxiproxy broker ## Locust during a chaos scenario: SCENA
 	$(PY) -m loadtest.chaosload $(or $(SCENARIO),baseline) --protocol $(or $(PROTOCOL),saga) \
 		--users $(or $(USERS),20) --duration $(or $(DURATION),60) --shape $(or $(SHAPE),steady)
 
-bench: venv proto toxiproxy broker ## Echo ceiling, every protocol's trips/s, p50/p99 and CPU per trip, memory, contention; runs/bench-*/ [BENCH_ARGS=--protocols saga,2pc]
-	$(PY) -m loadtest.bench $(BENCH_ARGS)
+bench: venv proto toxiproxy broker ## Echo ceiling, every protocol's trips/s, p50/p99 and CPU per trip, memory, contention; runs/bench-*/ [BENCH_ARGS=--protocols saga,2pc] [STORE=postgres COORDINATORS=2]
+	$(PY) -m loadtest.bench $(if $(STORE),--store $(STORE)) $(if $(COORDINATORS),--coordinators $(COORDINATORS)) $(BENCH_ARGS)

@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -153,6 +154,35 @@ def read_books(
         reservations += rows
         inventory += days
     return BooksSnapshot(tuple(trips), tuple(reservations), tuple(inventory))
+
+
+def takeovers(
+    coordinator: str,
+    trips: Sequence[TripView],
+    since: float,
+    until: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> list[float]:
+    """For each trip in flight at `since` (epoch seconds: created before it, last written
+    after it) whose timeline notes a recovery in [since, until): seconds from `since` to
+    the first, sorted. After a coordinator is killed at `since` and is down until `until`,
+    these are the trips another coordinator took over, and when (its own restart's
+    recoveries come after `until`)."""
+    found = []
+    with tls.dial(coordinator, credentials) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        for view in trips:
+            if not view.created_at < since < view.updated_at:
+                continue
+            trip = stub.GetTrip(cpb.GetTripRequest(trip_id=view.trip_id), timeout=_TIMEOUT)
+            times = [
+                e.at.ToNanoseconds() / 1e9
+                for e in trip.events
+                if e.kind == "recovery" and since <= e.at.ToNanoseconds() / 1e9 < until
+            ]
+            if times:
+                found.append(min(times) - since)
+    return sorted(found)
 
 
 def save_books(books: BooksSnapshot, path: Path) -> None:

@@ -147,6 +147,13 @@ class Measures:
     longest_pending_seconds: float | None = None
     """The longest any trip took from request to final state."""
     fault_effects: tuple[FaultEffect, ...] = field(default=())
+    taken_over_trips: int | None = None
+    """Trips in flight when a coordinator was killed that another coordinator took over
+    while it was down (None: no coordinator was killed, or the run did not look)."""
+    takeover_first_seconds: float | None = None
+    """From the kill until the first of them was taken over."""
+    takeover_last_seconds: float | None = None
+    """From the kill until the last of them was taken over."""
 
     def to_dict(self) -> dict[str, object]:
         """Plain JSON-ready data (tuples become lists)."""
@@ -467,11 +474,14 @@ def measure(
     windows: Sequence[Mapping[str, Any]] = (),
     started_at: float | None = None,
     bucket_seconds: float = BUCKET_SECONDS,
+    takeovers: Sequence[float] | None = None,
 ) -> Measures:
     """The measures of a run; `blocked_seconds` overrides what the books' timestamps say.
 
     `windows`: the faults as applied (seconds from the run's start); `started_at`:
-    the run's start in epoch seconds (the books' clock).
+    the run's start in epoch seconds (the books' clock); `takeovers`: seconds from a
+    coordinator's kill until each of its trips in flight was taken over by another
+    (chaos.audit.takeovers), None when not looked at.
     """
     done = [op for op in history if op.type != "invoke"]
     invokes = [op for op in history if op.type == "invoke"]
@@ -528,4 +538,7 @@ def measure(
         trips_pending_long=long_pending,
         longest_pending_seconds=longest_pending,
         fault_effects=effects,
+        taken_over_trips=None if takeovers is None else len(takeovers),
+        takeover_first_seconds=min(takeovers, default=None) if takeovers else None,
+        takeover_last_seconds=max(takeovers, default=None) if takeovers else None,
     )

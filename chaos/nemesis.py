@@ -19,7 +19,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tripmesh.mesh.layout import POSTGRES
 from tripmesh.mesh.mesh import Mesh
+from tripmesh.runtime.postgres import kill_server
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,11 @@ class Nemesis:
         pid = self.mesh.supervisor.processes()[name].pid
         if not pid:
             return False  # already down
+        if name == POSTGRES and signum == signal.SIGKILL:
+            # The postmaster and every backend (each a process group of its own), as a
+            # power cut would: no backend left holding the old shared memory.
+            kill_server(pid)
+            return True
         os.kill(pid, signum)
         return True
 

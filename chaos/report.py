@@ -184,6 +184,13 @@ def _summary(
         ("longest stall around a fault", _num(m.longest_stall_seconds, " s", 2)),
         ("time to recover (worst fault)", _num(m.recover_seconds, " s", 2)),
         ("faults not recovered from", _num(m.unrecovered_faults)),
+        (
+            "taken over by another coordinator (first / last)",
+            (
+                f"{_num(m.taken_over_trips)} trips ({_num(m.takeover_first_seconds, ' s', 2)}"
+                f" / {_num(m.takeover_last_seconds, ' s', 2)} after the kill)"
+            ),
+        ),
         ("settle after a fault (books, worst)", _num(m.settle_seconds_books, " s", 2)),
         (
             "trips pending over 1 s (longest)",

@@ -36,7 +36,7 @@ from chaos.workload import Catalog, ClientSettings, Planned, generate, run_clien
 from services import car, flight, hotel
 from services.catalog import write_catalog_file
 from tripmesh import PARTICIPANTS
-from tripmesh.mesh.layout import BROKER, free_layout
+from tripmesh.mesh.layout import BROKER, POSTGRES, free_layout
 from tripmesh.mesh.mesh import ROOT, Mesh
 from tripmesh.runtime.names import BOOKING_MODES
 
@@ -198,12 +198,13 @@ def run(config: RunConfig) -> RunOutcome:
             indent=1,
         )
     )
+    scenario = config.scenario
     mesh = Mesh(
         run_dir / "mesh",
-        free_layout(),
-        environment=config.scenario.environment(config.protocol, run_dir / "failpoints"),
+        free_layout(store=scenario.store, coordinators=scenario.coordinators),
+        environment=scenario.environment(config.protocol, run_dir / "failpoints"),
         extra_args={
-            "coordinator": COORDINATOR_ARGS,
+            "coordinator": (*COORDINATOR_ARGS, *scenario.coordinator_args),
             **{k: (*SERVICE_ARGS, "--catalog", str(catalogs[k])) for k in PARTICIPANTS},
         },
         restart=False,  # the nemesis decides when a killed process comes back
@@ -225,12 +226,13 @@ def run(config: RunConfig) -> RunOutcome:
         books = read_books(
             mesh.layout.address("coordinator"), {k: mesh.layout.address(k) for k in PARTICIPANTS}
         )
+        taken_over = _takeovers(mesh, books, windows, started_at)
     finally:
         history.close()
         mesh.down()
     save_books(books, run_dir / BOOKS_FILE)
     results = checker.check_all(read_history(run_dir / "history.jsonl"), books)
-    _report(run_dir, config, schedule, windows, results, books, settled, started_at)
+    _report(run_dir, config, schedule, windows, results, books, settled, started_at, taken_over)
     compact(run_dir, keep_mesh=config.keep_mesh)
     verdict = checker.overall(results)
     print(
@@ -248,6 +250,7 @@ def _report(
     books: BooksSnapshot,
     settled: float | None,
     started_at: float,
+    taken_over: list[float] | None = None,
 ) -> None:
     from chaos.measures import measure
     from chaos.report import write_run_report
@@ -260,6 +263,7 @@ def _report(
         duration=config.duration,
         windows=[w.to_dict() for w in windows],
         started_at=started_at,
+        takeovers=taken_over,
     )
     notes = list(config.scenario.notes)
     notes += recovery_notes(run_dir / "mesh" / "logs" / "coordinator.log")
@@ -282,6 +286,28 @@ def _report(
     )
 
 
+def _takeovers(
+    mesh: Mesh, books: BooksSnapshot, windows: list[Window], started_at: float
+) -> list[float] | None:
+    """When one of several coordinators was killed: how soon the others took each of its
+    trips in flight over (chaos.audit.takeovers); None when no such kill happened. The
+    trips are read from a coordinator that was not killed."""
+    names = mesh.layout.coordinator_names
+    killed = [w for w in windows if w.action == "kill" and w.target in names]
+    if not killed or len(names) < 2:
+        return None
+    survivor = next(n for n in names if n not in {w.target for w in killed})
+    found: list[float] = []
+    for window in killed:
+        found += audit.takeovers(
+            mesh.layout.address(survivor),
+            books.trips,
+            started_at + window.start,
+            started_at + window.end,
+        )
+    return sorted(found)
+
+
 def compact(run_dir: Path, *, keep_mesh: bool) -> None:
     """Shrink a reported run: the history and every log gzipped, the databases and the
     broker's streams dropped (the audited books are in BOOKS_FILE) unless `keep_mesh`."""
@@ -294,6 +320,7 @@ def compact(run_dir: Path, *, keep_mesh: bool) -> None:
         for database in mesh.glob("*.db*"):
             database.unlink()
         shutil.rmtree(mesh / BROKER, ignore_errors=True)
+        shutil.rmtree(mesh / POSTGRES, ignore_errors=True)
 
 
 def _gzip(source: Path, target: Path) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from chaos.history import HistoryWriter, Op, OpType
+from tripmesh.runtime import rpc
 from tripmesh.runtime.names import BOOKING_MODES, TRIP_STATUS_NAMES
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc
@@ -113,7 +114,10 @@ async def run_clients(
     queue: asyncio.Queue[Planned] = asyncio.Queue()
     for plan in plans:
         queue.put_nowait(plan)
-    async with grpc.aio.insecure_channel(address) as channel:
+    # One channel; over several coordinators (comma-separated), round robin over the healthy.
+    async with grpc.aio.insecure_channel(
+        rpc.target(address), options=rpc.channel_options(address)
+    ) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
 
         async def client(process: int) -> None:

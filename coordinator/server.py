@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from coordinator.admin import AdminServer
 from coordinator.catalog import Catalog
@@ -62,20 +60,10 @@ from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
 from tripmesh.runtime import auth, failpoints, logs, rpc, tls
 from tripmesh.runtime.database import StorageUnavailable
+from tripmesh.runtime.pgdatabase import check_dsn
 from tripmesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def check_store(store: str) -> None:
-    """`--store` must be a PostgreSQL connection string: a URL or libpq's key=value form."""
-    try:
-        conninfo_to_dict(store)
-    except psycopg.ProgrammingError as exc:
-        raise layouts.LayoutError(
-            f"--store {store!r}: not a PostgreSQL connection string ({str(exc).strip()}); give"
-            " postgresql://user@host:port/db, or leave it empty for SQLite in the data folder"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -236,9 +224,11 @@ class CoordinatorConfig:
             if a.sweep_every <= 0:
                 raise layouts.LayoutError("--sweep-every: must be positive")
             if a.store:
-                check_store(a.store)
+                check_dsn(a.store, "--store")
         except layouts.LayoutError as exc:
             p.error(exc.message)
+        except ValueError as exc:
+            p.error(str(exc))
         return cls(
             listen=a.listen,
             operator_listen=a.operator_listen,

@@ -54,6 +54,7 @@ from loadtest.driver import CpuMeter, Result, channels, closed_loop, rss_kib, ru
 from loadtest.echo import echo_server
 from loadtest.meshes import isolated_mesh
 from loadtest.trips import bench_catalog, bench_request
+from tripmesh.mesh.layout import POSTGRES, STORES
 from tripmesh.mesh.mesh import ROOT, Mesh
 from tripmesh.runtime import rpc
 from tripmesh.v1 import coordinator_pb2 as pb
@@ -77,6 +78,10 @@ class BenchConfig:
     noisy_retries: int = 2  # measure a point again while other processes took CPU
     profile: bool = False
     profile_seconds: float = 10.0
+    #: The mesh measured: its books and trip log in "sqlite" or "postgres", and how many
+    #: coordinators serve (round robin from the driver's channels).
+    store: str = "sqlite"
+    coordinators: int = 1
 
 
 class Bench:
@@ -86,7 +91,8 @@ class Bench:
         self.rng = random.Random(1)
         pids = dict(mesh.pids())  # supervisord too: it is part of what the mesh costs
         self.coordinator_pid = pids["coordinator"]
-        self.cpu = CpuMeter({**pids, "echo": echo_pid})
+        # PostgreSQL's backends are the postmaster's children: counted with it.
+        self.cpu = CpuMeter({**pids, "echo": echo_pid}, with_children=frozenset({POSTGRES}))
         self.channels = channels(mesh.layout.client_address, config.channels)
         self.trips = [coordinator_pb2_grpc.CoordinatorStub(c) for c in self.channels]
         self.echo_channels = channels(echo, config.channels)
@@ -264,7 +270,18 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
         "--profile", action="store_true", help="py-spy the coordinator and flight, each protocol"
     )
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
+    p.add_argument(
+        "--store",
+        choices=STORES,
+        default=d.store,
+        help="postgres: every book and the trip log on a PostgreSQL server the mesh runs",
+    )
+    p.add_argument(
+        "--coordinators", type=int, default=d.coordinators, help="coordinators (needs postgres)"
+    )
     a = p.parse_args(argv)
+    if a.coordinators > 1 and a.store != "postgres":
+        p.error("--coordinators above 1 needs --store postgres (one shared trip log)")
     protocols = tuple(x.strip() for x in a.protocols.split(",") if x.strip())
     unknown = [x for x in protocols if x not in report.PROTOCOLS]
     if unknown or not protocols:
@@ -281,6 +298,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path]:
         channels=a.channels,
         noisy_retries=a.noisy_retries,
         profile=a.profile,
+        store=a.store,
+        coordinators=a.coordinators,
     )
     return config, a.runs_dir
 
@@ -312,11 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     folder = runs_dir / f"bench-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)
     catalog = bench_catalog(folder / "bench-catalog.json")
-    print(f"bench: an isolated mesh in {folder / 'mesh'}; results in {folder}", flush=True)
+    shape = f"{config.store}, {config.coordinators} coordinator(s)"
+    print(
+        f"bench: an isolated mesh ({shape}) in {folder / 'mesh'}; results in {folder}", flush=True
+    )
     load_before = os.getloadavg()
     code = _provenance()  # before the mesh starts: the code its processes load
     with contextlib.ExitStack() as stack:
-        mesh = stack.enter_context(isolated_mesh(folder / "mesh", catalog=catalog))
+        mesh = stack.enter_context(
+            isolated_mesh(
+                folder / "mesh",
+                catalog=catalog,
+                store=config.store,
+                coordinators=config.coordinators,
+            )
+        )
         echo, echo_pid = stack.enter_context(echo_server(mesh.toxiproxy))
         measured = rpc.run(_measure(config, mesh, echo, echo_pid, folder))
     results = {

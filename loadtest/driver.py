@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from tripmesh.runtime import rpc
+
 TICKS = os.sysconf("SC_CLK_TCK")
 # Latencies are read from this, never from loop.time(): uvloop's loop clock
 # has millisecond resolution and is read once per loop iteration.
@@ -128,18 +130,23 @@ async def run_count(
 class CpuMeter:
     """CPU seconds (user + system, every thread) of named processes, from /proc."""
 
-    def __init__(self, pids: Mapping[str, int]) -> None:
+    def __init__(
+        self, pids: Mapping[str, int], *, with_children: frozenset[str] = frozenset()
+    ) -> None:
+        """`with_children`: names whose children's CPU counts as theirs (PostgreSQL's
+        backends), those alive when read."""
         self.pids = {**pids, "driver": os.getpid()}
+        self.with_children = with_children
 
     def read(self) -> dict[str, float]:
         seconds = {}
+        stats = _stats() if self.with_children else {}
         for name, pid in self.pids.items():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, IndexError):
+            own = [pid, *(c for c, (parent, _) in stats.items() if parent == pid)]
+            used = [_cpu_seconds(p) for p in (own if name in self.with_children else [pid])]
+            if used[0] is None:
                 continue
-            # After the command: state is field 3, utime field 14 and stime field 15.
-            seconds[name] = (int(fields[11]) + int(fields[12])) / TICKS
+            seconds[name] = sum(u for u in used if u is not None)
         # The whole machine: anything else that ran (another test suite) shows as "others".
         jiffies = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         seconds["_machine"] = (sum(jiffies) - jiffies[3] - jiffies[4]) / TICKS
@@ -159,10 +166,34 @@ class CpuMeter:
         return used
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of `pid` (every thread), None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, IndexError):
+        return None
+    # After the command: state is field 3, utime field 14 and stime field 15.
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _stats() -> dict[int, tuple[int, str]]:
+    """Every process's (parent pid, state), from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        found[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return found
+
+
 def channels(address: str, count: int) -> list[grpc.aio.Channel]:
-    """`count` channels to `address`, each with its own connection (a local subchannel pool)."""
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    return [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+    """`count` channels to `address` (or to several coordinators, comma-separated: each
+    channel round robin over them), each with its own connections (a local subchannel
+    pool)."""
+    options = [("grpc.use_local_subchannel_pool", 1), *rpc.channel_options(address)]
+    return [grpc.aio.insecure_channel(rpc.target(address), options=options) for _ in range(count)]
 
 
 def rss_kib(pid: int) -> int:

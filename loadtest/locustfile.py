@@ -24,6 +24,13 @@ audit). Locust exits 1 when the share of failed trips exceeds
 --max-failure-ratio (a refused, sold-out trip is not a failure: it is the
 right answer).
 
+Distributed (Locust's own --master and --worker, `make load WORKERS=N`): each
+worker tallies its own users and writes OUT/tally-<pid>.json when it quits,
+its users named w<index>u<n> so that workers never share a customer or a key,
+and all append to one OUT/history.jsonl; `loadtest.run` merges the tallies
+into trips.json (`merge_tallies`) once every process has exited, and judges
+the failure ratio there.
+
 Options (also in the web UI; env var in brackets): --protocol 2pc|3pc|saga|saga-lock|mixed
 [TRIPMESH_LOAD_PROTOCOL], --shape steady|black-friday [TRIPMESH_LOAD_SHAPE],
 --deadline seconds per BookTrip [TRIPMESH_LOAD_DEADLINE], --think-time mean
@@ -55,9 +62,11 @@ from typing import Any
 import gevent
 from locust import LoadTestShape, User, events, task
 from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
 from locust.util.timespan import parse_timespan
 
 from loadtest.shapes import black_friday, steady
+from loadtest.tally import TripTally, judge
 from loadtest.trips import CHOICES, TripMix
 from tripmesh.mesh import layout as layouts
 from tripmesh.runtime import tls
@@ -121,105 +130,26 @@ def _options(parser: Any) -> None:
 events.init_command_line_parser.add_listener(_options)
 
 
-class TripTally:
-    """Trips by `PROTOCOL KIND OUTCOME`: a count, failures, and a latency histogram.
-
-    Memory is bounded by the number of names (a few dozen), not by the trips:
-    latencies go into fixed buckets (1 ms wide to 100 ms, then 10 ms to 60 s).
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[str, list[int]] = {}
-        self.failed: collections.Counter[str] = collections.Counter()
-        self.started = time.time()
-        out = os.environ.get("TRIPMESH_LOAD_OUT", "")
-        self.out = Path(out) if out else None
-        self.history = (self.out / "history.jsonl").open("a", buffering=1) if self.out else None
-
-    @staticmethod
-    def bucket(ms: float) -> int:
-        return int(ms) if ms < 100 else min(100 + int((ms - 100) // 10), 6_100)
-
-    @staticmethod
-    def bucket_ms(index: int) -> float:
-        return float(index + 1) if index < 100 else 100.0 + 10 * (index - 99)
-
-    def add(self, name: str, ms: float, failed: bool) -> None:
-        row = self.rows.setdefault(name, [0] * 6_101)
-        row[self.bucket(ms)] += 1
-        if failed:
-            self.failed[name] += 1
-
-    def record(self, user: int, planned: Any, trip: pb.Trip) -> None:
-        """A trip the coordinator answered, as the chaos checker reads a history."""
-        if self.history is None:
-            return
-        op = {
-            "process": user,
-            "type": "ok",
-            "f": "book",
-            "key": planned.request.idempotency_key,
-            "protocol": planned.protocol,
-            "time": round(time.time() - self.started, 3),
-            "trip_id": trip.trip_id,
-            "status": STATUS.get(trip.status, "?"),
-        }
-        self.history.write(json.dumps(op, sort_keys=True) + "\n")
-
-    def percentile(self, row: list[int], share: float) -> float:
-        wanted, seen = share * sum(row), 0
-        for index, count in enumerate(row):
-            seen += count
-            if seen >= wanted and count:
-                return self.bucket_ms(index)
-        return 0.0
-
-    def summary(self) -> dict[str, Any]:
-        rows = {
-            name: {
-                "trips": sum(row),
-                "failed": self.failed[name],
-                "p50_ms": self.percentile(row, 0.5),
-                "p99_ms": self.percentile(row, 0.99),
-            }
-            for name, row in sorted(self.rows.items())
-        }
-        trips = sum(r["trips"] for r in rows.values())
-        failed = sum(r["failed"] for r in rows.values())
-        return {
-            "trips": trips,
-            "failed": failed,
-            "failure_ratio": round(failed / trips, 4) if trips else 0.0,
-            "rows": rows,
-        }
-
-
-TALLY = TripTally()
+# TRIPMESH_LOAD_OUT: where `make load` keeps the run's trips (trips.json, history.jsonl).
+TALLY = TripTally(
+    Path(os.environ["TRIPMESH_LOAD_OUT"]) if os.environ.get("TRIPMESH_LOAD_OUT") else None
+)
 
 
 def _judge(environment: Environment, **_: Any) -> None:
-    """Print the trips, keep them, and fail the run above the failure ratio."""
-    summary = TALLY.summary()
+    """Print the trips, keep them, and fail the run above the failure ratio (a worker only
+    keeps its tally, and the master has none: `loadtest.run` merges and judges)."""
     if TALLY.history is not None:
         TALLY.history.close()
+    if isinstance(environment.runner, MasterRunner):
+        return
+    if isinstance(environment.runner, WorkerRunner):
+        if TALLY.out is not None:
+            TALLY.save(TALLY.out / f"tally-{os.getpid()}.json")
+        return
+    summary = TALLY.summary()
     options = environment.parsed_options
-    limit = float(getattr(options, "max_failure_ratio", 0.01))
-    summary["max_failure_ratio"] = limit
-    summary["passed"] = summary["failure_ratio"] <= limit
-    print(
-        f"\n{'trips (first attempt to settled outcome)':52} {'trips':>7} {'failed':>7}"
-        f" {'p50 ms':>7} {'p99 ms':>7}"
-    )
-    for name, row in summary["rows"].items():
-        print(
-            f"{name:52} {row['trips']:7} {row['failed']:7} {row['p50_ms']:7.0f}"
-            f" {row['p99_ms']:7.0f}"
-        )
-    print(
-        f"{'all trips':52} {summary['trips']:7} {summary['failed']:7}   failure ratio"
-        f" {summary['failure_ratio']:.4f} (at most {limit}): "
-        + ("passed" if summary["passed"] else "FAILED")
-    )
+    summary = judge(summary, float(getattr(options, "max_failure_ratio", 0.01)))
     if TALLY.out is not None:
         (TALLY.out / "trips.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not summary["passed"]:
@@ -304,9 +234,12 @@ class TripCustomer(User):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         number = next(_user_numbers)
-        self.number = number
-        self.name = f"u{number}"
-        self.rng = random.Random(int(options.seed) * 1_000_003 + number)
+        runner = self.environment.runner
+        worker = runner.worker_index if isinstance(runner, WorkerRunner) else -1
+        # Workers' users apart: their own names (and keys), numbers and random streams.
+        self.number = number + (worker + 1) * 1_000_000
+        self.name = f"w{worker}u{number}" if worker >= 0 else f"u{number}"
+        self.rng = random.Random(int(options.seed) * 1_000_003 + self.number)
         self.trips = itertools.count()
         self.mix = TripMix(
             hot_share=float(options.hot_share),

@@ -41,13 +41,19 @@ def environment(changes: Mapping[str, str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def isolated_mesh(
-    data_dir: Path, *, catalog: Path | None = None, env: Mapping[str, str] | None = None
+    data_dir: Path,
+    *,
+    catalog: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    store: str = "sqlite",
+    coordinators: int = 1,
 ) -> Iterator[Mesh]:
-    """Start a mesh in `data_dir` on free ports; stop it (gracefully) when the block ends."""
+    """Start a mesh in `data_dir` on free ports (its books and trip log in `store`, with
+    `coordinators` coordinators); stop it (gracefully) when the block ends."""
     changes = dict(env or {})
     if catalog is not None:
         changes["TRIPMESH_CATALOG"] = str(catalog.resolve())
-    mesh = Mesh(data_dir, free_layout())
+    mesh = Mesh(data_dir, free_layout(store=store, coordinators=coordinators))
     with environment(changes):
         mesh.up(timeout=90)
     try:

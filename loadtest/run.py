@@ -34,11 +34,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from loadtest.meshes import isolated_mesh, running_mesh
 from loadtest.progress import Progress, seconds
+from loadtest.tally import judge, merge_tallies
 from loadtest.trips import CHOICES, peak_catalog
 from tripmesh.mesh.mesh import ROOT
 from tripmesh.runtime import tls
@@ -57,6 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", help="HOST:PORT of a coordinator (its client proxy) to load")
     p.add_argument("--ui", action="store_true", help="Locust's web UI instead of a headless run")
     p.add_argument("--web-port", type=int, default=8089)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="Locust's distributed mode: a master and this many worker processes (0: one"
+        " process); the way load is spread over machines, here on this one",
+    )
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
     p.add_argument(
         "--max-failure-ratio",
@@ -65,7 +73,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fail the run when more than this share of trips failed (default 0.01)",
     )
     p.add_argument("locust_args", nargs="*", help="more Locust options, after --")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workers < 0:
+        p.error("--workers: must be 0 or more")
+    if args.workers:
+        from tripmesh.mesh.layout import free_port
+
+        args.master_port = free_port()
+    return args
 
 
 @contextlib.contextmanager
@@ -125,6 +140,16 @@ def locust_argv(args: argparse.Namespace, address: str, folder: Path) -> list[st
         "--max-failure-ratio",
         str(args.max_failure_ratio),
     ]
+    if args.workers:
+        argv += [
+            "--master",
+            "--master-bind-host",
+            "127.0.0.1",
+            "--master-bind-port",
+            str(args.master_port),
+            "--expect-workers",
+            str(args.workers),
+        ]
     if args.ui:
         argv += ["--web-host", "127.0.0.1", "--web-port", str(args.web_port)]
         if args.duration:
@@ -134,21 +159,73 @@ def locust_argv(args: argparse.Namespace, address: str, folder: Path) -> list[st
     return argv + list(args.locust_args)
 
 
-def run_locust(command: list[str], log_path: Path, progress: Progress | None = None) -> int:
-    """Run Locust, its output both printed and kept in `log_path`; its exit code.
+def worker_argv(args: argparse.Namespace, address: str) -> list[str]:
+    """One Locust worker of a distributed run: it connects to the master on this machine
+    (on others, --master-host would name the master's)."""
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--worker",
+        "--master-host",
+        "127.0.0.1",
+        "--master-port",
+        str(args.master_port),
+        "--host",
+        address,
+        "--protocol",
+        args.protocol,
+        "--shape",
+        args.shape,
+        "--max-failure-ratio",
+        str(args.max_failure_ratio),
+        *args.locust_args,
+    ]
+
+
+def run_locust(
+    command: list[str],
+    log_path: Path,
+    progress: Progress | None = None,
+    workers: Sequence[list[str]] = (),
+) -> int:
+    """Run Locust (and its `workers`, each logging to log_path's folder), its output both
+    printed and kept in `log_path`; its exit code, or the first failing worker's.
     `progress`: a live line on the terminal while it runs."""
-    with log_path.open("w") as log, progress or contextlib.nullcontext():
-        locust = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert locust.stdout is not None
-        try:
-            for line in locust.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-        except KeyboardInterrupt:
-            pass  # Locust got the same SIGINT: it stops and writes its reports
-        return locust.wait()
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        with log_path.open("w") as log, progress or contextlib.nullcontext():
+            locust = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            for index, argv in enumerate(workers):
+                with (log_path.parent / f"locust-worker-{index}.log").open("wb") as out:
+                    started.append(
+                        subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                    )
+            assert locust.stdout is not None
+            try:
+                for line in locust.stdout:
+                    sys.stdout.write(line)
+                    log.write(line)
+            except KeyboardInterrupt:
+                pass  # Locust got the same SIGINT: it stops and writes its reports
+            code = locust.wait()
+        for worker in started:  # the master told them to quit when it did
+            try:
+                worker_code = worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker_code = worker.wait()
+            code = code or worker_code
+        return code
+    finally:
+        for worker in started:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,10 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         os.environ["TRIPMESH_LOAD_OUT"] = str(folder)  # trips.json and history.jsonl
         live = None if args.ui else Progress(folder / "history.jsonl", seconds(args.duration))
-        code = run_locust(command, folder / "locust.log", live)
+        workers = [worker_argv(args, address) for _ in range(args.workers)]
+        code = run_locust(command, folder / "locust.log", live, workers)
         finished = time.time()
+        if args.workers:
+            code = judge_workers(folder, args.max_failure_ratio) or code
         audit = audit_books(data_dir, folder)
         record = {
+            "workers": args.workers,
             "protocol": args.protocol,
             "shape": args.shape,
             "users": args.users,
@@ -191,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
             f" {args.max_failure_ratio}), audit {audit['verdict']}"
         )
     return 1 if failed else 0
+
+
+def judge_workers(folder: Path, limit: float) -> int:
+    """A distributed run's trips: the workers' tallies merged into trips.json, printed and
+    judged by the failure ratio (1 above it); 1 if a worker wrote none."""
+    tallies = sorted(folder.glob("tally-*.json"))
+    summary = judge(merge_tallies(tallies).summary(), limit)
+    summary["workers"] = len(tallies)
+    (folder / "trips.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["passed"] and tallies else 1
 
 
 def audit_books(data_dir: Path | None, folder: Path) -> dict[str, object]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.catalog import CatalogKind, SeedResource, search
+from services.catalog import CatalogKind, SeedResource
 from services.participant.domain import MAX_DAYS, ParticipantError, parse_date
 from services.participant.store import ParticipantStore
 from tripmesh.runtime.errors import FieldViolation
@@ -52,8 +52,8 @@ class CarSearch(catalog_pb2_grpc.CarServiceServicer):
             problems.append(FieldViolation("cars", "must not be negative"))
         if problems or pickup is None:
             raise ParticipantError.invalid(*problems)
-        found = await search(
-            self.store, {"location": request.location}, pickup, request.days or 1, request.cars or 1
+        found = await self.store.search(
+            {"location": request.location}, pickup, request.days or 1, request.cars or 1
         )
         return catalog_pb2.SearchCarsResponse(
             cars=[

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.catalog import CatalogKind, SeedResource, search
+from services.catalog import CatalogKind, SeedResource
 from services.participant.domain import ParticipantError, parse_date
 from services.participant.store import ParticipantStore
 from tripmesh.runtime.errors import FieldViolation
@@ -53,8 +53,7 @@ class FlightSearch(catalog_pb2_grpc.FlightServiceServicer):
             problems.append(FieldViolation("seats", "must not be negative"))
         if problems or date is None:
             raise ParticipantError.invalid(*problems)
-        found = await search(
-            self.store,
+        found = await self.store.search(
             {"origin": request.origin, "destination": request.destination},
             date,
             1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.catalog import CatalogKind, SeedResource, search
+from services.catalog import CatalogKind, SeedResource
 from services.participant.domain import MAX_DAYS, ParticipantError, parse_date
 from services.participant.store import ParticipantStore
 from tripmesh.runtime.errors import FieldViolation
@@ -46,8 +46,8 @@ class HotelSearch(catalog_pb2_grpc.HotelServiceServicer):
             problems.append(FieldViolation("rooms", "must not be negative"))
         if problems or check_in is None:
             raise ParticipantError.invalid(*problems)
-        found = await search(
-            self.store, {"city": request.city}, check_in, request.nights or 1, request.rooms or 1
+        found = await self.store.search(
+            {"city": request.city}, check_in, request.nights or 1, request.rooms or 1
         )
         return catalog_pb2.SearchHotelsResponse(
             hotels=[

@@ -6,7 +6,8 @@ Configuration (flags override the environment):
 |---|---|---|
 | TRIPMESH_LISTEN | 127.0.0.1:15051 (flight), :15052 (hotel), :15053 (car) | where to listen |
 | TRIPMESH_METRICS_LISTEN | 127.0.0.1:9101 (flight), :9102 (hotel), :9103 (car) | Prometheus /metrics (empty: off) |
-| TRIPMESH_DATA_DIR | .data | the database is DATA_DIR/<kind>.db |
+| TRIPMESH_DATA_DIR | .data | the books are DATA_DIR/<kind>.db (unless TRIPMESH_STORE) |
+| TRIPMESH_STORE | (none: SQLite) | the books on a PostgreSQL server instead: postgresql://user@host:port/database |
 | TRIPMESH_DECISIONS | 127.0.0.1:16054 (flight), :16055 (hotel), :16056 (car) | where to ask the coordinator for 2PC decisions (its <kind>-to-coordinator proxy) |
 | TRIPMESH_BROKER | nats://127.0.0.1:16058 (flight), :16059 (hotel), :16060 (car) | the broker (NATS JetStream) for the choreographed saga's events (its <kind>-to-broker proxy); empty: no part in it |
 | TRIPMESH_CATALOG | (built-in) | a catalog JSON file to seed from instead |
@@ -32,15 +33,19 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from services import car, flight, hotel
-from services.catalog import CatalogKind, load_catalog_file, seed
+from services.catalog import CatalogKind, load_catalog_file
 from services.participant.choreography import Choreographer
 from services.participant.metrics import ParticipantMetrics
 from services.participant.resolver import InDoubtResolver
 from services.participant.servicer import ParticipantServicer
 from services.participant.store import ParticipantStore
+from services.participant.store.postgres import PostgresParticipantStore
+from services.participant.store.sqlite import SqliteParticipantStore
 from services.participant.timeouts import ThreePhaseTimer
 from tripmesh.mesh import layout as layouts
 from tripmesh.runtime import auth, failpoints, logs, rpc, tls
+from tripmesh.runtime.database import StorageUnavailable
+from tripmesh.runtime.pgdatabase import check_dsn
 from tripmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -72,6 +77,8 @@ class ServiceConfig:
     tls_dir: Path | None = None
     #: nats://host:port of the broker, through this service's own proxy.
     broker: str = ""
+    #: The books on PostgreSQL (a connection string); empty: SQLite in the data folder.
+    store: str = ""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> ServiceConfig:
@@ -92,6 +99,12 @@ class ServiceConfig:
             default=env.get("TRIPMESH_BROKER"),
             help="nats://host:port of the broker for the choreographed saga's events"
             " (empty: no part in it)",
+        )
+        parser.add_argument(
+            "--store",
+            default=env.get("TRIPMESH_STORE", ""),
+            help="the books: empty for SQLite in the data folder (default), or a PostgreSQL"
+            " URL, postgresql://user@host:port/database",
         )
         parser.add_argument("--catalog", default=env.get("TRIPMESH_CATALOG"))
         parser.add_argument("--seed-days", type=int, default=int(env.get("TRIPMESH_SEED_DAYS", 60)))
@@ -132,10 +145,15 @@ class ServiceConfig:
             layouts.check_listen(metrics_listen, "--metrics-listen")
             if broker:
                 layouts.check_broker_url(broker, "--broker")
-            if args.decisions:
-                rpc.target(args.decisions)  # one host:port, or several coordinators' IPs
+            if args.store:
+                check_dsn(args.store, "--store")
         except layouts.LayoutError as exc:
             parser.error(exc.message)
+        except ValueError as exc:
+            parser.error(str(exc))
+        try:
+            if args.decisions:
+                rpc.target(args.decisions)  # one host:port, or several coordinators' IPs
         except ValueError as exc:
             parser.error(f"--decisions: {exc}")
         return cls(
@@ -154,6 +172,7 @@ class ServiceConfig:
             grace=5.0,
             tls_dir=Path(args.tls_dir) if args.tls_dir else None,
             broker=broker,
+            store=args.store,
         )
 
 
@@ -171,15 +190,25 @@ def _search_service(kind: str, store: ParticipantStore) -> rpc.Service:
 
 
 def open_store(config: ServiceConfig) -> ParticipantStore:
-    """Open (and on first use, seed) this service's database."""
+    """Open (and on first use, seed) this service's books: on PostgreSQL at `store`, else
+    in SQLite in the data folder."""
     kind = KINDS[config.kind]
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = ParticipantStore(config.data_dir / f"{config.kind}.db", kind=config.kind)
+    store: ParticipantStore
+    if config.store:
+        try:
+            store = PostgresParticipantStore(config.store, kind=config.kind)
+        except StorageUnavailable as exc:
+            # Loud and short: supervisord restarts us, and the log says what is missing.
+            log.critical("the books (--store) cannot be opened: %s", exc)
+            raise SystemExit(f"{config.kind}: --store: {exc}") from None
+    else:
+        store = SqliteParticipantStore(config.data_dir / f"{config.kind}.db", kind=config.kind)
     resources, start, days = kind.seed, dt.datetime.now(dt.UTC).date(), config.seed_days
     if config.catalog is not None:
         resources, file_start, file_days = load_catalog_file(config.catalog)
         start, days = file_start or start, file_days or days
-    if seed(store, resources, start, days):
+    if store.seed(resources, start, days):
         log.info("seeded %d %ss for %d days from %s", len(resources), config.kind, days, start)
     return store
 
@@ -200,7 +229,7 @@ PROTOCOL_STEPS = (
 
 async def serve(config: ServiceConfig) -> None:
     store = open_store(config)
-    metrics = ParticipantMetrics(config.kind, store.db.path)
+    metrics = ParticipantMetrics(config.kind, store.units)
     metrics.choreography.watch_outbox(store.outbox)
     if config.metrics_listen:
         host, _, port = config.metrics_listen.rpartition(":")
@@ -257,7 +286,7 @@ async def serve(config: ServiceConfig) -> None:
         name="choreography",
     )
     failure = rpc.StorageFailure()
-    store.db.on_writer_death(failure)
+    store.on_failure(failure)
     await running.set_serving(True)
     log.info("%s service serving on port %d", config.kind, running.port)
     failed = False

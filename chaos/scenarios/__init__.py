@@ -41,6 +41,11 @@ class Scenario:
     restart_after: float | None = None
     loss_model: str = NO_LOSS
     notes: tuple[str, ...] = field(default=())
+    #: The mesh it runs on: where the books and trip log are, how many coordinators, and
+    #: flags added to each coordinator's.
+    store: str = "sqlite"
+    coordinators: int = 1
+    coordinator_args: tuple[str, ...] = ()
 
 
 def registry() -> dict[str, Scenario]:
@@ -50,6 +55,8 @@ def registry() -> dict[str, Scenario]:
         black_friday,
         broker_faults,
         coordinator_crash,
+        coordinator_failover,
+        database_crash,
         failpoints,
         flaky_network,
         geo_latency,
@@ -67,6 +74,8 @@ def registry() -> dict[str, Scenario]:
         failpoints,
         black_friday,
         broker_faults,
+        coordinator_failover,
+        database_crash,
     )
     return {m.SCENARIO.name: m.SCENARIO for m in modules}
 

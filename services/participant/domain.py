@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError
 from tripmesh.runtime.fields import check_count, check_text, parse_day
@@ -143,3 +143,25 @@ def not_found(message: str, field: str) -> ParticipantError:
 
 def wrong_state(message: str) -> ParticipantError:
     return ParticipantError(message, kind=ErrorKind.PRECONDITION)
+
+
+@dataclass(frozen=True)
+class SeedResource:
+    """A resource put on sale when the books are first opened: `capacity` units a day."""
+
+    resource_id: str
+    name: str
+    price_cents: int
+    capacity: int
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """A search's answer: a resource with room on every date asked about."""
+
+    resource_id: str
+    name: str
+    price_cents: int
+    attributes: dict[str, str]
+    available: int  # the fewest units free on any requested date

@@ -1,27 +1,30 @@
 """A participant's Prometheus metrics. Labels are bounded: participant (flight, hotel,
 car: the same label as the coordinator's), step, outcome, vote, resource.
 
-Units per resource (available, held, confirmed) are read from the database at
-scrape time, on the metrics server's thread with its own read-only connection,
-so they always agree with the books; `held` is the blocked inventory.
+Units per resource (available, held, confirmed) are read from the books at
+scrape time, on the metrics server's thread (`ParticipantStore.units`), so they
+always agree with the books; `held` is the blocked inventory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tripmesh.runtime.database import connect
 from tripmesh.runtime.event_metrics import EventMetrics
 from tripmesh.runtime.prometheus import new_registry
 
 
 class ParticipantMetrics:
-    def __init__(self, kind: str, db_path: Path, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        units: Callable[[], list[tuple[str, int, int, int]]],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.registry = registry or new_registry()
         r = self.registry
         self.steps = Counter(
@@ -50,13 +53,13 @@ class ParticipantMetrics:
             registry=r,
         )
         self.kind = kind
-        r.register(Units(kind, db_path))
+        r.register(Units(kind, units))
 
 
 class Units(Collector):
-    def __init__(self, kind: str, db_path: Path) -> None:
+    def __init__(self, kind: str, read: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         self.kind = kind
-        self.db_path = db_path
+        self.read = read  # (resource, available, held, confirmed), read now
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         units = GaugeMetricFamily(
@@ -64,15 +67,7 @@ class Units(Collector):
             "Units summed over every date on sale, by state (held is blocked inventory).",
             labels=["participant", "resource", "state"],
         )
-        conn = connect(self.db_path, readonly=True)
-        try:
-            rows = conn.execute(
-                "SELECT resource_id, sum(available), sum(held), sum(confirmed) FROM inventory"
-                " GROUP BY resource_id"
-            ).fetchall()
-        finally:
-            conn.close()
-        for resource, available, held, confirmed in rows:
+        for resource, available, held, confirmed in self.read():
             for state, value in (
                 ("available", available),
                 ("held", held),

@@ -67,7 +67,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> None:
         self.store = store
         self.unit = unit
-        self.metrics = metrics or ParticipantMetrics(store.kind, store.db.path)
+        self.metrics = metrics or ParticipantMetrics(store.kind, store.units)
 
     def _done(self, step: str, done: Reservation, outcome: str, detail: str = "") -> None:
         """Count the step and log a line of it (the trip id is in scope from metadata).

@@ -66,7 +66,9 @@ def isolated_env() -> dict[str, str]:
     except MeshError as exc:
         pytest.fail(f"{exc.message} (the e2e tests run a real Toxiproxy and a real broker)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIPMESH_")}
-    for name in layouts.load(environ={}).ports:
+    # Every port any mesh may use (a STORE=postgres one with the most coordinators too).
+    widest = layouts.load(environ={}, store="postgres", coordinators=layouts.MAX_COORDINATORS)
+    for name in widest.ports:
         env[layouts.env_name(name)] = str(free_port())
     for server in ("TRIPMESH_TOXIPROXY_SERVER", "TRIPMESH_NATS_SERVER"):
         if server in os.environ:

@@ -3,12 +3,11 @@
 A hypothesis state machine sends Prepare, Commit, Abort, Reserve, Cancel,
 CanCommit, PreCommit, DoCommit and 3PC's Abort in random order, with
 duplicates and with the wrong protocol, and lets 3PC's time-outs fire at any
-moment, to a real
-ParticipantStore on a real SQLite file, and keeps a model of what each
-reservation should be. After every step the books are read straight from the
-file through a separate read-only connection: capacity = available + held +
-confirmed, nothing negative, and held / confirmed equal the sums over the
-reservations, exactly as the model says.
+moment, to real books (a SQLite file; a database on a real PostgreSQL server),
+and keeps a model of what each reservation should be. After every step the
+books are read straight from the database through a separate connection:
+capacity = available + held + confirmed, nothing negative, and held /
+confirmed equal the sums over the reservations, exactly as the model says.
 """
 
 from __future__ import annotations
@@ -17,11 +16,14 @@ import asyncio
 import datetime as dt
 import sqlite3
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
+from typing import Protocol as Typing
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -32,19 +34,24 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from psycopg.rows import dict_row
 
-from services.catalog import SeedResource, seed
 from services.participant.domain import (
     Hold,
     ParticipantError,
     Protocol,
     Reservation,
     ReservationStatus,
+    SeedResource,
     StepResult,
 )
 from services.participant.store import ParticipantStore
+from services.participant.store.postgres import PostgresParticipantStore
+from services.participant.store.sqlite import SqliteParticipantStore
+from tests.postgres import fresh_database, postgres_server
 from tripmesh.runtime.database import connect
 from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.postgres import PostgresServer
 
 RESOURCE = "R1"
 CAPACITY = 3
@@ -99,15 +106,71 @@ class Verdict:
 
 
 Snapshot = tuple[list[tuple[object, ...]], list[tuple[object, ...]]]
+SEAT = (SeedResource(RESOURCE, "test seat", 100_00, CAPACITY),)
+
+
+class Reader(Typing):
+    """Reads the books straight from their database, apart from the store (marks: %s)."""
+
+    def rows(self, sql: str, args: Sequence[object] = ()) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteReader:
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path, readonly=True)
+
+    def rows(self, sql: str, args: Sequence[object] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql.replace("%s", "?"), tuple(args))]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresReader:
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+
+    def rows(self, sql: str, args: Sequence[object] = ()) -> list[dict[str, Any]]:
+        return list(self.conn.execute(sql, tuple(args)).fetchall())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+OpenBooks = Callable[[], tuple[ParticipantStore, Reader]]
+
+
+def sqlite_books(root: Path) -> OpenBooks:
+    def open_books() -> tuple[ParticipantStore, Reader]:
+        path = Path(tempfile.mkdtemp(dir=root)) / "participant.db"
+        store = SqliteParticipantStore(path, kind="flight")
+        store.seed(SEAT, FIRST_DAY, 3)
+        return store, SqliteReader(path)
+
+    return open_books
+
+
+def postgres_books(dsn: str) -> OpenBooks:
+    """The same database each time, emptied first (a new database per example is slow)."""
+
+    def open_books() -> tuple[ParticipantStore, Reader]:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            exists = conn.execute("SELECT to_regclass('reservations') IS NOT NULL").fetchone()
+            if exists and exists[0]:
+                conn.execute("TRUNCATE reservations, inventory, resources, outbox")
+        store = PostgresParticipantStore(dsn, kind="flight", min_size=1, max_size=4)
+        store.seed(SEAT, FIRST_DAY, 3)
+        return store, PostgresReader(dsn)
+
+    return open_books
 
 
 class ParticipantMachine(RuleBasedStateMachine):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, open_books: OpenBooks) -> None:
         super().__init__()
-        self.path = Path(tempfile.mkdtemp(dir=root)) / "participant.db"
-        self.store = ParticipantStore(self.path, kind="flight")
-        seed(self.store, (SeedResource(RESOURCE, "test seat", 100_00, CAPACITY),), FIRST_DAY, 3)
-        self.reader = connect(self.path, readonly=True)
+        self.store, self.reader = open_books()
         self.loop = asyncio.new_event_loop()
         self.model: dict[str, Expected] = {}
         self.own_hold: dict[str, Hold] = {}
@@ -218,10 +281,12 @@ class ParticipantMachine(RuleBasedStateMachine):
         return outcome
 
     def _snapshot(self) -> Snapshot:
-        inventory = [tuple(r) for r in self.reader.execute("SELECT * FROM inventory ORDER BY day")]
+        inventory = [
+            tuple(r.values()) for r in self.reader.rows("SELECT * FROM inventory ORDER BY day")
+        ]
         reservations = [
-            tuple(r)
-            for r in self.reader.execute("SELECT * FROM reservations ORDER BY reservation_id")
+            tuple(r.values())
+            for r in self.reader.rows("SELECT * FROM reservations ORDER BY reservation_id")
         ]
         return inventory, reservations
 
@@ -364,9 +429,9 @@ class ParticipantMachine(RuleBasedStateMachine):
     # -- invariants, read from the file -------------------------------------------
     @invariant()
     def books_balance(self) -> None:
-        days = self.reader.execute(
+        days = self.reader.rows(
             "SELECT day, capacity, available, held, confirmed FROM inventory ORDER BY day"
-        ).fetchall()
+        )
         assert [d["day"] for d in days] == list(ON_SALE)
         for d in days:
             assert min(d["available"], d["held"], d["confirmed"]) >= 0, dict(d)
@@ -379,10 +444,10 @@ class ParticipantMachine(RuleBasedStateMachine):
 
     @invariant()
     def reservations_match_model(self) -> None:
-        rows = self.reader.execute(
+        rows = self.reader.rows(
             "SELECT reservation_id, protocol, status, resource_id, start_date, days, quantity"
             " FROM reservations"
-        ).fetchall()
+        )
         in_file = {
             r["reservation_id"]: Expected(
                 Protocol(r["protocol"]),
@@ -403,8 +468,8 @@ class ParticipantMachine(RuleBasedStateMachine):
     def _file_units(self, column: str) -> dict[str, int]:
         units = dict.fromkeys(ON_SALE, 0)
         statuses = [s.value for s, c in COLUMN.items() if c == column]
-        marks = ", ".join("?" * len(statuses))
-        rows = self.reader.execute(
+        marks = ", ".join(["%s"] * len(statuses))
+        rows = self.reader.rows(
             f"SELECT start_date, days, quantity FROM reservations WHERE status IN ({marks})",
             statuses,
         )
@@ -415,11 +480,27 @@ class ParticipantMachine(RuleBasedStateMachine):
         return units
 
 
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
 def test_participant_books_survive_duplicated_and_reordered_messages(tmp_path: Path) -> None:
+    _run_machine(sqlite_books(tmp_path), examples=150)
+
+
+def test_participant_books_on_postgres_survive_duplicated_and_reordered_messages(
+    postgres: PostgresServer,
+) -> None:
+    _run_machine(postgres_books(fresh_database(postgres)), examples=60)
+
+
+def _run_machine(open_books: OpenBooks, *, examples: int) -> None:
     run_state_machine_as_test(
-        lambda: ParticipantMachine(tmp_path),
+        lambda: ParticipantMachine(open_books),
         settings=settings(
-            max_examples=150,
+            max_examples=examples,
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
@@ -446,9 +527,9 @@ RAW_WRITES = {
 
 @pytest.mark.parametrize("sql", RAW_WRITES.values(), ids=RAW_WRITES.keys())
 def test_the_database_refuses_unbalanced_inventory(tmp_path: Path, sql: str) -> None:
-    store = ParticipantStore(tmp_path / "participant.db", kind="flight")
+    store = SqliteParticipantStore(tmp_path / "participant.db", kind="flight")
     try:
-        seed(store, (SeedResource(RESOURCE, "test seat", 100_00, CAPACITY),), FIRST_DAY, 3)
+        store.seed(SEAT, FIRST_DAY, 3)
     finally:
         store.close()
     # A plain connection with no tripmesh code in the way: only the schema stands guard.
@@ -462,11 +543,26 @@ def test_the_database_refuses_unbalanced_inventory(tmp_path: Path, sql: str) -> 
         raw.close()
 
 
+def test_postgres_refuses_unbalanced_inventory_too(postgres: PostgresServer) -> None:
+    dsn = fresh_database(postgres)
+    store = PostgresParticipantStore(dsn, kind="flight")
+    try:
+        assert store.seed(SEAT, FIRST_DAY, 3)
+    finally:
+        store.close()
+    with psycopg.connect(dsn, autocommit=True) as raw:
+        before = raw.execute("SELECT * FROM inventory ORDER BY day").fetchall()
+        for what, sql in RAW_WRITES.items():
+            with pytest.raises(psycopg.errors.CheckViolation):
+                raw.execute(sql)
+            assert raw.execute("SELECT * FROM inventory ORDER BY day").fetchall() == before, what
+
+
 def test_the_engine_connection_is_refused_too(tmp_path: Path) -> None:
     """A buggy job on the store's own connection fails and leaves no trace."""
-    store = ParticipantStore(tmp_path / "participant.db", kind="flight")
+    store = SqliteParticipantStore(tmp_path / "participant.db", kind="flight")
     try:
-        seed(store, (SeedResource(RESOURCE, "test seat", 100_00, CAPACITY),), FIRST_DAY, 3)
+        store.seed(SEAT, FIRST_DAY, 3)
         with pytest.raises(sqlite3.IntegrityError):
             store.db.run_sync(
                 lambda c: c.execute(

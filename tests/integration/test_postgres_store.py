@@ -731,9 +731,9 @@ def test_a_store_whose_thread_dies_fails_every_call_and_says_so(dsn: str) -> Non
 
     try:
         trip, _ = run(store.create(request()))
-        store._loop.call_soon_threadsafe(die)
-        store._thread.join(timeout=10)
-        assert not store._thread.is_alive()
+        store.db.loop.call_soon_threadsafe(die)
+        store.db._thread.join(timeout=10)
+        assert not store.db._thread.is_alive()
         with pytest.raises(StorageUnavailable, match="thread stopped"):
             run(store.get(trip.trip_id))
         late: list[BaseException] = []

@@ -93,6 +93,69 @@ def test_adding_the_broker_moved_no_proxy_declared_before_it() -> None:
     assert lay.service_argv("car")[-2:] == ["--broker", lay.broker_url("car")]
 
 
+def test_a_postgres_mesh_adds_a_proxy_per_database_connection_and_moves_none() -> None:
+    plain = layouts.load(environ={})
+    lay = layouts.load(environ={}, store="postgres", coordinators=2)
+    # Every proxy of the plain mesh keeps its port; the new ones come after them all.
+    assert {p.name: lay.ports[p.name] for p in plain.proxies} == {
+        p.name: plain.ports[p.name] for p in plain.proxies
+    }
+    assert lay.proxies[: len(plain.proxies)] == plain.proxies
+    upstreams = {p.name: p.upstream for p in lay.proxies[len(plain.proxies) :]}
+    assert {n for n, up in upstreams.items() if up == layouts.POSTGRES} == {
+        f"{s}-to-postgres" for s in (*PARTICIPANTS, "coordinator", "coordinator-2")
+    }
+    # The replica mirrors the coordinator: clients, what it dials, its decisions, the broker.
+    assert upstreams["client-to-coordinator-2"] == "coordinator-2"
+    assert {upstreams[f"coordinator-2-to-{k}"] for k in PARTICIPANTS} == set(PARTICIPANTS)
+    assert {upstreams[f"{k}-to-coordinator-2"] for k in PARTICIPANTS} == {"coordinator-2-decisions"}
+    assert upstreams["coordinator-2-to-broker"] == layouts.BROKER
+    assert "coordinator-3" not in lay.ports and "coordinator-3" not in plain.ports
+    assert layouts.POSTGRES not in plain.ports
+    assert len(set(lay.ports.values())) == len(lay.ports)
+
+
+def test_each_coordinator_and_service_is_told_about_the_others_and_the_database() -> None:
+    lay = layouts.load(environ={}, store="postgres", coordinators=2)
+    assert lay.client_address == ",".join(
+        lay.address(f"client-to-{c}") for c in ("coordinator", "coordinator-2")
+    )
+    flags = lay.service_argv("hotel")
+    assert flags[flags.index("--decisions") + 1] == ",".join(
+        lay.address(f"hotel-to-{c}") for c in ("coordinator", "coordinator-2")
+    )
+    store = flags[flags.index("--store") + 1]
+    assert store == f"postgresql://tripmesh@{lay.address('hotel-to-postgres')}/hotel"
+    argv = lay.coordinator_argv("coordinator-2")
+    flag = {argv[i]: argv[i + 1] for i in range(0, len(argv), 2)}
+    assert flag["--listen"] == lay.address("coordinator-2")
+    assert flag["--decisions-listen"] == lay.address("coordinator-2-decisions")
+    assert flag["--flight"] == lay.address("coordinator-2-to-flight")
+    assert flag["--replica"] == "coordinator-2"
+    assert flag["--store"].endswith(f"{lay.address('coordinator-2-to-postgres')}/coordinators")
+    # SQLite: nothing of the kind.
+    plain = layouts.load(environ={})
+    assert (
+        "--store" not in plain.service_argv("hotel") and "--store" not in plain.coordinator_argv()
+    )
+
+
+@pytest.mark.parametrize(
+    ("store", "coordinators", "message"),
+    [
+        ("sqlite", 2, "needs STORE=postgres"),
+        ("postgres", 4, "between 1 and 3"),
+        ("postgres", 0, "between 1 and 3"),
+        ("mysql", 1, "expected one of sqlite, postgres"),
+    ],
+)
+def test_a_mesh_that_cannot_be_is_refused_saying_why(
+    store: str, coordinators: int, message: str
+) -> None:
+    with pytest.raises(layouts.LayoutError, match=message):
+        layouts.load(environ={}, store=store, coordinators=coordinators)
+
+
 @pytest.mark.parametrize("url", ["127.0.0.1:4222", "nats://:4222", "nats://host", "http://h:1"])
 def test_a_broker_address_that_is_not_nats_host_port_is_refused(url: str) -> None:
     with pytest.raises(layouts.LayoutError, match="expected nats://host:port"):

@@ -34,10 +34,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
 from tripmesh.mesh.errors import MeshError
 from tripmesh.mesh.layout import TOXIPROXY, LayoutError
-from tripmesh.mesh.mesh import ORDER, ROOT, SERVING, Mesh
+from tripmesh.mesh.mesh import ROOT, SERVING, Mesh, order
 from tripmesh.mesh.supervise import SupervisorError
 from tripmesh.mesh.toxiproxy import ToxiproxyError
 from tripmesh.runtime import auth, tls
@@ -52,13 +53,19 @@ def describe(mesh: Mesh) -> str:
         lines.append(f"  {proxy.name:23} {lay.address(proxy.name):17} -> {target}")
     lines.append("")
     lines.append(f"  clients (gRPC)          {lay.client_address}")
+    if lay.store == "postgres":
+        lines.append(
+            f"  PostgreSQL              {lay.address(layouts.POSTGRES)} (databases"
+            f" {', '.join(PARTICIPANTS)}, {layouts.COORDINATORS_DATABASE}; data in"
+            f" {_shown(mesh.data_dir / layouts.POSTGRES)}/)"
+        )
     lines.append(
         f"  operators (gRPC)        {lay.operator_address} (Operator, with the token below)"
     )
     admin = layouts.admin_name("coordinator")
     if admin in lay.ports:
         lines.append(f"  operator page           http://{lay.address(admin)}/")
-    for process in ORDER:
+    for process in mesh.order:
         name = layouts.admin_name(process)
         if name in lay.ports:
             lines.append(f"  metrics, {process:14} http://{lay.address(name)}/metrics")
@@ -97,7 +104,8 @@ def describe(mesh: Mesh) -> str:
         "Book a trip (saga; PROTOCOL_TWO_PHASE_COMMIT / --protocol 2pc for 2PC):",
         f"  .venv/bin/tripmesh{flag} book --protocol saga",
         f"  grpcurl {security} -d '{json.dumps(request)}' \\",
-        f"    {lay.client_address} tripmesh.v1.Coordinator/BookTrip",
+        # grpcurl dials one address: the first coordinator's.
+        f"    {lay.client_address.split(',')[0]} tripmesh.v1.Coordinator/BookTrip",
     ]
     return "\n".join(lines)
 
@@ -138,7 +146,7 @@ def _status(mesh: Mesh, args: argparse.Namespace) -> int:
     healthy = True
     processes = mesh.supervisor.processes()
     print(f"{'process':12} {'state':9} {'pid':>7}  {'health':12} address")
-    for name in ORDER:
+    for name in mesh.order:
         info = processes[name]
         health = mesh.health(name) if info.state == "RUNNING" else "-"
         healthy &= health == SERVING
@@ -180,7 +188,11 @@ def _reset(mesh: Mesh, args: argparse.Namespace) -> int:
     return _up(mesh, args)
 
 
-LOGS = (*ORDER, "supervisord")
+# Every process any mesh may run (a STORE=postgres one, with several coordinators too).
+LOGS = (
+    *order(layouts.load(store="postgres", coordinators=layouts.MAX_COORDINATORS)),
+    "supervisord",
+)
 COMMANDS = {"up": _up, "down": _down, "status": _status, "logs": _logs, "reset": _reset}
 
 
@@ -212,6 +224,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 action="store_true",
                 help="mTLS on every gRPC hop (a local CA and certificates in DATA_DIR/secrets/tls)",
             )
+            command.add_argument(
+                "--store",
+                choices=layouts.STORES,
+                default="sqlite",
+                help="where the books and the trip log are: a SQLite file each (default), or"
+                " databases on a PostgreSQL server the mesh runs",
+            )
+            command.add_argument(
+                "--coordinators",
+                type=int,
+                default=1,
+                help="how many coordinators serve, sharing the trip log (more than one needs"
+                " --store postgres)",
+            )
     logs = commands.add_parser("logs", parents=[common], help="print or follow the logs")
     logs.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(LOGS)}")
     logs.add_argument("-n", "--lines", type=int, default=40, help="lines of each (default 40)")
@@ -227,8 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; errors are printed as one line and exit 1."""
     args = parse_args(argv)
     try:
+        store: str = getattr(args, "store", "sqlite")
+        coordinators: int = getattr(args, "coordinators", 1)
+        tls_on = getattr(args, "tls", False)
+        if tls_on and (store, coordinators) != ("sqlite", 1):
+            raise LayoutError(
+                "TLS=1 is built for one coordinator on SQLite; STORE=postgres and COORDINATORS"
+                " run in plaintext for now"
+            )
         args.layout = replace(
-            layouts.load(offset=args.port_offset), tls=getattr(args, "tls", False)
+            layouts.load(offset=args.port_offset, store=store, coordinators=coordinators),
+            tls=tls_on,
         )
         # Commands other than `up` follow the ports the folder's mesh was started with.
         mesh = Mesh(args.data_dir, args.layout if args.command in ("up", "reset") else None)

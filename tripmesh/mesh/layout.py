@@ -14,6 +14,11 @@ TRIPMESH_PORT_OFFSET) or one by one (TRIPMESH_PORT_<NAME>, e.g.
 TRIPMESH_PORT_COORDINATOR_TO_HOTEL=16052), so that a test can run a whole mesh
 beside a running `make up`.
 
+A mesh runs a selection of the declaration (`load(store=..., coordinators=...)`):
+the PostgreSQL server only with store "postgres", and as many coordinators as
+asked (coordinator, coordinator-2, ...; their edges mirror the first one's);
+the ports and proxies of what it does not run are left out.
+
 No port may lie inside the kernel's ephemeral range
 (/proc/sys/net/ipv4/ip_local_port_range): while a process is down, an
 outgoing connection (Toxiproxy dialling it, for one) could be given its port,
@@ -34,6 +39,7 @@ from typing import Any
 
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh.errors import MeshError
+from tripmesh.runtime.postgres import SUPERUSER
 
 DECLARATION = Path(__file__).with_name("processes.json")
 COORDINATOR = "coordinator"
@@ -42,7 +48,15 @@ DECISIONS_PLANE = "decisions"
 TOXIPROXY = "toxiproxy"
 #: NATS with JetStream: the choreographed saga's events (its admin port is NATS monitoring).
 BROKER = "broker"
+#: The PostgreSQL server of `make up STORE=postgres`: a database per service, one shared by
+#: the coordinators.
+POSTGRES = "postgres"
 CLIENT = "client"
+STORES = ("sqlite", "postgres")
+#: The most coordinators processes.json declares (coordinator, coordinator-2, coordinator-3).
+MAX_COORDINATORS = 3
+#: The coordinators' database on the PostgreSQL server (each service's is named after it).
+COORDINATORS_DATABASE = "coordinators"
 
 
 class LayoutError(MeshError):
@@ -67,6 +81,52 @@ class Layout:
     proxies: tuple[ProxySpec, ...]
     #: Every gRPC hop speaks TLS (tripmesh.runtime.tls; certificates in the data folder).
     tls: bool = False
+    #: Where the books and the trip log are: "sqlite" (a file each) or "postgres".
+    store: str = "sqlite"
+    #: How many coordinators serve (coordinator, coordinator-2, ...), sharing the trip log.
+    coordinators: int = 1
+
+    @property
+    def coordinator_names(self) -> list[str]:
+        return [replica_name(i) for i in range(self.coordinators)]
+
+    def _select(self, store: str, coordinators: int) -> Layout:
+        """This layout for a mesh keeping its books and trip log in `store`, with
+        `coordinators` coordinators: only the processes (and proxies, and ports) it runs."""
+        if store not in STORES:
+            raise LayoutError(f"STORE={store!r}: expected one of {', '.join(STORES)}")
+        declared_replicas = sum(
+            1
+            for name in self.ports
+            if name.startswith(COORDINATOR + "-") and name.removeprefix(COORDINATOR + "-").isdigit()
+        )
+        if not 1 <= coordinators <= declared_replicas + 1:
+            raise LayoutError(
+                f"COORDINATORS={coordinators}: between 1 and {declared_replicas + 1}"
+                " (tripmesh/mesh/processes.json declares that many)"
+            )
+        if coordinators > 1 and store != "postgres":
+            raise LayoutError(
+                f"COORDINATORS={coordinators} needs STORE=postgres: several coordinators share"
+                " one trip log on a PostgreSQL server (SQLite is one process's file)"
+            )
+        dropped = {replica_name(i) for i in range(coordinators, declared_replicas + 1)}
+        if store != "postgres":
+            dropped.add(POSTGRES)
+
+        def kept(name: str) -> bool:
+            return name not in dropped and not any(name.startswith(d + "-") for d in dropped)
+
+        proxies = tuple(
+            p for p in self.proxies if kept(p.upstream) and kept(p.name.partition("-to-")[0])
+        )
+        names = {p.name for p in self.proxies}
+        ports = {
+            n: port
+            for n, port in self.ports.items()
+            if (n in {p.name for p in proxies} if n in names else kept(n))
+        }
+        return Layout(self.host, MappingProxyType(ports), proxies, self.tls, store, coordinators)
 
     def address(self, name: str) -> str:
         """host:port of a process or a proxy."""
@@ -74,22 +134,34 @@ class Layout:
 
     @property
     def client_address(self) -> str:
-        """Where clients dial the coordinator: through its proxy."""
-        return self.address("client-to-coordinator")
+        """Where clients dial the coordinators: through their proxies (several, comma-separated,
+        for one channel over them all: tripmesh.runtime.rpc.target)."""
+        return ",".join(self.address(proxy_name(CLIENT, name)) for name in self.coordinator_names)
+
+    def store_dsn(self, source: str, database: str) -> str:
+        """The libpq connection string `source` uses for `database`: through its own proxy
+        to the PostgreSQL server, as its superuser (the server trusts 127.0.0.1)."""
+        address = self.address(proxy_name(source, POSTGRES))
+        host, _, port = address.rpartition(":")
+        return f"postgresql://{SUPERUSER}@{host}:{port}/{database}"
 
     def service_argv(self, kind: str) -> list[str]:
-        """Flags of `python -m services.server KIND`: decisions and events go through proxies."""
-        return [
+        """Flags of `python -m services.server KIND`: decisions, events and (STORE=postgres)
+        its database, each through its own proxy; decisions from any coordinator."""
+        argv = [
             kind,
             "--listen",
             self.address(kind),
             "--decisions",
-            self.address(f"{kind}-to-coordinator"),
+            ",".join(self.address(proxy_name(kind, c)) for c in self.coordinator_names),
             "--metrics-listen",
             self.address(admin_name(kind)),
             "--broker",
             self.broker_url(kind),
         ]
+        if self.store == "postgres":
+            argv += ["--store", self.store_dsn(kind, kind)]
+        return argv
 
     def broker_url(self, source: str) -> str:
         """nats://host:port of the broker as `source` dials it: through its own proxy."""
@@ -117,23 +189,28 @@ class Layout:
         """Where operators dial the coordinator's `Operator` service (the admin plane)."""
         return self.address(plane_name(COORDINATOR, OPERATOR_PLANE))
 
-    def coordinator_argv(self) -> list[str]:
-        """Flags of `python -m coordinator.server`: it dials services only through proxies."""
+    def coordinator_argv(self, name: str = COORDINATOR) -> list[str]:
+        """Flags of `python -m coordinator.server` for coordinator `name` (a replica's are
+        its own ports and proxies): it dials services, the broker and (STORE=postgres) the
+        shared trip log only through proxies."""
         argv = [
             "--listen",
-            self.address(COORDINATOR),
+            self.address(name),
             "--operator-listen",
-            self.operator_address,
+            self.address(plane_name(name, OPERATOR_PLANE)),
             "--decisions-listen",
-            self.address(plane_name(COORDINATOR, DECISIONS_PLANE)),
+            self.address(plane_name(name, DECISIONS_PLANE)),
             "--admin-listen",
-            self.address(admin_name(COORDINATOR)),
+            self.address(admin_name(name)),
             "--toxiproxy-api",
             self.address(TOXIPROXY),
         ]
         for kind in PARTICIPANTS:
-            argv += [f"--{kind}", self.address(f"coordinator-to-{kind}")]
-        return [*argv, "--broker", self.broker_url(COORDINATOR)]
+            argv += [f"--{kind}", self.address(proxy_name(name, kind))]
+        argv += ["--broker", self.broker_url(name)]
+        if self.store == "postgres":
+            argv += ["--store", self.store_dsn(name, COORDINATORS_DATABASE), "--replica", name]
+        return argv
 
     def toxiproxy_config(self) -> list[dict[str, Any]]:
         """Toxiproxy's own `-config` file contents: the proxies created at start-up."""
@@ -153,6 +230,8 @@ class Layout:
             "ports": dict(self.ports),
             "proxies": [{"name": p.name, "upstream": p.upstream} for p in self.proxies],
             "tls": self.tls,
+            "store": self.store,
+            "coordinators": self.coordinators,
         }
 
     @classmethod
@@ -162,6 +241,8 @@ class Layout:
             ports=MappingProxyType({k: int(v) for k, v in data["ports"].items()}),
             proxies=tuple(ProxySpec(p["name"], p["upstream"]) for p in data["proxies"]),
             tls=bool(data.get("tls", False)),
+            store=str(data.get("store", "sqlite")),
+            coordinators=int(data.get("coordinators", 1)),
         )
 
 
@@ -211,10 +292,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise OSError(f"no free port on {host}")
 
 
-def free_layout() -> Layout:
+def free_layout(*, store: str = "sqlite", coordinators: int = 1) -> Layout:
     """The declared layout with every port moved to a free one: a mesh beside any other."""
-    declared = load(environ={})
-    return load(environ={}, overrides={name: free_port() for name in declared.ports})
+    declared = load(environ={}, store=store, coordinators=coordinators)
+    return load(
+        environ={},
+        overrides={name: free_port() for name in declared.ports},
+        store=store,
+        coordinators=coordinators,
+    )
+
+
+def replica_name(index: int) -> str:
+    """The name of the coordinator numbered `index` from 0: coordinator, coordinator-2, ..."""
+    return COORDINATOR if index == 0 else f"{COORDINATOR}-{index + 1}"
 
 
 def env_name(name: str) -> str:
@@ -246,13 +337,20 @@ def declared(declaration: Path = DECLARATION) -> tuple[dict[str, int], tuple[Pro
         for name, spec in processes.items()
         for plane, port in spec.get("planes", {}).items()
     }
+    originals = {n: s for n, s in processes.items() if "replica_of" not in s}
     edges = [(CLIENT, target) for target in data["clients_dial"]]
-    edges += [(name, target) for name, spec in processes.items() for target in spec["dials"]]
-    # A server that is not ours says who dials it; its edges come last, so that
-    # adding one moves no proxy already declared.
+    edges += [(name, target) for name, spec in originals.items() for target in spec["dials"]]
+    # A server that is not ours says who dials it; its edges come after, so that adding one
+    # moves no proxy already declared.
     edges += [
-        (source, name) for name, spec in processes.items() for source in spec.get("dialled_by", [])
+        (source, name) for name, spec in originals.items() for source in spec.get("dialled_by", [])
     ]
+    # A replica's edges mirror its original's (clients, what it dials, who dials it, the
+    # servers it uses), and come last of all.
+    for name, spec in processes.items():
+        if "replica_of" in spec:
+            edges += [_mirror(edge, spec["replica_of"], name) for edge in list(edges)]
+            edges = list(dict.fromkeys(edges))
     # "coordinator/decisions": the edge is named after the process, it leads to the plane.
     dialled = [(source, *target.partition("/")[::2]) for source, target in edges]
     unknown = sorted(
@@ -268,9 +366,22 @@ def declared(declaration: Path = DECLARATION) -> tuple[dict[str, int], tuple[Pro
     )
     first = int(data["proxies"]["first_port"])
     ports |= {proxy.name: first + i for i, proxy in enumerate(proxies)}
-    ports |= {admin_name(name): int(spec["admin"]) for name, spec in processes.items()}
+    ports |= {
+        admin_name(name): int(spec["admin"]) for name, spec in processes.items() if "admin" in spec
+    }
     ports[TOXIPROXY] = int(data["toxiproxy_api"])
     return ports, proxies
+
+
+def _mirror(edge: tuple[str, str], original: str, replica: str) -> tuple[str, str]:
+    """`edge` with `original` (as source, or as target or one of its planes) made `replica`."""
+    source, target = edge
+    process, slash, plane = target.partition("/")
+    if source == original:
+        return replica, target
+    if process == original:
+        return source, replica + slash + plane
+    return edge
 
 
 def load(
@@ -279,8 +390,11 @@ def load(
     overrides: Mapping[str, int] | None = None,
     environ: Mapping[str, str] | None = None,
     declaration: Path = DECLARATION,
+    store: str = "sqlite",
+    coordinators: int = 1,
 ) -> Layout:
-    """The declared layout, moved by `offset` and then by per-port overrides.
+    """The declared layout, moved by `offset` and then by per-port overrides, with the
+    processes a mesh of `store` and `coordinators` runs (see `Layout._select`).
 
     Arguments win over the environment (TRIPMESH_PORT_OFFSET, TRIPMESH_PORT_<NAME>).
     Raises LayoutError for a clash, a port out of range or one in the ephemeral range.
@@ -297,9 +411,12 @@ def load(
         if name not in ports_declared:
             raise LayoutError(f"no port named {name!r}; known: {sorted(ports_declared)}")
         ports[name] = port
-    _check(ports)
     host = json.loads(declaration.read_text()).get("host", "127.0.0.1")
-    return Layout(host, MappingProxyType(ports), proxies)
+    selected = Layout(host, MappingProxyType(ports), proxies)._select(store, coordinators)
+    # Only what this mesh runs must be free of clashes (a port moved onto one of a process
+    # it does not run is fine).
+    _check(selected.ports)
+    return selected
 
 
 def check_not_ephemeral(port: int, what: str) -> None:

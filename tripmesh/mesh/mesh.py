@@ -10,6 +10,13 @@ HTTP API with every proxy present, the broker through its monitoring
 endpoint's JetStream health check. `Mesh.down` asks supervisord to stop them
 all (SIGTERM, in reverse start order) and checks that none outlived it.
 
+`make up STORE=postgres COORDINATORS=2` (a layout loaded so) also runs a
+PostgreSQL server under supervisord, as the unprivileged `nobody` when we are
+root, its data in DATA_DIR/postgres (initialised on the first `up`), with a
+database per service and one the coordinators share (created before the
+services start); and coordinator-2 (and -3) beside the coordinator, each
+with its own ports and proxies, the services asking any of them for decisions.
+
 The ports a mesh was started with are kept in DATA_DIR/layout.json, so that
 anything that knows only the data folder can find it again; so is whether it
 speaks TLS (`Layout.tls`: `make up TLS=1`), its certificates being in the
@@ -30,18 +37,36 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
+import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh import layout as layouts
 from tripmesh.mesh.errors import MeshError
-from tripmesh.mesh.layout import BROKER, COORDINATOR, TOXIPROXY, Layout
+from tripmesh.mesh.layout import (
+    BROKER,
+    COORDINATOR,
+    COORDINATORS_DATABASE,
+    POSTGRES,
+    TOXIPROXY,
+    Layout,
+)
 from tripmesh.mesh.supervise import Program, Supervisor, SupervisorError, render_config
 from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
 from tripmesh.runtime import auth, tls
+from tripmesh.runtime.postgres import PostgresError, PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = (TOXIPROXY, BROKER, *PARTICIPANTS, COORDINATOR)  # start order; stopped in reverse
+
+
+def order(layout: Layout) -> list[str]:
+    """The processes of a mesh in start order (stopped in reverse): ORDER, with the
+    PostgreSQL server before the services and every coordinator last."""
+    first = [TOXIPROXY, *([POSTGRES] if layout.store == "postgres" else []), BROKER]
+    return [*first, *PARTICIPANTS, *layout.coordinator_names]
+
+
 DEAD = {"EXITED", "FATAL", "BACKOFF", "STOPPED", "UNKNOWN"}
 SERVING = "SERVING"
 
@@ -92,6 +117,16 @@ def grpc_health(
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+def postgres_health(server: PostgresServer, timeout: float = 1.0) -> str:
+    """SERVING when the PostgreSQL server accepts a connection, else why not."""
+    try:
+        psycopg.connect(server.dsn(), connect_timeout=max(1, round(timeout))).close()
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()
+        return f"UNREACHABLE ({first[0] if first else type(exc).__name__})"
+    return SERVING
+
+
 class Mesh:
     """One mesh: a data folder, its port layout, and the supervisord that runs it."""
 
@@ -140,6 +175,16 @@ class Mesh:
     def toxiproxy(self) -> Toxiproxy:
         return Toxiproxy(self.layout.host, self.layout.ports[TOXIPROXY], timeout=2.0)
 
+    @property
+    def postgres(self) -> PostgresServer:
+        """The PostgreSQL server of a STORE=postgres mesh (its data in DATA_DIR/postgres)."""
+        try:
+            server = PostgresServer(self.data_dir / POSTGRES)
+        except PostgresError as exc:  # not installed: says what to install
+            raise MeshError(str(exc)) from None
+        server.port = self.layout.ports[POSTGRES]
+        return server
+
     def programs(self) -> list[Program]:
         data, py = str(self.data_dir), sys.executable
         toxiproxy_argv = [
@@ -166,6 +211,19 @@ class Mesh:
                 restart=self.restart,
             ),
         ]
+        with_postgres = self.layout.store == "postgres"
+        if with_postgres:
+            server = self.postgres
+            programs.append(
+                Program(
+                    POSTGRES,
+                    server.argv(self.layout.ports[POSTGRES]),
+                    12,
+                    restart=self.restart,
+                    user=server.user,
+                    stop_signal="INT",  # fast shutdown: sessions ended, data checkpointed
+                )
+            )
         programs += [
             Program(
                 k,
@@ -180,38 +238,47 @@ class Mesh:
                     *self.extra_args.get(k, ()),
                 ],
                 20,
+                # On PostgreSQL, started once their databases exist.
+                autostart=not with_postgres,
                 environment=self.environment.get(k),
                 restart=self.restart,
                 own_log=True,
             )
             for k in PARTICIPANTS
         ]
-        coordinator_argv = [
-            py,
-            "-m",
-            "coordinator.server",
-            *self.layout.coordinator_argv(),
-            "--data-dir",
-            data,
-            *self._tls_args(),
-            *self.extra_args.get("coordinator", ()),
-        ]
-        # Started once the services answer, so its catalog loads at once; stopped first.
-        programs.append(
-            Program(
-                COORDINATOR,
-                coordinator_argv,
-                30,
-                autostart=False,
-                environment=self.environment.get(COORDINATOR),
-                restart=self.restart,
-                own_log=True,
+        # Started once the services answer, so their catalog loads at once; stopped first.
+        # A replica gets what is asked for the coordinator unless asked for by its name.
+        for name in self.layout.coordinator_names:
+            argv = [
+                py,
+                "-m",
+                "coordinator.server",
+                *self.layout.coordinator_argv(name),
+                "--data-dir",
+                data,
+                *self._tls_args(),
+                *self.extra_args.get(name, self.extra_args.get(COORDINATOR, ())),
+            ]
+            programs.append(
+                Program(
+                    name,
+                    argv,
+                    30,
+                    autostart=False,
+                    environment=self.environment.get(name, self.environment.get(COORDINATOR)),
+                    restart=self.restart,
+                    own_log=True,
+                )
             )
-        )
         return programs
 
     def running(self) -> bool:
         return self.supervisor.running()
+
+    @property
+    def order(self) -> list[str]:
+        """This mesh's processes in start order."""
+        return order(self.layout)
 
     def up(self, *, timeout: float = 60.0) -> bool:
         """Start whatever is not running and wait until all of it is SERVING.
@@ -221,9 +288,9 @@ class Mesh:
         deadline = time.monotonic() + timeout
         if self.running():
             stopped = [n for n, p in self.supervisor.processes().items() if p.state != "RUNNING"]
-            for name in (n for n in ORDER if n in stopped):
+            for name in (n for n in self.order if n in stopped):
                 self.supervisor.start(name)
-            self._wait_serving(list(ORDER), deadline)
+            self._wait_serving(self.order, deadline)
             return bool(stopped)
         self._check_ports_free()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -235,11 +302,23 @@ class Mesh:
             json.dumps(self.layout.toxiproxy_config(), indent=2) + "\n"
         )
         self.layout_file.write_text(json.dumps(self.layout.to_json(), indent=2) + "\n")
+        if self.layout.store == "postgres" and not self.postgres.initialised:
+            try:
+                self.postgres.init()
+            except (PostgresError, OSError) as exc:  # initdb failed, or `nobody` cannot reach
+                raise MeshError(str(exc)) from exc
         self.supervisor.launch(render_config(self.data_dir, self.programs(), workdir=ROOT))
         try:
+            if self.layout.store == "postgres":
+                self._wait_serving([TOXIPROXY, POSTGRES, BROKER], deadline)
+                for database in (*PARTICIPANTS, COORDINATORS_DATABASE):
+                    self.postgres.create_database(database)
+                for name in PARTICIPANTS:
+                    self.supervisor.start(name)
             self._wait_serving([TOXIPROXY, BROKER, *PARTICIPANTS], deadline)
-            self.supervisor.start("coordinator")
-            self._wait_serving(["coordinator"], deadline)
+            for name in self.layout.coordinator_names:
+                self.supervisor.start(name)
+            self._wait_serving(self.layout.coordinator_names, deadline)
         except (MeshError, SupervisorError):
             # A half-started mesh is worse than none: stop it, keep its logs.
             self.supervisor.shutdown(timeout=60)
@@ -266,12 +345,15 @@ class Mesh:
             return f"missing proxies {missing}" if missing else SERVING
         if name == BROKER:
             return broker_health(self.layout.host, self.layout.ports[layouts.admin_name(BROKER)])
+        if name == POSTGRES:
+            return postgres_health(self.postgres)
         credentials = self.client_credentials
         direct = grpc_health(self.layout.address(name), credentials=credentials)
-        if name == "coordinator" and direct == SERVING:
+        if name in self.layout.coordinator_names and direct == SERVING:
             # Also the way clients come in, so `up` proves the path a booking takes.
-            via_proxy = grpc_health(self.layout.client_address, credentials=credentials)
-            return SERVING if via_proxy == SERVING else f"{via_proxy} through client-to-coordinator"
+            proxy = layouts.proxy_name(layouts.CLIENT, name)
+            via_proxy = grpc_health(self.layout.address(proxy), credentials=credentials)
+            return SERVING if via_proxy == SERVING else f"{via_proxy} through {proxy}"
         return direct
 
     def _wait_serving(self, names: list[str], deadline: float) -> None:
@@ -339,6 +421,7 @@ class Mesh:
             for path in self.data_dir.glob(pattern):
                 path.unlink()
         shutil.rmtree(self.data_dir / BROKER, ignore_errors=True)
+        shutil.rmtree(self.data_dir / POSTGRES, ignore_errors=True)
         shutil.rmtree(self.data_dir / "logs", ignore_errors=True)
 
     def pids(self) -> dict[str, int]:

@@ -63,6 +63,10 @@ class Program:
     #: True: it writes its own log, logs/NAME.log (TRIPMESH_LOG_FILE); supervisord keeps
     #: only what it prints outside its log (a crash's traceback) in logs/NAME.console.log.
     own_log: bool = False
+    #: Run as this user (supervisord, when root, switches to it): PostgreSQL refuses root.
+    user: str | None = None
+    #: How supervisord asks it to stop (PostgreSQL: INT, its fast shutdown).
+    stop_signal: str = "TERM"
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def render_config(data_dir: Path, programs: Sequence[Program], *, workdir: Path)
             f"autorestart = {str(program.restart).lower()}",
             f"startsecs = {RESTART_STARTSECS if program.restart else 0}",
             f"startretries = {RESTART_TRIES}",
-            "stopsignal = TERM",
+            f"stopsignal = {program.stop_signal}",
             f"stopwaitsecs = {STOP_WAIT_SECONDS}",
             "stopasgroup = true",
             "killasgroup = true",
@@ -124,6 +128,8 @@ def render_config(data_dir: Path, programs: Sequence[Program], *, workdir: Path)
             "redirect_stderr = true",
             "environment = " + ",".join(f'{k}="{_escape(v)}"' for k, v in env.items()),
         ]
+        if program.user:
+            sections.append(f"user = {program.user}")
     return "\n".join(sections) + "\n"
 
 

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from tripmesh.runtime import failpoints
 from tripmesh.runtime.database import Database
+from tripmesh.runtime.pgdatabase import Conn, PostgresDatabase
 from tripmesh.v1 import events_pb2 as epb
 
 log = logging.getLogger("tripmesh.outbox")
@@ -38,6 +39,18 @@ CREATE TABLE IF NOT EXISTS outbox (
   payload BLOB NOT NULL,
   created_at REAL NOT NULL,
   published_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(seq) WHERE published_at IS NULL;
+"""
+# The same table on PostgreSQL (`add_postgres`, `PostgresOutbox`).
+POSTGRES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  event_id TEXT NOT NULL UNIQUE,
+  subject TEXT NOT NULL,
+  payload BYTEA NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL,
+  published_at DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox(seq) WHERE published_at IS NULL;
 """
@@ -57,6 +70,16 @@ def add(conn: sqlite3.Connection, event: epb.SagaEvent, subject: str) -> bool:
     """Queue `event` in the caller's transaction; False if it was queued before (same id)."""
     cursor = conn.execute(
         "INSERT OR IGNORE INTO outbox (event_id, subject, payload, created_at) VALUES (?, ?, ?, ?)",
+        (event.event_id, subject, event.SerializeToString(), time.time()),
+    )
+    return cursor.rowcount == 1
+
+
+async def add_postgres(conn: Conn, event: epb.SagaEvent, subject: str) -> bool:
+    """`add`, in a PostgreSQL transaction."""
+    cursor = await conn.execute(
+        "INSERT INTO outbox (event_id, subject, payload, created_at)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
         (event.event_id, subject, event.SerializeToString(), time.time()),
     )
     return cursor.rowcount == 1
@@ -114,6 +137,44 @@ class SqliteOutbox(Outbox):
 
     def depth(self) -> int:
         return self.db.read_sync(depth)
+
+
+class PostgresOutbox(Outbox):
+    """The outbox table in a `PostgresDatabase` (a service's, or the coordinators')."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self.db = db
+
+    async def pending(self, limit: int = BATCH) -> list[Row]:
+        return await self.db.call(lambda c: _pending_postgres(c, limit), "statement")
+
+    async def mark(self, seqs: Sequence[int]) -> None:
+        await self.db.call(lambda c: _mark_postgres(c, seqs), "write")
+
+    def depth(self) -> int:
+        return self.db.call_blocking(_depth_postgres, "statement")
+
+
+async def _pending_postgres(conn: Conn, limit: int) -> list[Row]:
+    cur = await conn.execute(
+        "SELECT seq, event_id, subject, payload FROM outbox"
+        " WHERE published_at IS NULL ORDER BY seq LIMIT %s",
+        (limit,),
+    )
+    return [(int(s), str(e), str(subj), bytes(p)) for s, e, subj, p in await cur.fetchall()]
+
+
+async def _mark_postgres(conn: Conn, seqs: Sequence[int]) -> None:
+    await conn.execute(
+        "UPDATE outbox SET published_at = %s WHERE seq = ANY(%s)", (time.time(), list(seqs))
+    )
+
+
+async def _depth_postgres(conn: Conn) -> int:
+    cur = await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 class Relay:

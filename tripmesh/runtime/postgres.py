@@ -28,6 +28,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,16 +136,15 @@ class PostgresServer:
             output = (done.stdout + done.stderr).decode(errors="replace")
             raise PostgresError(f"initdb failed on {self.data_dir}:\n{output}")
 
-    def start(self, port: int, *, timeout: float = 30.0) -> None:
-        """Start the server on 127.0.0.1:`port` and return once it accepts connections."""
-        if self.running:
-            raise PostgresError(f"the server on {self.data_dir} is running already")
+    def argv(self, port: int) -> list[str]:
+        """The command that runs this server on 127.0.0.1:`port` in the foreground (as
+        `start` does, or a supervisor): durable commits, its socket in the data folder."""
         socket_path = self.data_dir / f".s.PGSQL.{port}"
         if len(str(socket_path).encode()) >= _SOCKET_PATH_MAX:
             raise PostgresError(
                 f"{socket_path} is too long for a unix socket: use a shorter data folder"
             )
-        command = [
+        return [
             str(self.binaries.postgres),
             "-D",
             str(self.data_dir),
@@ -162,6 +162,21 @@ class PostgresServer:
             "-c",
             "full_page_writes=on",
         ]
+
+    @property
+    def user(self) -> str | None:
+        """Who the server runs as when it is not us: `nobody` when we are root, else None."""
+        return pwd.getpwuid(self._uid).pw_name if self._as_user else None
+
+    @property
+    def initialised(self) -> bool:
+        return (self.data_dir / "PG_VERSION").exists()
+
+    def start(self, port: int, *, timeout: float = 30.0) -> None:
+        """Start the server on 127.0.0.1:`port` and return once it accepts connections."""
+        if self.running:
+            raise PostgresError(f"the server on {self.data_dir} is running already")
+        command = self.argv(port)
         with self.log_path.open("ab") as log:
             # A session of its own: a Ctrl-C meant for the caller does not reach it, and the
             # caller's cleanup (`stop`) shuts it down in order.
@@ -253,17 +268,8 @@ class PostgresServer:
         process = self._process
         if process is None:
             return
-        backends = _children(process.pid)
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()  # first: a dead postmaster starts no more backends
-        process.wait()
+        kill_server(process.pid, reap=process.wait)
         self._process = None
-        for pid in backends:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10.0
-        while any(_alive(pid) for pid in backends) and time.monotonic() < deadline:
-            time.sleep(0.01)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -296,6 +302,23 @@ def _check_reachable(folder: Path, uid: int, gid: int) -> None:
                 f" {stat.filemode(mode.st_mode)}): put the data folder somewhere it can reach,"
                 " e.g. under tripmesh.runtime.postgres.base_folder()"
             )
+
+
+def kill_server(pid: int, *, reap: Callable[[], object] | None = None) -> None:
+    """SIGKILL the postmaster `pid` and then its backends (found before, by parent: each
+    leads a process group of its own); return once they are gone. `reap` waits for the
+    postmaster when it is our child (a supervisor reaps its own)."""
+    backends = _children(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # first: a dead postmaster starts no more backends
+    if reap is not None:
+        reap()
+    for backend in backends:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(backend, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while any(_alive(p) for p in backends) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _children(pid: int) -> list[int]:

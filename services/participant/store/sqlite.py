@@ -1,27 +1,21 @@
-"""The participant's books in SQLite, and every protocol step as one local transaction.
+"""A participant's books in a SQLite file: every protocol step as one local transaction.
 
-Each step (Prepare, Commit, Abort, Reserve, Cancel) changes inventory and
-writes the reservation record in the same transaction. The reservation row,
-keyed by the coordinator's reservation id, is the step's idempotency record: a
-duplicate finds it and answers as the first call did. The database itself
-refuses negative inventory and any row where available + held + confirmed
-differs from capacity (CHECK constraints), whatever the Python does.
+The meaning is the port's (`services.participant.store`); this is its SQL for
+SQLite. One writer thread commits steps in groups (`tripmesh.runtime.database`):
+a step runs alone on the books, so it reads and then writes without locks.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.participant.books import (
-    read_inventory,
-    read_reservations,
-    read_resources,
-    row_to_reservation,
-)
 from services.participant.domain import (
+    Availability,
     Hold,
     InventoryDay,
     ParticipantError,
@@ -29,15 +23,32 @@ from services.participant.domain import (
     Reservation,
     ReservationStatus,
     Resource,
+    SeedResource,
     StepResult,
     not_found,
-    wrong_state,
+)
+from services.participant.store import (
+    TOMBSTONE,
+    ParticipantStore,
+    Tell,
+    Told,
+    Units,
+    given_back_already,
+    given_back_status,
+    known,
+    replay_take,
+    row_to_reservation,
+    sold_out,
+    taken_status,
+    to_commit,
+    to_confirm,
+    to_give_back,
+    to_pre_commit,
 )
 from tripmesh.runtime import failpoints, outbox
-from tripmesh.runtime.database import Database, migrate, sql_values
-from tripmesh.runtime.errors import ErrorKind, FieldViolation
+from tripmesh.runtime.database import Database, connect, migrate, sql_values
+from tripmesh.runtime.errors import FieldViolation
 from tripmesh.runtime.fields import quote
-from tripmesh.v1 import events_pb2 as epb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS resources (
@@ -76,9 +87,6 @@ CREATE INDEX IF NOT EXISTS reservations_by_trip ON reservations(trip_id);
 """.replace("{protocols}", sql_values(Protocol)).replace(
     "{statuses}", sql_values(ReservationStatus)
 )
-# An event to queue in the outbox and its subject; what a step tells the others.
-Told = tuple[epb.SagaEvent, str]
-Tell = Callable[[StepResult], Told]
 # Bumped whenever SCHEMA changes; books written by another version are refused at
 # start-up rather than misread.
 SCHEMA_VERSION = 2
@@ -86,11 +94,13 @@ SCHEMA_VERSION = 2
 _S = ReservationStatus
 
 
-class ParticipantStore:
-    """The books of one participant. Every method is one transaction on the DB thread."""
+class SqliteParticipantStore(ParticipantStore):
+    """The books of one participant in the SQLite file at `path`. Every method is one
+    transaction on the database's writer thread (reads on its readers)."""
 
     def __init__(self, path: Path | str, *, kind: str = "resource") -> None:
         self.db = Database(path)
+        self.location = str(self.db.path)
         self.db.run_sync(migrate(SCHEMA, SCHEMA_VERSION, table="reservations", what="these books"))
         # The choreographed saga's events, written with the step they report (a table
         # of its own: books without it are read as before, and gain it).
@@ -100,6 +110,26 @@ class ParticipantStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        self.db.on_writer_death(callback)
+
+    def seed(self, resources: tuple[SeedResource, ...], start: dt.date, days: int) -> bool:
+        return self.db.run_sync(lambda c: _seed(c, resources, start, days))
+
+    def units(self) -> list[Units]:
+        # On the scraping thread, with a read-only connection of its own.
+        conn = connect(self.db.path, readonly=True)
+        try:
+            return [
+                (str(r), int(a), int(h), int(c))
+                for r, a, h, c in conn.execute(
+                    "SELECT resource_id, sum(available), sum(held), sum(confirmed) FROM inventory"
+                    " GROUP BY resource_id"
+                )
+            ]
+        finally:
+            conn.close()
 
     # -- 2PC -------------------------------------------------------------
     async def prepare(self, reservation_id: str, trip_id: str, hold: Hold) -> StepResult:
@@ -250,20 +280,17 @@ class ParticipantStore:
     async def resources(self, *, after: str, limit: int) -> list[Resource]:
         return await self.db.read(lambda c: read_resources(c, after, limit))
 
+    async def search(
+        self, attributes: dict[str, str], first: dt.date, days: int, quantity: int
+    ) -> list[Availability]:
+        return await self.db.read(lambda c: _search(c, attributes, first, days, quantity))
+
 
 def _load(conn: sqlite3.Connection, reservation_id: str) -> Reservation | None:
     row = conn.execute(
         "SELECT * FROM reservations WHERE reservation_id = ?", (reservation_id,)
     ).fetchone()
     return row_to_reservation(row) if row else None
-
-
-def _check_protocol(existing: Reservation, protocol: Protocol) -> None:
-    if existing.protocol is not protocol:
-        raise wrong_state(
-            f"reservation {existing.reservation_id} belongs to a {existing.protocol.value}"
-            f" transaction, not {protocol.value}"
-        )
 
 
 def _take(
@@ -281,32 +308,21 @@ def _take(
     failpoints.hit("participant.take")
     existing = _load(conn, reservation_id)
     if existing is not None:
-        _check_protocol(existing, protocol)
-        if existing.hold is not None and existing.hold != hold:
-            raise ParticipantError(
-                f"reservation {reservation_id} was first requested with other parameters",
-                kind=ErrorKind.CONFLICT,
-            )
-        if existing.status.column is not None:  # held, pre-committed or confirmed
-            return StepResult(True, "", existing)
-        if existing.status in (_S.RELEASED, _S.CANCELLED):
-            reason = existing.reason or "aborted before it was requested"
-            return StepResult(False, reason, existing)
-        return StepResult(False, existing.reason, existing)  # REFUSED: same answer again
+        return replay_take(existing, hold, protocol)
 
     price = _price(conn, kind, hold)
     dates = hold.dates
     least = _least_available(conn, kind, hold, dates)
-    target = "held" if protocol.holds_first or pending else "confirmed"
+    status = taken_status(protocol, pending=pending)
+    target = status.column
+    assert target is not None
     if least >= hold.quantity:
         # Every date has room (this thread is the only writer, and the CHECK
         # constraints refuse a negative count whatever happens): take them all.
         _move(conn, hold, "available", target)
-        status = _S.CONFIRMED if target == "confirmed" else _S.PENDING if pending else _S.HELD
         reason = ""
     else:
-        status, reason = _S.REFUSED, f"sold out: fewer than {hold.quantity} left on some date"
-        price = 0
+        status, reason, price = _S.REFUSED, sold_out(hold.quantity), 0
     now = time.time()
     conn.execute(
         "INSERT INTO reservations (reservation_id, trip_id, protocol, status, resource_id,"
@@ -337,43 +353,34 @@ def _commit(
     conn: sqlite3.Connection, reservation_id: str, protocol: Protocol, settled_by: str
 ) -> Reservation:
     """2PC Commit, or 3PC DoCommit: held units become confirmed."""
-    existing = _load(conn, reservation_id)
-    if existing is None:
-        raise wrong_state(f"cannot commit {reservation_id}: it was never prepared here")
-    _check_protocol(existing, protocol)
-    if existing.status is _S.CONFIRMED:
+    existing = known(
+        _load(conn, reservation_id), f"cannot commit {reservation_id}: it was never prepared here"
+    )
+    hold = to_commit(existing, protocol)
+    if hold is None:
         return existing
-    if existing.status.column != "held" or existing.hold is None:
-        why = f" ({existing.settled_by}: {existing.reason})" if existing.reason else ""
-        raise wrong_state(f"cannot commit {reservation_id}: it is {existing.status.value}{why}")
-    _move(conn, existing.hold, "held", "confirmed")
+    _move(conn, hold, "held", "confirmed")
     return _set_status(conn, existing, _S.CONFIRMED, settled_by)
 
 
 def _confirm_pending(conn: sqlite3.Connection, reservation_id: str, settled_by: str) -> Reservation:
-    existing = _load(conn, reservation_id)
-    if existing is None:
-        raise wrong_state(f"cannot confirm {reservation_id}: it was never reserved here")
-    _check_protocol(existing, Protocol.SAGA)
-    if existing.status is _S.CONFIRMED:
+    existing = known(
+        _load(conn, reservation_id), f"cannot confirm {reservation_id}: it was never reserved here"
+    )
+    hold = to_confirm(existing)
+    if hold is None:
         return existing
-    if existing.status is not _S.PENDING or existing.hold is None:
-        raise wrong_state(f"cannot confirm {reservation_id}: it is {existing.status.value}")
-    _move(conn, existing.hold, "held", "confirmed")
+    _move(conn, hold, "held", "confirmed")
     return _set_status(conn, existing, _S.CONFIRMED, settled_by)
 
 
 def _pre_commit(conn: sqlite3.Connection, reservation_id: str) -> Reservation:
     """3PC PreCommit: a yes vote becomes pre-committed (units stay held)."""
-    existing = _load(conn, reservation_id)
-    if existing is None:
-        raise wrong_state(f"cannot pre-commit {reservation_id}: it never voted here")
-    _check_protocol(existing, Protocol.THREE_PHASE_COMMIT)
-    if existing.status in (_S.PRE_COMMITTED, _S.CONFIRMED):
+    existing = known(
+        _load(conn, reservation_id), f"cannot pre-commit {reservation_id}: it never voted here"
+    )
+    if not to_pre_commit(existing):
         return existing  # a duplicate, or a late one after DoCommit: the outcome stands
-    if existing.status is not _S.HELD:
-        why = f" ({existing.settled_by}: {existing.reason})" if existing.reason else ""
-        raise wrong_state(f"cannot pre-commit {reservation_id}: it is {existing.status.value}{why}")
     return _set_status(conn, existing, _S.PRE_COMMITTED, existing.settled_by)
 
 
@@ -409,7 +416,7 @@ def _give_back(
 ) -> Reservation:
     """Abort (2PC, 3PC) or Cancel (saga); a tombstone when nothing is known yet. A
     refused step took nothing and stays refused, so no reader counts it as given back."""
-    final = _S.RELEASED if protocol.holds_first else _S.CANCELLED
+    final = given_back_status(protocol)
     existing = _load(conn, reservation_id)
     if existing is None:
         now = time.time()
@@ -421,22 +428,18 @@ def _give_back(
                 trip_id,
                 protocol.value,
                 final.value,
-                "aborted before it was requested",
+                TOMBSTONE,
                 settled_by,
                 now,
                 now,
             ),
         )
         return _load_required(conn, reservation_id)
-    _check_protocol(existing, protocol)
-    if existing.status in (final, _S.REFUSED):
-        return existing  # already given back, or never taken: a refusal stays one
-    if existing.status is _S.CONFIRMED and protocol.holds_first:
-        why = " (on its own 3PC time-out)" if existing.settled_by == "timeout" else ""
-        raise wrong_state(f"cannot abort {reservation_id}: it is already committed{why}")
-    column = existing.status.column
-    if column is not None and existing.hold is not None:
-        _move(conn, existing.hold, column, "available")
+    if given_back_already(existing, protocol):
+        return existing
+    taken = to_give_back(existing, protocol)
+    if taken is not None:
+        _move(conn, taken[0], taken[1], "available")
     return _set_status(conn, existing, final, settled_by)
 
 
@@ -499,3 +502,109 @@ def _load_required(conn: sqlite3.Connection, reservation_id: str) -> Reservation
     found = _load(conn, reservation_id)
     assert found is not None
     return found
+
+
+# -- reads ---------------------------------------------------------------------------
+def read_inventory(
+    conn: sqlite3.Connection, kind: str, resource_id: str, first: str, last: str
+) -> list[InventoryDay]:
+    if (
+        conn.execute("SELECT 1 FROM resources WHERE resource_id = ?", (resource_id,)).fetchone()
+        is None
+    ):
+        raise not_found(f"unknown {kind} {quote(resource_id)}", "resource_id")
+    rows = conn.execute(
+        "SELECT day, capacity, available, held, confirmed FROM inventory"
+        " WHERE resource_id = ? AND day >= ? AND day <= ? ORDER BY day",
+        (resource_id, first or "0000-00-00", last or "9999-99-99"),
+    )
+    return [InventoryDay(*tuple(r)) for r in rows]
+
+
+def read_reservations(
+    conn: sqlite3.Connection,
+    after: int,
+    limit: int,
+    status: ReservationStatus | None,
+    trip_id: str,
+) -> tuple[list[Reservation], int | None]:
+    sql = "SELECT rowid AS seq, * FROM reservations WHERE rowid > ?"
+    args: list[object] = [after]
+    if status is not None:
+        sql += " AND status = ?"
+        args.append(status.value)
+    if trip_id:
+        sql += " AND trip_id = ?"
+        args.append(trip_id)
+    rows = conn.execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [row_to_reservation(r) for r in rows], (rows[-1]["seq"] if more else None)
+
+
+def read_resources(conn: sqlite3.Connection, after: str, limit: int) -> list[Resource]:
+    rows = conn.execute(
+        "SELECT r.*, min(i.day) AS first_date, max(i.day) AS last_date FROM resources r"
+        " LEFT JOIN inventory i USING (resource_id) WHERE r.resource_id > ?"
+        " GROUP BY r.resource_id ORDER BY r.resource_id LIMIT ?",
+        (after, limit),
+    )
+    return [
+        Resource(
+            r["resource_id"],
+            r["name"],
+            r["price_cents"],
+            json.loads(r["attributes"]),
+            r["first_date"] or "",
+            r["last_date"] or "",
+        )
+        for r in rows
+    ]
+
+
+def _search(
+    conn: sqlite3.Connection,
+    attributes: dict[str, str],
+    first: dt.date,
+    days: int,
+    quantity: int,
+) -> list[Availability]:
+    last = first + dt.timedelta(days=days - 1)
+    sql = (
+        "SELECT r.resource_id, r.name, r.price_cents, r.attributes,"
+        " min(i.available) AS free, count(*) AS n"
+        " FROM resources r JOIN inventory i USING (resource_id)"
+        " WHERE i.day >= ? AND i.day <= ?"
+    )
+    args: list[object] = [first.isoformat(), last.isoformat()]
+    for key, value in attributes.items():
+        if value:
+            sql += " AND upper(json_extract(r.attributes, ?)) = upper(?)"
+            args += [f"$.{key}", value]
+    sql += " GROUP BY r.resource_id HAVING n = ? AND free >= ? ORDER BY r.price_cents"
+    return [
+        Availability(
+            r["resource_id"], r["name"], r["price_cents"], json.loads(r["attributes"]), r["free"]
+        )
+        for r in conn.execute(sql, (*args, days, quantity))
+    ]
+
+
+def _seed(
+    conn: sqlite3.Connection, resources: tuple[SeedResource, ...], start: dt.date, days: int
+) -> bool:
+    if conn.execute("SELECT 1 FROM resources LIMIT 1").fetchone():
+        return False
+    conn.executemany(
+        "INSERT INTO resources (resource_id, name, price_cents, attributes) VALUES (?, ?, ?, ?)",
+        [(r.resource_id, r.name, r.price_cents, json.dumps(r.attributes)) for r in resources],
+    )
+    conn.executemany(
+        "INSERT INTO inventory (resource_id, day, capacity, available) VALUES (?, ?, ?, ?)",
+        [
+            (r.resource_id, (start + dt.timedelta(days=i)).isoformat(), r.capacity, r.capacity)
+            for r in resources
+            for i in range(days)
+        ],
+    )
+    return True
