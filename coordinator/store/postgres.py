@@ -219,8 +219,8 @@ class PostgresTripStore(TripStore):
             fence = self._held.get(trip_id)
             written = None
             if fence != LOST:
-                written = await _write(conn, trip_id, change, now, self._lease_of(), fence)
-            if written is None:
+                written = await _write(conn, trip_id, change, now, self._lease_of(), fence, tell)
+            if written is None:  # raised: the transaction, and all it sent, rolls back
                 if fence is not None:
                     self._held[trip_id] = LOST
                 raise LeaseLost(
@@ -230,8 +230,6 @@ class PostgresTripStore(TripStore):
                 )
             if fence is not None:
                 self._held[trip_id] = written
-            for event, subject in tell:
-                await outbox.add_postgres(conn, event, subject)
 
         await self._call(job, "write", trip_id=trip_id)
 
@@ -240,9 +238,13 @@ class PostgresTripStore(TripStore):
 
         async def job(conn: Conn) -> int:
             cur = await conn.execute(
-                "DELETE FROM idempotency_keys WHERE created_at < %s", (cutoff,)
+                "WITH gone AS (DELETE FROM idempotency_keys WHERE created_at < %s RETURNING 1)"
+                " SELECT count(*) FROM gone",
+                (cutoff,),
             )
-            return cur.rowcount
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
 
         return await self._call(job, "write")
 
@@ -432,10 +434,18 @@ async def _add_events(conn: Conn, trip_id: str, events: Iterable[TripEvent]) -> 
 
 
 async def _write(
-    conn: Conn, trip_id: str, change: Change, now: float, lease: _Lease, fence: int | None
+    conn: Conn,
+    trip_id: str,
+    change: Change,
+    now: float,
+    lease: _Lease,
+    fence: int | None,
+    tell: Sequence[Told],
 ) -> int | None:
-    """Apply `change` if the lease allows (see `PostgresTripStore.write`): the trip's fence
-    after it, or None (nothing written) when another coordinator holds the trip."""
+    """Apply `change` and queue `tell` if the lease allows (see `PostgresTripStore.write`):
+    the trip's fence after it, or None when another coordinator holds the trip, and then
+    the caller must roll back (raise): the legs, events and outbox rows went out with the
+    trip's update, pipelined, before its answer came back."""
     sets: list[str] = ["updated_at = %s"]
     args: list[object] = [now]
     if change.status is not None:
@@ -456,12 +466,9 @@ async def _write(
         sets.append("owner = %s, fence = fence + 1")
         where = f"trip_id = %s AND {_FREE_OR_OURS}"
         args += [lease.owner, trip_id, lease.owner]
-    cur = await conn.execute(
+    trip = await conn.execute(
         f"UPDATE trips SET {', '.join(sets)} WHERE {where} RETURNING fence", args
     )
-    row = await cur.fetchone()
-    if row is None:
-        return None  # held by another (or no such trip): nothing of this change written
     if change.legs:
         async with conn.cursor() as cur:
             await cur.executemany(
@@ -473,7 +480,10 @@ async def _write(
                 ],
             )
     await _add_events(conn, trip_id, change.events)
-    return int(row[0])
+    for event, subject in tell:
+        await outbox.add_postgres(conn, event, subject)
+    row = await trip.fetchone()  # one round trip for all of the above
+    return None if row is None else int(row[0])
 
 
 async def _claim(

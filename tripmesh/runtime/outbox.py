@@ -75,14 +75,13 @@ def add(conn: sqlite3.Connection, event: epb.SagaEvent, subject: str) -> bool:
     return cursor.rowcount == 1
 
 
-async def add_postgres(conn: Conn, event: epb.SagaEvent, subject: str) -> bool:
-    """`add`, in a PostgreSQL transaction."""
-    cursor = await conn.execute(
+async def add_postgres(conn: Conn, event: epb.SagaEvent, subject: str) -> None:
+    """`add`, in a PostgreSQL transaction (queued once: the same id again is dropped)."""
+    await conn.execute(
         "INSERT INTO outbox (event_id, subject, payload, created_at)"
         " VALUES (%s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
         (event.event_id, subject, event.SerializeToString(), time.time()),
     )
-    return cursor.rowcount == 1
 
 
 def pending(conn: sqlite3.Connection, limit: int = BATCH) -> list[Row]:

@@ -10,10 +10,14 @@ write their own SQL and hand it here as a job, a coroutine function of a connect
   callers on any loop await a call without blocking it, and `close()` (synchronous,
   called by servers from their running loop) can finish the work in flight and
   close the pool by simply waiting. `aclose()` does the same from a coroutine.
-- **One transaction per call.** Writes run in READ COMMITTED; a read of more than
-  one statement runs in one REPEATABLE READ, READ ONLY transaction (one snapshot, as
-  SQLite's readers have); a read of one statement is atomic on its own. Readers
-  never wait for writers (MVCC).
+- **One transaction per call, pipelined.** Writes run in READ COMMITTED; a read of
+  more than one statement runs in one REPEATABLE READ, READ ONLY transaction (one
+  snapshot, as SQLite's readers have); a read of one statement is atomic on its own.
+  Readers never wait for writers (MVCC). A transaction runs in psycopg's pipeline
+  mode: BEGIN and the statements are sent without waiting for each other's answers,
+  so a job costs a round trip only where it reads a result, plus one for the
+  COMMIT. (A cursor's `rowcount` is not known before its result is read: jobs count
+  what `RETURNING` gave them instead.)
 - **Calls of one key apply in the order they were issued** (a trip's writes, one
   reservation's steps): the pool would run them on separate connections, so calls
   naming the same key take turns here.
@@ -42,6 +46,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from tripmesh.runtime import rpc
 from tripmesh.runtime.database import StorageUnavailable
 
 T = TypeVar("T")
@@ -69,6 +74,10 @@ class PostgresDatabase:
     `StorageUnavailable`. `reconnect_timeout`: how long the pool keeps retrying one lost
     connection; its back-off doubles each time (1, 2, 4 ... s) until then, so this also
     bounds how long the store may lag behind a server that came back.
+
+    A connection is not checked before each call (that would cost a round trip per
+    call): after a server restart, each pooled connection fails its next call once with
+    StorageUnavailable, nothing written, and the pool replaces it.
     """
 
     def __init__(
@@ -93,7 +102,7 @@ class PostgresDatabase:
         self._calls: set[asyncio.Task[Any]] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self._loop = asyncio.new_event_loop()
+        self._loop = rpc.new_event_loop()  # uvloop: psycopg waits on it at every round trip
         self._thread = threading.Thread(target=self._serve, name=f"postgres:{what}", daemon=True)
         self._thread.start()
         try:
@@ -139,9 +148,6 @@ class PostgresDatabase:
                 min_size=min_size,
                 max_size=max_size,
                 open=False,
-                # A connection broken by a server restart is replaced before it is used,
-                # at the price of one round trip per call.
-                check=AsyncConnectionPool.check_connection,
                 timeout=timeout,
                 reconnect_timeout=reconnect_timeout,
                 name=self.what,
@@ -285,7 +291,10 @@ class PostgresDatabase:
                 async with self._pool.connection() as conn:
                     if how == "statement":
                         return await job(conn)  # autocommit: the statement is its transaction
-                    async with conn.transaction():
+                    # Pipelined: statements go out without waiting for the one before; a
+                    # round trip happens only when the job reads a result, and once more
+                    # for what is left and the COMMIT.
+                    async with conn.pipeline(), conn.transaction():
                         if how == "snapshot":
                             await conn.execute(
                                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"

@@ -384,6 +384,15 @@ async def serve_until_signalled(
     return False
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind `run` uses (for a thread of its own: a database's)."""
+    if os.environ.get("TRIPMESH_EVENT_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a process's main coroutine: on uvloop, unless TRIPMESH_EVENT_LOOP=asyncio.
 

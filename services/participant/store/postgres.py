@@ -27,13 +27,16 @@ an acknowledged step is on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from psycopg import AsyncCursor
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from services.participant.domain import (
@@ -439,20 +442,22 @@ async def _take(
     """Prepare or CanCommit (available -> held), or Reserve (saga: available -> confirmed,
     or -> held as PENDING under a semantic lock)."""
     failpoints.hit("participant.take")
-    existing = await _load(conn, reservation_id)
-    if existing is not None:
-        return replay_take(existing, hold, protocol)
-
-    cur = await conn.execute(
+    # The reservation, the price and the dates (locked) asked at once: one round trip.
+    known = conn.cursor(row_factory=dict_row)
+    await known.execute("SELECT * FROM reservations WHERE reservation_id = %s", (reservation_id,))
+    priced = await conn.execute(
         "SELECT price_cents FROM resources WHERE resource_id = %s", (hold.resource_id,)
     )
-    row = await cur.fetchone()
+    locked = await _lock_days(conn, hold)
+    found = await known.fetchone()
+    if found is not None:
+        return replay_take(row_to_reservation(found), hold, protocol)
+    row = await priced.fetchone()
     if row is None:
         raise not_found(f"unknown {kind} {quote(hold.resource_id)}", "hold.resource_id")
     price = int(row[0]) * hold.days * hold.quantity
     dates = hold.dates
-    # Locked in date order until we commit: no other step sees these units meanwhile.
-    free = await _lock_days(conn, hold)
+    free = [int(r[0]) for r in await locked.fetchall()]
     if len(free) != len(dates):
         raise ParticipantError.invalid(
             FieldViolation(
@@ -584,30 +589,31 @@ async def _give_back(
     return await _set_status(conn, existing, final, settled_by)
 
 
-async def _lock_days(conn: Conn, hold: Hold) -> list[int]:
-    """Lock the hold's inventory rows, in date order; the units available on each."""
+async def _lock_days(conn: Conn, hold: Hold) -> AsyncCursor[Any]:
+    """Lock the hold's inventory rows, in date order (until the transaction ends); the
+    cursor whose rows are the units available on each date, read when needed (pipelined:
+    the lock goes out with whatever follows)."""
     dates = hold.dates
-    cur = await conn.execute(
+    return await conn.execute(
         "SELECT available FROM inventory WHERE resource_id = %s AND day >= %s AND day <= %s"
         " ORDER BY day FOR UPDATE",
         (hold.resource_id, dates[0], dates[-1]),
     )
-    return [int(r[0]) for r in await cur.fetchall()]
 
 
 async def _move(conn: Conn, hold: Hold, source: str, target: str, *, locked: bool = False) -> None:
     """Move the hold's units from one column to another on each of its dates (locking the
     rows in date order first, unless the caller has)."""
     assert source in _COLUMNS and target in _COLUMNS
-    if not locked:
-        await _lock_days(conn, hold)
     dates = hold.dates
-    cur = await conn.execute(
+    lock = None if locked else await _lock_days(conn, hold)
+    await conn.execute(
         f"UPDATE inventory SET {source} = {source} - %(q)s, {target} = {target} + %(q)s"
         " WHERE resource_id = %(r)s AND day >= %(first)s AND day <= %(last)s",
         {"q": hold.quantity, "r": hold.resource_id, "first": dates[0], "last": dates[-1]},
     )
-    if cur.rowcount != len(dates):
+    # Read after both went out (one round trip): the rows the update moved were all there.
+    if lock is not None and len(await lock.fetchall()) != len(dates):
         raise RuntimeError(f"inventory rows missing for {hold}")
 
 
@@ -619,14 +625,21 @@ async def _set_status(
     *,
     reason: str | None = None,
 ) -> Reservation:
-    """Move a reservation to `status` (and `reason`, when given); the record as it now is."""
-    found = await fetch(
-        conn,
+    """Move a reservation to `status` (and `reason`, when given); the record as it now is
+    (computed, not read back: the update goes out pipelined with the COMMIT)."""
+    now = time.time()
+    await conn.execute(
         "UPDATE reservations SET status = %s, settled_by = %s, updated_at = %s,"
-        " reason = coalesce(%s, reason) WHERE reservation_id = %s RETURNING *",
-        (status.value, settled_by, time.time(), reason, existing.reservation_id),
+        " reason = coalesce(%s, reason) WHERE reservation_id = %s",
+        (status.value, settled_by, now, reason, existing.reservation_id),
     )
-    return row_to_reservation(found[0])
+    return dataclasses.replace(
+        existing,
+        status=status,
+        settled_by=settled_by,
+        updated_at=now,
+        reason=existing.reason if reason is None else reason,
+    )
 
 
 async def _load_required(conn: Conn, reservation_id: str) -> Reservation:
