@@ -192,8 +192,15 @@ class PostgresTripStore(TripStore):
     async def aclose(self) -> None:
         await self.db.aclose()
 
-    async def _call(self, job: Job[T], how: How, *, trip_id: str | None = None) -> T:
-        return await self.db.call(job, how, key=trip_id)
+    async def _call(
+        self,
+        job: Job[T],
+        how: How,
+        *,
+        trip_id: str | None = None,
+        committed: Callable[[T], object] | None = None,
+    ) -> T:
+        return await self.db.call(job, how, key=trip_id, committed=committed)
 
     # -- writes ------------------------------------------------------------------
     async def create(self, request: TripRequest) -> tuple[Trip, bool]:
@@ -201,12 +208,17 @@ class PostgresTripStore(TripStore):
         fingerprint, body = request.fingerprint(), request.to_json()
 
         async def job(conn: Conn) -> tuple[Trip, bool]:
-            trip, replayed = await _create(conn, request, fingerprint, body, self._lease_of())
+            return await _create(conn, request, fingerprint, body, self._lease_of())
+
+        def committed(created: tuple[Trip, bool]) -> None:
+            # Held only once it exists for sure: a create whose COMMIT was lost in flight
+            # (UNAVAILABLE, outcome unknown) may have made the trip, with our lease; then
+            # it is not ours to skip, and our own sweep takes it (owner = us) and drives it.
+            trip, replayed = created
             if not replayed:
                 self._held[trip.trip_id] = 1
-            return trip, replayed
 
-        return await self._call(job, "write")
+        return await self._call(job, "write", committed=committed)
 
     async def write(
         self, trip_id: str, change: Change, now: float, *, tell: Sequence[Told] = ()
@@ -215,7 +227,7 @@ class PostgresTripStore(TripStore):
         own (LeaseLost if it was taken over); one we do not hold only if no other
         coordinator holds it, and the write raises its fence (a stale holder is then out)."""
 
-        async def job(conn: Conn) -> None:
+        async def job(conn: Conn) -> int:
             fence = self._held.get(trip_id)
             written = None
             if fence != LOST:
@@ -228,10 +240,13 @@ class PostgresTripStore(TripStore):
                     "another coordinator holds its lease (this one's was taken over):"
                     " it drives the trip now",
                 )
-            if fence is not None:
+            return written
+
+        def committed(written: int) -> None:
+            if trip_id in self._held:
                 self._held[trip_id] = written
 
-        await self._call(job, "write", trip_id=trip_id)
+        await self._call(job, "write", trip_id=trip_id, committed=committed)
 
     async def purge_keys(self, older_than: float) -> int:
         cutoff = time.time() - older_than
@@ -252,26 +267,30 @@ class PostgresTripStore(TripStore):
     def _lease_of(self) -> _Lease:
         return _Lease(self.replica, self.lease)
 
-    async def claim_unfinished(self) -> list[str]:
-        async def job(conn: Conn) -> list[str]:
-            claimed = await _claim(conn, self._lease_of(), exclude=list(self._held))
-            self._held.update(claimed)
-            return list(claimed)
+    def _hold(self, claimed: dict[str, int]) -> None:
+        """Trips whose lease a committed claim gave us, and their fences (the store's loop)."""
+        self._held.update(claimed)
 
-        claimed = await self._call(job, "write")
+    async def claim_unfinished(self) -> list[str]:
+        async def job(conn: Conn) -> dict[str, int]:
+            return await _claim(conn, self._lease_of(), exclude=list(self._held))
+
+        # Held once the claim committed (a claim rolled back raised no fence: were it kept,
+        # our writes would be refused and our sweeps would skip the trip for good).
+        held = await self._call(job, "write", committed=self._hold)
+        claimed = list(held)
         if claimed:
             log.info("%s holds the lease of %d unfinished trips", self.replica, len(claimed))
         return claimed
 
     async def hold_lease(self, trip_id: str) -> bool:
-        async def job(conn: Conn) -> bool:
+        async def job(conn: Conn) -> dict[str, int]:
             if trip_id in self._held:
-                return self._held[trip_id] != LOST
-            claimed = await _claim(conn, self._lease_of(), trip_id=trip_id)
-            self._held.update(claimed)
-            return trip_id in claimed
+                return {trip_id: self._held[trip_id]}
+            return await _claim(conn, self._lease_of(), trip_id=trip_id)
 
-        return await self._call(job, "write", trip_id=trip_id)
+        held = await self._call(job, "write", trip_id=trip_id, committed=self._hold)
+        return held.get(trip_id, LOST) != LOST
 
     def release_lease(self, trip_id: str) -> None:
         self.db.call_soon(lambda: self._held.pop(trip_id, None))

@@ -32,6 +32,7 @@ from tests.postgres import fresh_database, postgres_server
 from tests.procs import Proc
 from tripmesh.mesh.layout import free_port
 from tripmesh.runtime import tls
+from tripmesh.runtime.database import StorageUnavailable
 from tripmesh.runtime.postgres import PostgresServer
 from tripmesh.v1 import coordinator_pb2 as cpb
 from tripmesh.v1 import coordinator_pb2_grpc
@@ -114,6 +115,40 @@ def test_a_live_lease_keeps_others_off_and_an_expired_one_is_taken_over_and_fenc
     finally:
         a.close()
         b.close()
+
+
+def test_a_create_that_fails_at_commit_holds_no_lease_and_the_key_is_free_again(
+    server: PostgresServer,
+) -> None:
+    """The store keeps its leases beside the database: they change only with it. A create
+    whose COMMIT fails (here a deferred trigger failing as a server shutting down would;
+    in the chaos lab, the server SIGKILLed mid-commit) must not leave the trip counted as
+    held: a held trip is skipped by this coordinator's own sweep, and a trip that did
+    commit would then never be driven (database-crash, 2PC, seed 2: one trip pending for
+    good)."""
+    dsn = fresh_database(server)
+    store = PostgresTripStore(dsn, replica="a", lease=LEASE)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN RAISE EXCEPTION 'shutting down' USING ERRCODE = 'admin_shutdown';"
+                " END $$"
+            )
+            conn.execute(
+                "CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON trips"
+                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_at_commit()"
+            )
+        with pytest.raises(StorageUnavailable, match="while committing"):
+            asyncio.run(store.create(_request("commit-lost")))
+        assert store._held == {}  # nothing of a create that did not commit
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER fail_at_commit ON trips")
+        trip, replayed = asyncio.run(store.create(_request("commit-lost")))
+        assert not replayed
+        assert store._held == {trip.trip_id: 1}
+    finally:
+        store.close()
 
 
 def test_a_coordinator_restarted_under_its_name_takes_its_trips_back_at_once(

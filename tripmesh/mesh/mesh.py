@@ -57,12 +57,11 @@ from tripmesh.runtime import auth, tls
 from tripmesh.runtime.postgres import PostgresError, PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = (TOXIPROXY, BROKER, *PARTICIPANTS, COORDINATOR)  # start order; stopped in reverse
 
 
 def order(layout: Layout) -> list[str]:
-    """The processes of a mesh in start order (stopped in reverse): ORDER, with the
-    PostgreSQL server before the services and every coordinator last."""
+    """The processes of a mesh in start order (stopped in reverse): Toxiproxy, the
+    PostgreSQL server (STORE=postgres), the broker, the services, every coordinator."""
     first = [TOXIPROXY, *([POSTGRES] if layout.store == "postgres" else []), BROKER]
     return [*first, *PARTICIPANTS, *layout.coordinator_names]
 

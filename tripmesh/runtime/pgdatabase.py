@@ -265,22 +265,42 @@ class PostgresDatabase:
         """Run `work` on the loop and wait for it (from any thread but the loop's)."""
         return self.submit(work).result()
 
-    async def call(self, job: Job[T], how: How, *, key: str | None = None) -> T:
+    async def call(
+        self,
+        job: Job[T],
+        how: How,
+        *,
+        key: str | None = None,
+        committed: Callable[[T], object] | None = None,
+    ) -> T:
         """`job` in one transaction (see `How`), from any event loop; calls naming the same
-        `key` run one at a time, in the order they were made."""
-        return await asyncio.wrap_future(self.submit(self.transaction(job, how, key)))
+        `key` run one at a time, in the order they were made. `committed(result)` runs on
+        the database's loop once the transaction has committed, and only then (not when
+        it rolled back, nor when the connection was lost while committing): state kept
+        beside the database changes only with it."""
+        work = self.transaction(job, how, key, committed)
+        return await asyncio.wrap_future(self.submit(work))
 
     def call_blocking(self, job: Job[T], how: How) -> T:
         """`call`, waited for by a thread that is not on an event loop (a metrics scrape)."""
         return self.blocking(self.transaction(job, how, None))
 
-    async def transaction(self, job: Job[T], how: How, key: str | None) -> T:
+    async def transaction(
+        self,
+        job: Job[T],
+        how: How,
+        key: str | None,
+        committed: Callable[[T], object] | None = None,
+    ) -> T:
         """`call`'s work, awaited on the database's own loop."""
         call = asyncio.current_task()
         assert call is not None
         self._calls.add(call)
         try:
-            return await self._run(job, how, key)
+            result = await self._run(job, how, key)
+            if committed is not None:
+                committed(result)
+            return result
         finally:
             self._calls.discard(call)
 

@@ -3,7 +3,8 @@ for several coordinators sharing one trip log.
 
 `PostgresServer` runs Debian's (or any PATH's) `initdb` and `postgres` on a
 data folder of its own: trust authentication for the `tripmesh` superuser,
-listening on 127.0.0.1 only (and on a unix socket inside the data folder),
+listening on TCP at 127.0.0.1 only (no unix socket: a data folder deep in a run's
+folder would make its path too long for one, and every client dials TCP),
 with `fsync=on` and `synchronous_commit=on`, so that a commit that returned is
 on disk. The server's log is `postgres.log` in the data folder.
 
@@ -42,8 +43,6 @@ LOG_NAME = "postgres.log"
 # Who runs the server when we are root (Debian's names for the unprivileged account).
 UNPRIVILEGED_USER, UNPRIVILEGED_GROUP = "nobody", "nogroup"
 _PROGRAMS = ("initdb", "pg_ctl", "postgres")
-# sockaddr_un's sun_path on Linux, its terminating NUL included.
-_SOCKET_PATH_MAX = 108
 
 
 class PostgresError(RuntimeError):
@@ -138,12 +137,7 @@ class PostgresServer:
 
     def argv(self, port: int) -> list[str]:
         """The command that runs this server on 127.0.0.1:`port` in the foreground (as
-        `start` does, or a supervisor): durable commits, its socket in the data folder."""
-        socket_path = self.data_dir / f".s.PGSQL.{port}"
-        if len(str(socket_path).encode()) >= _SOCKET_PATH_MAX:
-            raise PostgresError(
-                f"{socket_path} is too long for a unix socket: use a shorter data folder"
-            )
+        `start` does, or a supervisor): durable commits, TCP only."""
         return [
             str(self.binaries.postgres),
             "-D",
@@ -153,7 +147,7 @@ class PostgresServer:
             "-c",
             "listen_addresses=127.0.0.1",
             "-c",
-            f"unix_socket_directories={self.data_dir}",
+            "unix_socket_directories=",  # none: TCP only
             # Acknowledged means committed: the WAL is flushed before a commit returns.
             "-c",
             "fsync=on",
