@@ -41,6 +41,7 @@ from loadtest.meshes import isolated_mesh, running_mesh
 from loadtest.progress import Progress, seconds
 from loadtest.tally import judge, merge_tallies
 from loadtest.trips import CHOICES, peak_catalog
+from tripmesh.mesh.layout import free_port
 from tripmesh.mesh.mesh import ROOT
 from tripmesh.runtime import tls
 
@@ -77,9 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.workers < 0:
         p.error("--workers: must be 0 or more")
     if args.workers:
-        from tripmesh.mesh.layout import free_port
-
-        args.master_port = free_port()
+        args.master_port = free_port()  # where the workers find the master
     return args
 
 

@@ -288,7 +288,9 @@ async def serve(config: ServiceConfig) -> None:
     failure = rpc.StorageFailure()
     store.on_failure(failure)
     await running.set_serving(True)
-    log.info("%s service serving on port %d", config.kind, running.port)
+    log.info(
+        "%s service serving on port %d, its books in %s", config.kind, running.port, store.location
+    )
     failed = False
     try:
         failed = await rpc.serve_until_signalled(running, grace=config.grace, failure=failure)

@@ -179,6 +179,8 @@ class ParticipantStore(abc.ABC):
 
 # -- the rules both backends apply: what a step does to a reservation already known --------
 _S = ReservationStatus
+#: A tombstone's reason: given back before it was ever taken (a late take is refused).
+TOMBSTONE = "aborted before it was requested"
 
 
 def replay_take(existing: Reservation, hold: Hold, protocol: Protocol) -> StepResult:
@@ -193,7 +195,7 @@ def replay_take(existing: Reservation, hold: Hold, protocol: Protocol) -> StepRe
     if existing.status.column is not None:  # held, pre-committed or confirmed
         return StepResult(True, "", existing)
     if existing.status in (_S.RELEASED, _S.CANCELLED):
-        return StepResult(False, existing.reason or "aborted before it was requested", existing)
+        return StepResult(False, existing.reason or TOMBSTONE, existing)
     return StepResult(False, existing.reason, existing)  # REFUSED: same answer again
 
 
@@ -260,10 +262,6 @@ def to_pre_commit(existing: Reservation) -> bool:
 def given_back_status(protocol: Protocol) -> ReservationStatus:
     """What Abort (2PC, 3PC) or Cancel (saga) leaves: released or cancelled."""
     return _S.RELEASED if protocol.holds_first else _S.CANCELLED
-
-
-#: A tombstone's reason: given back before it was ever taken (a late take is refused).
-TOMBSTONE = "aborted before it was requested"
 
 
 def given_back_already(existing: Reservation, protocol: Protocol) -> bool:
