@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tripmesh.runtime.names import TRIP_STATUS_NAMES
+from tripmesh.runtime.names import TRIP_STATUS_NAMES as STATUS
 from tripmesh.v1 import coordinator_pb2 as pb
-
-STATUS = TRIP_STATUS_NAMES
 
 
 class TripTally:

@@ -259,6 +259,26 @@ def to_pre_commit(existing: Reservation) -> bool:
     return True
 
 
+#: Why a 3PC yes vote that heard no PreCommit in time was released.
+NO_PRE_COMMIT = "3PC time-out: no PreCommit after a yes vote"
+
+
+def timed_out(
+    found: Reservation, waiting_since: float, pre_committed_since: float
+) -> tuple[Hold, str, ReservationStatus, str | None] | None:
+    """3PC's own decision for one hold, if its time-out is due: (its hold, the column its
+    units go to, its new status, the reason to write). A yes vote that heard no PreCommit
+    since `waiting_since` aborts; a pre-commit that heard nothing more since
+    `pre_committed_since` commits. None: not due (something came first)."""
+    if found.hold is None or found.protocol is not Protocol.THREE_PHASE_COMMIT:
+        return None
+    if found.status is _S.HELD and found.updated_at <= waiting_since:
+        return found.hold, "available", _S.RELEASED, NO_PRE_COMMIT
+    if found.status is _S.PRE_COMMITTED and found.updated_at <= pre_committed_since:
+        return found.hold, "confirmed", _S.CONFIRMED, None
+    return None
+
+
 def given_back_status(protocol: Protocol) -> ReservationStatus:
     """What Abort (2PC, 3PC) or Cancel (saga) leaves: released or cancelled."""
     return _S.RELEASED if protocol.holds_first else _S.CANCELLED

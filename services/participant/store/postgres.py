@@ -65,6 +65,7 @@ from services.participant.store import (
     row_to_reservation,
     sold_out,
     taken_status,
+    timed_out,
     to_commit,
     to_confirm,
     to_give_back,
@@ -543,18 +544,12 @@ async def _settle_one(
 ) -> Reservation | None:
     """One 3PC hold's own time-out, if it is still due (else None: something came first)."""
     found = await _load(conn, reservation_id)
-    if found is None or found.hold is None:
+    due = None if found is None else timed_out(found, waiting_since, pre_committed_since)
+    if found is None or due is None:
         return None
-    if found.status is _S.HELD and found.updated_at <= waiting_since:
-        # Voted yes, no PreCommit: abort on our own.
-        await _move(conn, found.hold, "held", "available")
-        why = "3PC time-out: no PreCommit after a yes vote"
-        return await _set_status(conn, found, _S.RELEASED, "timeout", reason=why)
-    if found.status is _S.PRE_COMMITTED and found.updated_at <= pre_committed_since:
-        # Pre-committed, nothing more: commit on our own.
-        await _move(conn, found.hold, "held", "confirmed")
-        return await _set_status(conn, found, _S.CONFIRMED, "timeout")
-    return None
+    hold, target, status, reason = due
+    await _move(conn, hold, "held", target)
+    return await _set_status(conn, found, status, "timeout", reason=reason)
 
 
 async def _give_back(

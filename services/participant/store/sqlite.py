@@ -40,6 +40,7 @@ from services.participant.store import (
     row_to_reservation,
     sold_out,
     taken_status,
+    timed_out,
     to_commit,
     to_confirm,
     to_give_back,
@@ -396,14 +397,11 @@ def _settle_timed_out(
     ).fetchall()
     for row in rows:
         found = row_to_reservation(row)
-        assert found.hold is not None
-        if found.status is _S.HELD:  # voted yes, no PreCommit: abort on our own
-            _move(conn, found.hold, "held", "available")
-            why = "3PC time-out: no PreCommit after a yes vote"
-            settled.append(_set_status(conn, found, _S.RELEASED, "timeout", reason=why))
-        else:  # pre-committed, nothing more: commit on our own
-            _move(conn, found.hold, "held", "confirmed")
-            settled.append(_set_status(conn, found, _S.CONFIRMED, "timeout"))
+        due = timed_out(found, waiting_since, pre_committed_since)
+        assert due is not None  # the query asked for exactly these
+        hold, target, status, reason = due
+        _move(conn, hold, "held", target)
+        settled.append(_set_status(conn, found, status, "timeout", reason=reason))
     return settled
 
 
