@@ -23,6 +23,7 @@ import pytest
 from tests.books import eventually
 from tests.e2e.conftest import RunningMesh
 from tests.procs import ROOT
+from tripmesh.mesh.layout import free_port
 from tripmesh.v1 import coordinator_pb2 as cpb
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +42,7 @@ def _no_trip_pending(mesh: RunningMesh) -> None:
 
 
 def _locust(
-    mesh: RunningMesh, folder: Path, protocol: str, *flags: str
+    mesh: RunningMesh, folder: Path, protocol: str, *flags: str, host: str = ""
 ) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable,
@@ -52,7 +53,7 @@ def _locust(
         "--headless",
         "--only-summary",
         "--host",
-        mesh.client_address,
+        host or mesh.client_address,
         "--users",
         "4",
         "--spawn-rate",
@@ -130,11 +131,16 @@ def test_locust_books_trips_through_the_mesh(
 def test_a_load_run_fails_when_too_many_trips_fail(
     running_mesh: RunningMesh, tmp_path: Path
 ) -> None:
-    # A deadline no BookTrip can meet: every attempt times out, no trip is booked.
-    done = _locust(running_mesh, tmp_path, "saga", "--deadline", "0.0001")
+    # A coordinator address where nothing listens: every attempt is refused
+    # (UNAVAILABLE, retried, then given up), so no trip is booked. (A deadline too
+    # short to meet is not enough: under load the client may see the answer first.)
+    nowhere = f"127.0.0.1:{free_port()}"
+    done = _locust(running_mesh, tmp_path, "saga", host=nowhere)
     assert done.returncode == 1, done.stdout + done.stderr
     trips = json.loads((tmp_path / "trips.json").read_text())
+    assert trips["trips"] > 0 and trips["failed"] == trips["trips"], trips
     assert trips["failure_ratio"] > trips["max_failure_ratio"] and not trips["passed"]
+    assert all("not booked (UNAVAILABLE)" in name for name in trips["rows"]), trips["rows"]
     assert "FAILED" in done.stdout + done.stderr
 
 
