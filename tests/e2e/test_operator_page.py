@@ -86,10 +86,12 @@ def shown_counts(page: Page) -> dict[str, int]:
 
 
 def shown_trips(page: Page, status: str = "", protocol: str = "") -> list[str]:
-    """The trip ids listed, once the list has loaded for these filters."""
+    """The trip ids listed, once the list has loaded for these filters (and no search:
+    a list still showing the last search's rows is not this one)."""
     page.wait_for_selector(
         f'[data-testid="trips-table"][data-state="ready"]'
         f'[data-filter-status="{status}"][data-filter-protocol="{protocol}"]'
+        '[data-filter-q=""][data-filter-since=""][data-filter-until=""]'
     )
     rows = page.get_by_test_id("trip-row")
     ids: list[str] = rows.evaluate_all("rows => rows.map(r => r.dataset.tripId)")
