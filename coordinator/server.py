@@ -260,7 +260,7 @@ class CoordinatorConfig:
 def _guard(
     credentials: auth.Credentials | None, service: str, *, peers: tuple[str, ...] = ()
 ) -> list[auth.Guard]:
-    """The interceptor that lets only holders of `credentials` call `service`."""
+    """The guard that lets only holders of `credentials` call `service`."""
     if credentials is None:
         log.warning("no %s: %s is open to anyone who reaches its plane", auth.SECRETS, service)
         return []
@@ -365,7 +365,7 @@ async def serve(config: CoordinatorConfig) -> None:
                     names["Decisions"].full_name,
                 )
             ],
-            interceptors=_guard(
+            guards=_guard(
                 auth.mesh_credentials(config.data_dir),
                 names["Decisions"].full_name,
                 peers=PARTICIPANTS if identity is not None else (),
@@ -384,7 +384,7 @@ async def serve(config: CoordinatorConfig) -> None:
                         names["Operator"].full_name,
                     )
                 ],
-                interceptors=_guard(operators, names["Operator"].full_name),
+                guards=_guard(operators, names["Operator"].full_name),
                 credentials=tls_with(False),
             )
         )

@@ -7,7 +7,7 @@ every hop through Toxiproxy, no toxics, SQLite with synchronous=FULL), seeded
 with a catalog that never sells out (`loadtest.trips.bench_catalog`):
 
 1. the ceiling: `loadtest.echo` (the same grpc.aio server, options and
-   interceptors as the mesh's servers; the RPC is health Check) behind its own
+   handler wrappers as the mesh's servers; the RPC is health Check) behind its own
    Toxiproxy proxy, in RPCs/s, at each concurrency;
 2. saga trips/s and p50/p99 at concurrency 1, 16, 64, 256 (closed loop: each
    of `c` workers books its next trip when the last one returns CONFIRMED);

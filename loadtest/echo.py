@@ -3,7 +3,7 @@
     python -m loadtest.echo --listen 127.0.0.1:0
 
 `tripmesh.runtime.rpc.start_server` with no service of its own: the same
-grpc.aio server, options and interceptors (CallGuard) as the coordinator and
+grpc.aio server, options and handler wrappers (CallGuard) as the coordinator and
 the services, and the standard health service they all register. The "echo" is
 `grpc.health.v1.Health/Check`: a tiny request, a tiny reply, no work between.
 It prints the bound port on its first line of output.

@@ -253,7 +253,7 @@ async def serve(config: ServiceConfig) -> None:
     running = await rpc.start_server(
         config.listen,
         [participant, _search_service(config.kind, store)],
-        interceptors=guards,
+        guards=guards,
         credentials=None
         if identity is None
         else identity.server_credentials(require_client_certificate=True),

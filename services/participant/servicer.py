@@ -6,6 +6,7 @@ import logging
 from typing import Protocol
 
 import grpc
+from prometheus_client.metrics import Counter as CounterChild
 
 from services.participant.convert import (
     hold_from_proto,
@@ -68,6 +69,12 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self.store = store
         self.unit = unit
         self.metrics = metrics or ParticipantMetrics(store.kind, store.units)
+        # Each counter's child by its labels, looked up once (labels() locks and hashes).
+        self._steps: dict[tuple[str, str], CounterChild] = {}
+        self._votes = {
+            accepted: self.metrics.votes.labels(store.kind, "yes" if accepted else "no")
+            for accepted in (True, False)
+        }
 
     def _done(self, step: str, done: Reservation, outcome: str, detail: str = "") -> None:
         """Count the step and log a line of it (the trip id is in scope from metadata).
@@ -78,7 +85,12 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         2PC trip costs one line per participant instead of two, a 3PC trip one
         instead of three.
         """
-        self.metrics.steps.labels(self.store.kind, step, outcome).inc()
+        counter = self._steps.get((step, outcome))
+        if counter is None:
+            counter = self._steps[step, outcome] = self.metrics.steps.labels(
+                self.store.kind, step, outcome
+            )
+        counter.inc()
         level = logging.DEBUG if done.status in _ON_THE_WAY else logging.INFO
         if log.isEnabledFor(level):
             log.log(
@@ -105,7 +117,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
 
     def _vote(self, step: str, result: StepResult) -> pb.Vote:
         """Count and log a 2PC or 3PC vote; the vote to answer."""
-        self.metrics.votes.labels(self.store.kind, "yes" if result.accepted else "no").inc()
+        self._votes[result.accepted].inc()
         outcome = "voted yes" if result.accepted else "voted no"
         self._done(step, result.reservation, outcome, result.reason)
         return pb.VOTE_YES if result.accepted else pb.VOTE_NO

@@ -212,6 +212,32 @@ def test_a_process_given_a_log_file_writes_it_itself_rotated(
     )
 
 
+def test_the_log_rolls_over_before_a_line_would_pass_its_size_and_loses_none(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "coordinator.log"
+    path.write_text("x" * 100 + "\n")  # a log already there: its size counts
+    handler = logs.RotatingLog(str(path), max_bytes=1000, keep=2)
+    handler.setFormatter(logs.JsonFormatter("coordinator"))
+    logger = logging.getLogger("test.rotation")
+    logger.propagate, logger.handlers[:] = False, [handler]
+    logger.setLevel(logging.INFO)
+    try:
+        for n in range(40):
+            logger.info("line %02d", n)
+    finally:
+        handler.close()
+    files = [path, path.with_name("coordinator.log.1"), path.with_name("coordinator.log.2")]
+    assert all(f.exists() for f in files)
+    assert not path.with_name("coordinator.log.3").exists()  # two old files kept
+    assert all(f.stat().st_size < 1000 for f in files)
+    # The newest 40 lines, none split or lost, in order, across the files kept.
+    lines = [line for f in reversed(files) for line in f.read_text().splitlines()]
+    messages = [json.loads(line)["msg"] for line in lines if line.startswith("{")]
+    assert messages == [f"line {n:02d}" for n in range(40 - len(messages), 40)]
+    assert len(messages) >= 12  # three files of about six lines each
+
+
 def test_several_addresses_make_one_balanced_target_with_health_checking() -> None:
     assert rpc.target("127.0.0.1:15050") == "127.0.0.1:15050"
     assert rpc.channel_options("127.0.0.1:15050") == []

@@ -69,6 +69,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class RotatingLog(logging.handlers.RotatingFileHandler):
+    """logging's RotatingFileHandler, each line formatted once and the size kept here.
+
+    The standard one, before every line, formats the record a first time to
+    measure it, asks the file system twice whether the file is still a regular
+    file, and seeks to its end. This one counts what it wrote (JSON lines are
+    ASCII: characters are bytes) and rolls over when the next line would pass
+    `maxBytes`, as the standard one does. Every line is flushed as it is
+    written, so a killed process loses none it logged.
+    """
+
+    def __init__(self, path: str, *, max_bytes: int, keep: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=keep, encoding="utf-8")
+        self._size = os.path.getsize(path)  # a log already there: appended to
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            if self._size and self._size + len(line) >= self.maxBytes:
+                self.doRollover()
+                self._size = 0
+            stream = self.stream
+            if stream is None:  # closed, or rolled over with delay: open it again
+                stream = self.stream = self._open()
+            stream.write(line)
+            stream.flush()
+            self._size += len(line)
+        except Exception:  # noqa: BLE001 - as logging's own handlers do: never raise
+            self.handleError(record)
+
+
 LOG_FILE_VARIABLE = "TRIPMESH_LOG_FILE"
 ROTATE_BYTES = 50 * 1024 * 1024
 ROTATE_KEEP = 3
@@ -79,9 +110,7 @@ def configure(process_name: str, level: str = "INFO") -> None:
     path = os.environ.get(LOG_FILE_VARIABLE, "")
     handler: logging.Handler
     if path:
-        handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8"
-        )
+        handler = RotatingLog(path, max_bytes=ROTATE_BYTES, keep=ROTATE_KEEP)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(process_name))

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,7 +32,7 @@ from google.protobuf import any_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from tripmesh.runtime import logs
@@ -162,29 +162,76 @@ def timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-class MethodWrapper(grpc.aio.ServerInterceptor):
-    """An interceptor that wraps each method's handler once, the first time it is called."""
+class MethodWrapper:
+    """Wraps each method's handler once, when the server registers it (see `start_server`).
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+    What an interceptor would do around every call, without one: grpc.aio runs
+    a server interceptor's `intercept_service` (a coroutine, and a continuation)
+    on every call before it finds the handler; a wrapped handler costs nothing
+    until its own code runs.
+    """
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler to serve `method` with (`handler`, to leave it as it is)."""
         raise NotImplementedError
 
-    async def intercept_service(
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A registered generic handler whose method handlers are wrapped, each the first time
+    it is asked for (an unknown method stays None: grpc answers UNIMPLEMENTED)."""
+
+    def __init__(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+        inner: grpc.GenericRpcHandler,
+        wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler],
+    ) -> None:
+        self._inner = inner
+        self._wrap = wrap
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if method in self._wrapped:
+        try:
             return self._wrapped[method]
-        handler = await continuation(handler_call_details)
-        # An unknown method stays None: grpc answers UNIMPLEMENTED.
-        wrapped = None if handler is None else self.wrap(method, handler)
-        self._wrapped[method] = wrapped
+        except KeyError:
+            pass
+        handler = self._inner.service(handler_call_details)
+        wrapped = None if handler is None else self._wrap(method, handler)
+        if len(self._wrapped) < _MAX_METHODS:  # a caller may send any method name
+            self._wrapped[method] = wrapped
         return wrapped
+
+
+_MAX_METHODS = 1000
+
+
+class _Registrar:
+    """What the generated `add_*_to_server` functions and reflection are given as the server:
+    each handler they register reaches the real server wrapped by `wrappers` (the first
+    outermost)."""
+
+    def __init__(self, server: grpc.aio.Server, wrappers: Sequence[MethodWrapper]) -> None:
+        self._server = server
+        self._wrappers = tuple(reversed(wrappers))
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        for wrapper in self._wrappers:
+            handler = wrapper.wrap(method, handler)
+        return handler
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGeneric(handler, self._wrap) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {m: self._wrap(f"/{service}/{m}", h) for m, h in handlers.items()}
+        )
 
 
 class CallGuard(MethodWrapper):
@@ -284,17 +331,19 @@ async def start_server(
     address: str,
     services: Sequence[Service],
     *,
-    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    guards: Iterable[MethodWrapper] = (),
     credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
     """Start a server on `address` ("127.0.0.1:0" for a free port) and return it;
     TLS only when given `credentials` (tripmesh.runtime.tls).
 
+    Every method's handler is wrapped once as it is registered: `CallGuard`
+    outermost, then `guards` in order (who may call what: auth.Guard).
+
     Health reports NOT_SERVING until the caller says `set_serving(True)`, so a
     process can finish its start-up work (recovery) before it takes traffic.
     """
     server = grpc.aio.server(
-        interceptors=[CallGuard(), *interceptors],
         options=[
             ("grpc.so_reuseport", 0),
             # Accept the keepalive pings our own channels send (see `channel`),
@@ -304,13 +353,17 @@ async def start_server(
             ("grpc.http2.max_ping_strikes", 0),
         ],
     )
+    registrar: Any = _Registrar(server, [CallGuard(), *guards])
     health_servicer = Health()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     for service in services:
-        service.add_to_server(service.servicer, server)
+        service.add_to_server(service.servicer, registrar)
     names = tuple(s.full_name for s in services)
-    reflection.enable_server_reflection(
-        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    # reflection.enable_server_reflection, for an asyncio server (which it tells by the
+    # server's type, and the registrar is not one).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer((*names, health.SERVICE_NAME, reflection.SERVICE_NAME)),
+        registrar,
     )
     if credentials is None:
         port = server.add_insecure_port(address)
