@@ -116,16 +116,23 @@ class TripRequest:
     semantic_lock: bool = False
 
     def leg(self, kind: LegKind) -> LegRequest:
-        return {LegKind.FLIGHT: self.flight, LegKind.HOTEL: self.hotel, LegKind.CAR: self.car}[kind]
+        if kind is LegKind.FLIGHT:
+            return self.flight
+        return self.hotel if kind is LegKind.HOTEL else self.car
 
     def fingerprint(self) -> str:
         """A hash of everything but the key: the same key with another fingerprint is a conflict."""
-        body = self._body()
-        body.pop("idempotency_key")
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return self.fingerprint_and_json()[0]
 
     def to_json(self) -> str:
         return json.dumps(self._body(), sort_keys=True)
+
+    def fingerprint_and_json(self) -> tuple[str, str]:
+        """`fingerprint()` and `to_json()` at once (what a trip's creation writes)."""
+        body = self._body()
+        text = json.dumps(body, sort_keys=True)
+        body.pop("idempotency_key")
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), text
 
     def _body(self) -> dict[str, object]:
         # By hand rather than dataclasses.asdict, which is slow for the hot path.
@@ -181,7 +188,10 @@ class Trip:
         return self.request.protocol
 
     def leg(self, kind: LegKind) -> Leg:
-        return next(leg for leg in self.legs if leg.kind is kind)
+        for leg in self.legs:
+            if leg.kind is kind:
+                return leg
+        raise KeyError(kind)
 
 
 @dataclass(frozen=True)

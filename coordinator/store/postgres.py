@@ -205,7 +205,7 @@ class PostgresTripStore(TripStore):
     # -- writes ------------------------------------------------------------------
     async def create(self, request: TripRequest) -> tuple[Trip, bool]:
         """A new trip is created holding its lease (fence 1): its creator drives it."""
-        fingerprint, body = request.fingerprint(), request.to_json()
+        fingerprint, body = request.fingerprint_and_json()
 
         async def job(conn: Conn) -> tuple[Trip, bool]:
             return await _create(conn, request, fingerprint, body, self._lease_of())

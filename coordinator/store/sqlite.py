@@ -126,7 +126,7 @@ class SqliteTripStore(TripStore):
 
     # -- writes ------------------------------------------------------------------
     async def create(self, request: TripRequest) -> tuple[Trip, bool]:
-        fingerprint, body = request.fingerprint(), request.to_json()
+        fingerprint, body = request.fingerprint_and_json()
         return await self.db.run(lambda c: _create(c, request, fingerprint, body))
 
     async def write(

@@ -64,15 +64,28 @@ def test_a_failing_job_leaves_no_trace_and_spares_its_batch(tmp_path: Path) -> N
             return_exceptions=True,
         )
 
+    async def one_at_a_time():  # each job alone in its batch
+        done = []
+        for job in (insert(3), insert_twice_then_fail, insert(4)):
+            try:
+                done.append(await db.run(job))
+            except sqlite3.IntegrityError as exc:
+                done.append(exc)
+        return done
+
     results = asyncio.run(go())
     assert results[0] == 1 and results[2] == 1
     assert isinstance(results[1], sqlite3.IntegrityError)
     rows = db.run_sync(lambda c: [r[0] for r in c.execute("SELECT x FROM t ORDER BY x")])
     assert rows == [1, 2]  # the 100 of the failed job was rolled back with it
+    alone = asyncio.run(one_at_a_time())
+    assert alone[0] == 1 and alone[2] == 1 and isinstance(alone[1], sqlite3.IntegrityError)
+    rows = db.run_sync(lambda c: [r[0] for r in c.execute("SELECT x FROM t ORDER BY x")])
+    assert rows == [1, 2, 3, 4]
     db.close()
     # Durable: a new connection sees the committed rows.
     again = Database(tmp_path / "t.db")
-    assert again.run_sync(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 2
+    assert again.run_sync(lambda c: c.execute("SELECT count(*) FROM t").fetchone()[0]) == 4
     again.close()
 
 

@@ -248,24 +248,33 @@ class Database:
     def _commit_batch(self, batch: list[tuple[Job, Reply]]) -> None:
         outcomes: list[Outcome] = []
         conn = self._conn
+        # A job alone in its batch needs no savepoint: if it fails, the transaction is
+        # rolled back whole.
+        alone = len(batch) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job, reply in batch:
                 if not _start(reply):
                     continue  # its caller gave up before it began
-                conn.execute("SAVEPOINT job")
+                if not alone:
+                    conn.execute("SAVEPOINT job")
                 try:
                     result = job(conn)
                 except Exception as exc:  # noqa: BLE001 - the job's own failure: undo only its writes
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
+                    if alone:
+                        conn.execute("ROLLBACK")
+                    else:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
                     if isinstance(exc, sqlite3.Error):
                         exc = storage_error(exc, self.path) or exc
                     outcomes.append((reply, None, exc))
                 else:
-                    conn.execute("RELEASE job")
+                    if not alone:
+                        conn.execute("RELEASE job")
                     outcomes.append((reply, result, None))
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:  # the batch could not be committed: nobody succeeded
             log.error("sqlite batch failed on %s: %s", self.path, exc)
             if conn.in_transaction:

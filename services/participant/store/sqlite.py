@@ -311,9 +311,8 @@ def _take(
     if existing is not None:
         return replay_take(existing, hold, protocol)
 
-    price = _price(conn, kind, hold)
     dates = hold.dates
-    least = _least_available(conn, kind, hold, dates)
+    price, least = _price_and_least_available(conn, kind, hold, dates)
     status = taken_status(protocol, pending=pending)
     target = status.column
     assert target is not None
@@ -469,22 +468,20 @@ def _set_status(
     return _load_required(conn, existing.reservation_id)
 
 
-def _price(conn: sqlite3.Connection, kind: str, hold: Hold) -> int:
+def _price_and_least_available(
+    conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[str]
+) -> tuple[int, int]:
+    """The hold's price, and the fewest units available on any of `dates` (one query);
+    refuses an unknown resource, and a date not on sale."""
     row = conn.execute(
-        "SELECT price_cents FROM resources WHERE resource_id = ?", (hold.resource_id,)
+        "SELECT r.price_cents, count(i.day), min(i.available) FROM resources r"
+        " LEFT JOIN inventory i ON i.resource_id = r.resource_id AND i.day >= ? AND i.day <= ?"
+        " WHERE r.resource_id = ?",
+        (dates[0], dates[-1], hold.resource_id),
     ).fetchone()
-    if row is None:
+    price_cents, count, least = row
+    if price_cents is None:
         raise not_found(f"unknown {kind} {quote(hold.resource_id)}", "hold.resource_id")
-    return int(row["price_cents"]) * hold.days * hold.quantity
-
-
-def _least_available(conn: sqlite3.Connection, kind: str, hold: Hold, dates: list[str]) -> int:
-    """The fewest units available on any of `dates`; refuses a date not on sale."""
-    count, least = conn.execute(
-        "SELECT count(*), min(available) FROM inventory"
-        " WHERE resource_id = ? AND day >= ? AND day <= ?",
-        (hold.resource_id, dates[0], dates[-1]),
-    ).fetchone()
     if count != len(dates):
         raise ParticipantError.invalid(
             FieldViolation(
@@ -493,7 +490,7 @@ def _least_available(conn: sqlite3.Connection, kind: str, hold: Hold, dates: lis
                 f" from {dates[0]} to {dates[-1]}",
             )
         )
-    return int(least)
+    return int(price_cents) * hold.days * hold.quantity, int(least)
 
 
 def _load_required(conn: sqlite3.Connection, reservation_id: str) -> Reservation:
