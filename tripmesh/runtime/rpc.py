@@ -176,6 +176,10 @@ class MethodWrapper:
         raise NotImplementedError
 
 
+# The most method names a server remembers the handler of (a caller may send any name).
+_MAX_METHODS = 1000
+
+
 class _WrappedGeneric(grpc.GenericRpcHandler):
     """A registered generic handler whose method handlers are wrapped, each the first time
     it is asked for (an unknown method stays None: grpc answers UNIMPLEMENTED)."""
@@ -199,12 +203,9 @@ class _WrappedGeneric(grpc.GenericRpcHandler):
             pass
         handler = self._inner.service(handler_call_details)
         wrapped = None if handler is None else self._wrap(method, handler)
-        if len(self._wrapped) < _MAX_METHODS:  # a caller may send any method name
+        if len(self._wrapped) < _MAX_METHODS:
             self._wrapped[method] = wrapped
         return wrapped
-
-
-_MAX_METHODS = 1000
 
 
 class _Registrar:
