@@ -22,13 +22,13 @@ from typing import TypeVar
 
 import grpc
 from prometheus_client.metrics import Counter as CounterChild
-from prometheus_client.metrics import Histogram as HistogramChild
 
 from coordinator.domain import CoordinatorError, LegKind, LegRequest
 from coordinator.metrics import CoordinatorMetrics
 from tripmesh.runtime import auth, logs, rpc
 from tripmesh.runtime.errors import ErrorKind
 from tripmesh.runtime.names import RESERVATION_STATUS_NAMES, TAKING_RESERVATION_STATUSES
+from tripmesh.runtime.prometheus import Children
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
 
@@ -204,16 +204,11 @@ class ParticipantClient(Participant):
         self._credentials = auth.bearer(token) if token else ()
         self.metrics = metrics or CoordinatorMetrics()
         self._stub = participant_pb2_grpc.ParticipantStub(channel)
-        # The duration histogram of each method, looked up once (labels() locks and hashes).
-        self._durations: dict[str, HistogramChild] = {}
+        self._durations = Children(self.metrics.step_duration)
 
     async def _call(self, method: str, request: object) -> object:
         step = method.lower()
-        duration = self._durations.get(method)
-        if duration is None:
-            duration = self._durations[method] = self.metrics.step_duration.labels(
-                self.kind.value, step
-            )
+        duration = self._durations(self.kind.value, step)
         started = time.perf_counter()
         try:
             return await getattr(self._stub, method)(

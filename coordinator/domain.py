@@ -102,6 +102,12 @@ class LegRequest:
     quantity: int
 
 
+def _fingerprint(body: dict[str, object]) -> str:
+    """The hash of a request's body without its idempotency key."""
+    keyless = {k: v for k, v in body.items() if k != "idempotency_key"}
+    return hashlib.sha256(json.dumps(keyless, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class TripRequest:
     """A validated BookTrip request."""
@@ -122,17 +128,15 @@ class TripRequest:
 
     def fingerprint(self) -> str:
         """A hash of everything but the key: the same key with another fingerprint is a conflict."""
-        return self.fingerprint_and_json()[0]
+        return _fingerprint(self._body())
 
     def to_json(self) -> str:
         return json.dumps(self._body(), sort_keys=True)
 
     def fingerprint_and_json(self) -> tuple[str, str]:
-        """`fingerprint()` and `to_json()` at once (what a trip's creation writes)."""
+        """`fingerprint()` and `to_json()` from one body (what a trip's creation writes)."""
         body = self._body()
-        text = json.dumps(body, sort_keys=True)
-        body.pop("idempotency_key")
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(), text
+        return _fingerprint(body), json.dumps(body, sort_keys=True)
 
     def _body(self) -> dict[str, object]:
         # By hand rather than dataclasses.asdict, which is slow for the hot path.

@@ -6,13 +6,12 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.metrics import Counter as CounterChild
-
 from coordinator.clients import Participants, RetryPolicy
 from coordinator.domain import Decision, Protocol, Trip, TripEvent, TripStatus
 from coordinator.journal import TripJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.store import TripStore
+from tripmesh.runtime.prometheus import Children
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,7 @@ class TripEngine(abc.ABC):
         self.participants = participants
         self.policies = policies
         self.metrics = metrics or CoordinatorMetrics()
-        # The retry counter of each (leg, step), looked up once (labels() locks and hashes).
-        self._retries: dict[tuple[str, str], CounterChild] = {}
+        self._retries = Children(self.metrics.retries)
 
     def watch(self, journal: TripJournal, leg: str, step: str) -> dict[str, Any]:
         """`retry` keywords: count the step's retries, and write them in the trip's timeline.
@@ -57,10 +55,7 @@ class TripEngine(abc.ABC):
         async def note(message: str) -> object:
             return await journal.write(TripEvent("retry", leg, f"{step} {message}"))
 
-        retries = self._retries.get((leg, step))
-        if retries is None:
-            retries = self._retries[leg, step] = self.metrics.retries.labels(leg, step)
-        return {"retries": retries, "note": note}
+        return {"retries": self._retries(leg, step), "note": note}
 
     @abc.abstractmethod
     async def book(self, trip: Trip) -> Trip:

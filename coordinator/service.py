@@ -13,9 +13,6 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 
-from prometheus_client.metrics import Counter as CounterChild
-from prometheus_client.metrics import Histogram
-
 from coordinator.catalog import Catalog
 from coordinator.domain import CoordinatorError, Decision, Protocol, Trip, TripRequest, TripStatus
 from coordinator.engine import TripEngine
@@ -24,6 +21,7 @@ from coordinator.store import LeaseLost, TripStore
 from tripmesh.runtime import logs
 from tripmesh.runtime.errors import ErrorKind, FieldViolation
 from tripmesh.runtime.fields import quote
+from tripmesh.runtime.prometheus import Children
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +50,9 @@ class TripService:
         self._creating: set[str] = set()
         self._recovery_slots = asyncio.Semaphore(recovery_concurrency)
         self.last_recovery_seconds: float | None = None
-        # Metric children by their labels, looked up once (labels() locks and hashes).
-        self._started_metrics: dict[Protocol, CounterChild] = {}
-        self._finished_metrics: dict[
-            tuple[Protocol, TripStatus], tuple[CounterChild, Histogram]
-        ] = {}
+        self._started = Children(self.metrics.trips_started)
+        self._finished_count = Children(self.metrics.trips_finished)
+        self._duration = Children(self.metrics.trip_duration)
 
     async def book(
         self, request: TripRequest, *, wait: float, correlation_id: str = ""
@@ -87,12 +83,7 @@ class TripService:
             trip, replayed = await self.store.create(request)
             logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
             if not replayed:
-                started = self._started_metrics.get(trip.protocol)
-                if started is None:
-                    started = self._started_metrics[trip.protocol] = (
-                        self.metrics.trips_started.labels(trip.protocol.value)
-                    )
-                started.inc()
+                self._started(trip.protocol.value).inc()
                 log.debug("trip created: %s", trip.protocol.value)  # its outcome: INFO
                 self._start(trip, recovering=False)
         finally:
@@ -167,16 +158,9 @@ class TripService:
 
     def _finished(self, trip: Trip) -> None:
         if trip.status.terminal or trip.status is TripStatus.NEEDS_ATTENTION:
-            key = (trip.protocol, trip.status)
-            finished = self._finished_metrics.get(key)
-            if finished is None:
-                labels = (trip.protocol.value, trip.status.value)
-                finished = self._finished_metrics[key] = (
-                    self.metrics.trips_finished.labels(*labels),
-                    self.metrics.trip_duration.labels(*labels),
-                )
-            finished[0].inc()
-            finished[1].observe(trip.updated_at - trip.created_at)
+            protocol, status = trip.protocol.value, trip.status.value
+            self._finished_count(protocol, status).inc()
+            self._duration(protocol, status).observe(trip.updated_at - trip.created_at)
             log.info("trip %s: %s", trip.status.value, trip.failure_reason or "all legs confirmed")
 
     def is_driven(self, trip_id: str) -> bool:

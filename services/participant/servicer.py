@@ -6,7 +6,6 @@ import logging
 from typing import Protocol
 
 import grpc
-from prometheus_client.metrics import Counter as CounterChild
 
 from services.participant.convert import (
     hold_from_proto,
@@ -28,6 +27,7 @@ from tripmesh.runtime import failpoints
 from tripmesh.runtime.errors import FieldViolation
 from tripmesh.runtime.fields import check_text
 from tripmesh.runtime.paging import position_from_token
+from tripmesh.runtime.prometheus import Children
 from tripmesh.v1 import participant_pb2 as pb
 from tripmesh.v1 import participant_pb2_grpc
 
@@ -69,12 +69,8 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self.store = store
         self.unit = unit
         self.metrics = metrics or ParticipantMetrics(store.kind, store.units)
-        # Each counter's child by its labels, looked up once (labels() locks and hashes).
-        self._steps: dict[tuple[str, str], CounterChild] = {}
-        self._votes = {
-            accepted: self.metrics.votes.labels(store.kind, "yes" if accepted else "no")
-            for accepted in (True, False)
-        }
+        self._steps = Children(self.metrics.steps)
+        self._votes = Children(self.metrics.votes)
 
     def _done(self, step: str, done: Reservation, outcome: str, detail: str = "") -> None:
         """Count the step and log a line of it (the trip id is in scope from metadata).
@@ -85,12 +81,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         2PC trip costs one line per participant instead of two, a 3PC trip one
         instead of three.
         """
-        counter = self._steps.get((step, outcome))
-        if counter is None:
-            counter = self._steps[step, outcome] = self.metrics.steps.labels(
-                self.store.kind, step, outcome
-            )
-        counter.inc()
+        self._steps(self.store.kind, step, outcome).inc()
         level = logging.DEBUG if done.status in _ON_THE_WAY else logging.INFO
         if log.isEnabledFor(level):
             log.log(
@@ -117,7 +108,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
 
     def _vote(self, step: str, result: StepResult) -> pb.Vote:
         """Count and log a 2PC or 3PC vote; the vote to answer."""
-        self._votes[result.accepted].inc()
+        self._votes(self.store.kind, "yes" if result.accepted else "no").inc()
         outcome = "voted yes" if result.accepted else "voted no"
         self._done(step, result.reservation, outcome, result.reason)
         return pb.VOTE_YES if result.accepted else pb.VOTE_NO

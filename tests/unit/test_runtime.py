@@ -263,3 +263,20 @@ def test_several_addresses_make_one_balanced_target_with_health_checking() -> No
     for bad in ("db.example:1,127.0.0.1:2", "127.0.0.1:x,127.0.0.1:2", " , "):
         with pytest.raises(ValueError):
             rpc.target(bad)
+
+
+def test_a_metrics_child_looked_up_once_is_the_one_labels_gives() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from tripmesh.runtime.prometheus import Children
+
+    registry = CollectorRegistry()
+    steps = Counter("steps", "steps", ["step", "outcome"], registry=registry)
+    children = Children(steps)
+    children("reserve", "confirmed").inc()
+    children("reserve", "confirmed").inc()
+    children("reserve", "refused").inc()
+    assert children("reserve", "confirmed") is steps.labels("reserve", "confirmed")
+    value = registry.get_sample_value
+    assert value("steps_total", {"step": "reserve", "outcome": "confirmed"}) == 2
+    assert value("steps_total", {"step": "reserve", "outcome": "refused"}) == 1
