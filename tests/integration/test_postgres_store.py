@@ -41,6 +41,7 @@ from coordinator.store.sqlite import SqliteTripStore
 from tests.postgres import free_port, fresh_database, postgres_server
 from tripmesh.runtime.database import StorageUnavailable
 from tripmesh.runtime.errors import ErrorKind
+from tripmesh.runtime.pgdatabase import PostgresDatabase
 from tripmesh.runtime.postgres import PostgresServer
 from tripmesh.v1 import events_pb2 as epb
 
@@ -401,6 +402,22 @@ def test_coordinators_starting_at_once_on_an_empty_database_all_open_it(dsn: str
             store.close()
 
 
+def test_a_coordinator_starting_beside_busy_ones_waits_for_no_lock_of_theirs(dsn: str) -> None:
+    """A replica restarting under traffic finds the schema written and leaves it alone: it
+    must not queue behind (or deadlock with) live writers' table locks. Here a writer holds
+    ROW EXCLUSIVE on both tables the schema indexes, as an INSERT does until it commits."""
+    PostgresTripStore(dsn).close()
+    with psycopg.connect(dsn) as busy:
+        busy.execute("LOCK TABLE trips, idempotency_keys IN ROW EXCLUSIVE MODE")
+        with ThreadPoolExecutor(1) as pool:
+            opening = pool.submit(PostgresTripStore, dsn, min_size=1)
+            try:
+                store = opening.result(timeout=10)  # TimeoutError if it waits for the lock
+            finally:
+                busy.rollback()  # lets a blocked opening through, so the test can end
+            store.close()
+
+
 # -- reads -------------------------------------------------------------------------
 
 
@@ -742,3 +759,61 @@ def test_a_store_whose_thread_dies_fails_every_call_and_says_so(dsn: str) -> Non
         store.close()
     assert [type(cause) for cause in told] == [SystemExit]
     assert [type(cause) for cause in late] == [SystemExit]
+
+
+async def _marks_table(conn: Any) -> None:
+    await conn.execute("CREATE TABLE IF NOT EXISTS marks (n INTEGER NOT NULL)")
+
+
+async def _backend(conn: Any) -> int:
+    cur = await conn.execute("SELECT pg_backend_pid()")
+    row = await cur.fetchone()
+    return int(row[0])
+
+
+def test_a_read_refused_for_its_transactions_state_runs_again_on_another_connection(
+    dsn: str,
+) -> None:
+    """A chaos run once saw a snapshot read's SET TRANSACTION refused (the server said its
+    transaction had already run a query) and answered INTERNAL. Such a refusal (class 25)
+    is the connection's fault: it is closed, and the read runs again on a new one."""
+    db = PostgresDatabase(dsn, _marks_table, what="test database", min_size=1, max_size=1)
+    seen: list[int] = []
+
+    async def read(conn: Any) -> int:
+        seen.append(await _backend(conn))
+        if len(seen) == 1:  # the first time only: a statement its transaction refuses
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        cur = await conn.execute("SELECT count(*) FROM marks")
+        row = await cur.fetchone()
+        return int(row[0])
+
+    try:
+        assert run(db.call(read, "snapshot")) == 0
+        after = run(db.call(_backend, "statement"))
+    finally:
+        db.close()
+    first, second = seen
+    assert first != second  # the read ran again, on another connection
+    assert after == second  # and the refused one serves nobody again
+
+
+def test_a_write_refused_for_its_transactions_state_is_unavailable_and_leaves_nothing(
+    dsn: str,
+) -> None:
+    db = PostgresDatabase(dsn, _marks_table, what="test database", min_size=1, max_size=1)
+    seen: list[int] = []
+
+    async def write(conn: Any) -> None:
+        seen.append(await _backend(conn))
+        await conn.execute("INSERT INTO marks VALUES (1)")
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+
+    try:
+        with pytest.raises(StorageUnavailable, match="nothing was written"):
+            run(db.call(write, "write"))
+        after = run(db.call(_backend, "statement"))
+    finally:
+        db.close()
+    assert seen[0] != after and len(seen) == 1  # not run again; its connection replaced
+    assert _postgres_execute(dsn)("SELECT count(*) FROM marks") == [(0,)]

@@ -25,9 +25,13 @@ write their own SQL and hand it here as a job, a coroutine function of a connect
   timeout, a deadlock) raises `StorageUnavailable` (UNAVAILABLE): the transaction
   was rolled back. One case differs, and its message says so: the connection lost
   while COMMIT was in flight, when the outcome is unknown (a property of every
-  client-server database; SQLite in-process has no such window). Constraint
-  violations and SQL errors stay what they are (bugs). If the thread dies, every
-  call fails at once and `on_failure` is told.
+  client-server database; SQLite in-process has no such window). A statement the
+  server refuses for the state of the connection's transaction (SQLSTATE class 25,
+  seen once under chaos: a snapshot read whose transaction had already run a query)
+  closes that connection, logged; a read then runs once more on another, a write
+  fails with StorageUnavailable (nothing of it committed). Constraint violations and
+  SQL errors stay what they are (bugs). If the thread dies, every call fails at once
+  and `on_failure` is told.
 """
 
 from __future__ import annotations
@@ -306,24 +310,55 @@ class PostgresDatabase:
 
     async def _run(self, job: Job[T], how: How, key: str | None) -> T:
         async with self._turn(key):
-            committing = False
-            try:
-                async with self._pool.connection() as conn:
-                    if how == "statement":
-                        return await job(conn)  # autocommit: the statement is its transaction
-                    # Pipelined: statements go out without waiting for the one before; a
-                    # round trip happens only when the job reads a result, and once more
-                    # for what is left and the COMMIT.
-                    async with conn.pipeline(), conn.transaction():
-                        if how == "snapshot":
-                            await conn.execute(
-                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-                            )
-                        result = await job(conn)
-                        committing = True  # what raises from here on is the COMMIT
-                    return result
-            except UNAVAILABLE as exc:
-                raise unavailable(exc, committing=committing) from exc
+            # A read whose connection was found in a bad state runs once more, on another.
+            attempts = 1 if how == "write" else 2
+            for attempt in range(1, attempts + 1):
+                committing = False
+                try:
+                    async with self._pool.connection() as conn:
+                        try:
+                            if how == "statement":
+                                return await job(conn)  # autocommit: its own transaction
+                            # Pipelined: statements go out without waiting for the one
+                            # before; a round trip happens only when the job reads a result,
+                            # and once more for what is left and the COMMIT.
+                            async with conn.pipeline(), conn.transaction():
+                                if how == "snapshot":
+                                    # Refused (class 25) unless it is the transaction's
+                                    # first statement: no snapshot is taken inside a
+                                    # transaction already under way.
+                                    await conn.execute(
+                                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                                    )
+                                result = await job(conn)
+                                committing = True  # what raises from here on is the COMMIT
+                            return result
+                        except psycopg.Error as exc:
+                            if not _bad_transaction_state(exc):
+                                raise
+                            again = attempt < attempts
+                            await self._discard(conn, exc, again=again)
+                            if not again:
+                                # Class 25 is a refusal: nothing of the call was committed.
+                                raise unavailable(exc, committing=False) from exc
+                except UNAVAILABLE as exc:
+                    raise unavailable(exc, committing=committing) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _discard(self, conn: Conn, exc: psycopg.Error, *, again: bool) -> None:
+        """Close a connection the server found in another transaction state than its client
+        did: it must serve no other call (closed, the pool replaces it)."""
+        log.warning(
+            "%s: the connection to backend %s was in a bad transaction state (%s: %s; the"
+            " client saw %s): closed%s",
+            self.what,
+            conn.info.backend_pid,
+            exc.sqlstate,
+            str(exc).strip(),
+            conn.info.transaction_status.name,
+            ", the read runs again on another" if again else "",
+        )
+        await conn.close()
 
     @contextlib.asynccontextmanager
     async def _turn(self, key: str | None) -> AsyncIterator[None]:
@@ -349,6 +384,12 @@ class _Turn:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.users = 0
+
+
+def _bad_transaction_state(exc: psycopg.Error) -> bool:
+    """SQLSTATE class 25, "invalid transaction state": the server refused the statement for
+    the state of the connection's transaction, not for the statement itself."""
+    return (exc.sqlstate or "").startswith("25")
 
 
 def check_dsn(dsn: str, flag: str) -> None:
@@ -380,7 +421,8 @@ def unavailable(exc: psycopg.Error, *, committing: bool) -> StorageUnavailable:
 def migrate(schema: str, version: int, *, what: str, table: str) -> Job[None]:
     """A job that creates `schema` (statements separated by ';') in a new database, or checks
     that one holding `table` was written with schema `version` of `what` (else refuses it:
-    start on an empty database). Processes starting at once take turns."""
+    start on an empty database) and then changes nothing, taking no lock on its tables.
+    Processes starting at once take turns."""
 
     async def job(conn: Conn) -> None:
         async with conn.transaction():
@@ -402,6 +444,12 @@ def migrate(schema: str, version: int, *, what: str, table: str) -> Job[None]:
                     f"the {what} was written by another version of tripmesh (schema {found},"
                     f" this one reads {version}); start on an empty database"
                 )
+            if has_table:
+                # Written already (the schema and its version commit together). Its
+                # statements again would lock tables in use: CREATE INDEX IF NOT EXISTS
+                # takes its table's SHARE lock before it looks, and a replica restarting
+                # under traffic deadlocked with the live writers.
+                return
             for statement in filter(str.strip, schema.split(";")):
                 await conn.execute(statement)
             await conn.execute(
