@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -817,3 +818,23 @@ def test_a_write_refused_for_its_transactions_state_is_unavailable_and_leaves_no
         db.close()
     assert seen[0] != after and len(seen) == 1  # not run again; its connection replaced
     assert _postgres_execute(dsn)("SELECT count(*) FROM marks") == [(0,)]
+
+
+def test_the_servers_warnings_reach_the_log(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A warning is all PostgreSQL says of some confusions (a COMMIT with no transaction, a
+    BEGIN inside one): the database logs it, naming itself and the SQLSTATE."""
+    db = PostgresDatabase(dsn, _marks_table, what="test database", min_size=1, max_size=1)
+
+    async def stray_commit(conn: Any) -> None:
+        await conn.execute("COMMIT")
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="tripmesh.runtime.pgdatabase"):
+            run(db.call(stray_commit, "statement"))
+            run(db.call(_backend, "statement"))  # a notice-free call logs nothing
+    finally:
+        db.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "tripmesh.runtime.pgdatabase"]
+    assert said == [
+        "test database: PostgreSQL says WARNING 25P01: there is no transaction in progress"
+    ]

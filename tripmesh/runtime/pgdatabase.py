@@ -155,6 +155,7 @@ class PostgresDatabase:
                 timeout=timeout,
                 reconnect_timeout=reconnect_timeout,
                 name=self.what,
+                configure=self._configure,
             )
             await pool.open(wait=True, timeout=timeout)
         except BaseException as exc:
@@ -164,6 +165,22 @@ class PostgresDatabase:
                 raise unavailable(exc, committing=False) from exc
             raise
         return pool
+
+    async def _configure(self, conn: Conn) -> None:
+        """A new pooled connection: the server's warnings reach the log (a BEGIN inside a
+        transaction, for one, is only a warning)."""
+        conn.add_notice_handler(self._notice)
+
+    def _notice(self, diagnostic: psycopg.errors.Diagnostic) -> None:
+        if diagnostic.severity_nonlocalized in ("NOTICE", "DEBUG", "LOG", "INFO"):
+            return
+        log.warning(
+            "%s: PostgreSQL says %s %s: %s",
+            self.what,
+            diagnostic.severity_nonlocalized,
+            diagnostic.sqlstate,
+            diagnostic.message_primary,
+        )
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """`callback(cause)` runs if the thread dies (its event loop stopped by an exception:
