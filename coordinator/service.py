@@ -75,20 +75,10 @@ class TripService:
             raise CoordinatorError(
                 f"{len(self._active)} trips in flight; try again shortly", kind=ErrorKind.EXHAUSTED
             )
-        key = request.idempotency_key
-        fresh = key not in self._creating  # else a concurrent duplicate creates it
-        if fresh:
-            self._creating.add(key)
-        try:
-            trip, replayed = await self.store.create(request)
-            logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
-            if not replayed:
-                self._started(trip.protocol.value).inc()
-                log.debug("trip created: %s", trip.protocol.value)  # its outcome: INFO
-                self._start(trip, recovering=False)
-        finally:
-            if fresh:
-                self._creating.discard(key)
+        # A caller that gives up (its deadline passed) must not cut this in two: a trip
+        # logged but driven by nobody would wait for a lease its replica keeps renewing.
+        trip, replayed = await asyncio.shield(self._create(request, correlation_id))
+        logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)
         task = self._active.get(trip.trip_id)
         if task is None:
             return trip, replayed  # a replay of a trip nobody drives: as just read
@@ -99,6 +89,24 @@ class TripService:
         current = await self.store.get(trip.trip_id)
         assert current is not None
         return current, replayed
+
+    async def _create(self, request: TripRequest, correlation_id: str) -> tuple[Trip, bool]:
+        """Log the trip (or find the key's) and start its driver, unless it is a replay."""
+        key = request.idempotency_key
+        fresh = key not in self._creating  # else a concurrent duplicate creates it
+        if fresh:
+            self._creating.add(key)
+        try:
+            trip, replayed = await self.store.create(request)
+            logs.bind(trip_id=trip.trip_id, correlation_id=correlation_id)  # for its driver
+            if not replayed:
+                self._started(trip.protocol.value).inc()
+                log.debug("trip created: %s", trip.protocol.value)  # its outcome: INFO
+                self._start(trip, recovering=False)
+            return trip, replayed
+        finally:
+            if fresh:
+                self._creating.discard(key)
 
     async def get(self, trip_id: str) -> Trip:
         trip = await self.store.get(trip_id)

@@ -26,12 +26,12 @@ write their own SQL and hand it here as a job, a coroutine function of a connect
   was rolled back. One case differs, and its message says so: the connection lost
   while COMMIT was in flight, when the outcome is unknown (a property of every
   client-server database; SQLite in-process has no such window). A statement the
-  server refuses for the state of the connection's transaction (SQLSTATE class 25,
-  seen once under chaos: a snapshot read whose transaction had already run a query)
+  server refuses for the state of the connection's transaction (SQLSTATE class 25)
   closes that connection, logged; a read then runs once more on another, a write
-  fails with StorageUnavailable (nothing of it committed). Constraint violations and
-  SQL errors stay what they are (bugs). If the thread dies, every call fails at once
-  and `on_failure` is told.
+  fails with StorageUnavailable (nothing of it committed). (The chaos lab met it when
+  cancelled callers cancelled their transactions mid-pipeline; they no longer do, see
+  `call`.) Constraint violations and SQL errors stay what they are (bugs). If the
+  thread dies, every call fails at once and `on_failure` is told.
 """
 
 from __future__ import annotations
@@ -298,9 +298,15 @@ class PostgresDatabase:
         `key` run one at a time, in the order they were made. `committed(result)` runs on
         the database's loop once the transaction has committed, and only then (not when
         it rolled back, nor when the connection was lost while committing): state kept
-        beside the database changes only with it."""
+        beside the database changes only with it.
+
+        A caller cancelled (its RPC cancelled, its deadline passed) stops waiting; the call
+        itself runs on to its end, as a SQLite job does on its thread. Cancelled in the
+        middle of psycopg's pipeline, a connection went back to the pool still in pipeline
+        mode: the next read on it was never synced, and left an implicit transaction open
+        (with a snapshot) for the next call's BEGIN to join."""
         work = self.transaction(job, how, key, committed)
-        return await asyncio.wrap_future(self.submit(work))
+        return await asyncio.shield(asyncio.wrap_future(self.submit(work)))
 
     def call_blocking(self, job: Job[T], how: How) -> T:
         """`call`, waited for by a thread that is not on an event loop (a metrics scrape)."""
