@@ -26,6 +26,16 @@ from tests.unit.fakes import FakeParticipants
 from tests.unit.test_engines import FAST, _request
 
 
+def _service(store: SqliteTripStore, fakes: FakeParticipants) -> TripService:
+    """A trip service over `store` and `fakes` that books 2PC and saga trips."""
+    metrics = CoordinatorMetrics()
+    engines = {
+        Protocol.TWO_PHASE_COMMIT: TwoPhaseCommit(store, fakes, FAST, metrics),
+        Protocol.SAGA: Saga(store, fakes, FAST, metrics),
+    }
+    return TripService(store, engines, Catalog(fakes), metrics=metrics)
+
+
 class PausingStore(SqliteTripStore):
     """A real store whose next `get`, once armed, reads and then waits until released
     before it answers (so that what it answers may be overtaken meanwhile)."""
@@ -60,12 +70,7 @@ def test_an_action_racing_a_finishing_driver_never_overwrites_its_status(
         store = PausingStore(tmp_path / "trips.db")
         fakes = FakeParticipants()
         fakes.fakes[LegKind.CAR].unknown = {"commit"}  # phase 2 is slow at the car
-        metrics = CoordinatorMetrics()
-        engines = {
-            Protocol.TWO_PHASE_COMMIT: TwoPhaseCommit(store, fakes, FAST, metrics),
-            Protocol.SAGA: Saga(store, fakes, FAST, metrics),
-        }
-        service = TripService(store, engines, Catalog(fakes), metrics=metrics)
+        service = _service(store, fakes)
         actions = OperatorActions(service, fakes)
         trip, _ = await service.book(_request(Protocol.TWO_PHASE_COMMIT), wait=0)
         while (await store.get(trip.trip_id)).status is not TripStatus.NEEDS_ATTENTION:  # type: ignore[union-attr]
@@ -111,9 +116,11 @@ class CreatePausingStore(SqliteTripStore):
         super().__init__(path)
         self.created = asyncio.Event()
         self.release = asyncio.Event()
+        self.written: Trip | None = None
 
     async def create(self, request: TripRequest) -> tuple[Trip, bool]:
         found = await super().create(request)
+        self.written = found[0]
         self.created.set()
         await self.release.wait()
         return found
@@ -129,12 +136,7 @@ def test_the_sweeper_never_drives_a_trip_book_is_starting(
     async def go() -> tuple[Trip, list[object], list[str], list[tuple[str, str]]]:
         store = CreatePausingStore(tmp_path / "trips.db")
         fakes = FakeParticipants()
-        metrics = CoordinatorMetrics()
-        engines = {
-            Protocol.TWO_PHASE_COMMIT: TwoPhaseCommit(store, fakes, FAST, metrics),
-            Protocol.SAGA: Saga(store, fakes, FAST, metrics),
-        }
-        service = TripService(store, engines, Catalog(fakes), metrics=metrics)
+        service = _service(store, fakes)
         booking = asyncio.ensure_future(service.book(_request(protocol), wait=5))
         await store.created.wait()
         swept = await service.resume_unfinished()  # the housekeeping round, in that moment
@@ -157,3 +159,36 @@ def test_the_sweeper_never_drives_a_trip_book_is_starting(
         else ["reserve"] * 3
     )
     assert methods == expected
+
+
+@pytest.mark.parametrize("protocol", [Protocol.TWO_PHASE_COMMIT, Protocol.SAGA])
+def test_a_trip_whose_caller_gave_up_while_it_was_logged_is_still_driven_to_its_end(
+    tmp_path: Path, protocol: Protocol
+) -> None:
+    """A client whose deadline passes while its trip is being logged cancels BookTrip. The
+    trip is in the log by then: it must get its driver (on PostgreSQL this replica holds
+    its lease, so no other would ever drive it)."""
+
+    async def go() -> Trip | None:
+        store = CreatePausingStore(tmp_path / "trips.db")
+        service = _service(store, FakeParticipants())
+        try:
+            booking = asyncio.ensure_future(service.book(_request(protocol), wait=5))
+            await store.created.wait()
+            booking.cancel()  # the client's deadline passes while the trip is logged
+            with pytest.raises(asyncio.CancelledError):
+                await booking
+            store.release.set()
+            assert store.written is not None
+            for _ in range(500):  # no sweep runs here: only the trip's own driver ends it
+                found = await store.get(store.written.trip_id)
+                if found is None or found.status is not TripStatus.PENDING:
+                    return found
+                await asyncio.sleep(0.01)
+            return found
+        finally:
+            await service.stop()
+            store.close()
+
+    ended = asyncio.run(go())
+    assert ended is not None and ended.status is TripStatus.CONFIRMED, ended
