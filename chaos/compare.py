@@ -25,7 +25,7 @@ from chaos.comparison import Bench, read_bench, write_report
 from chaos.matrix import PROTOCOL_ORDER, RunRecord, find_runs, load_runs
 from chaos.run import RunConfig, run
 from chaos.scenarios import registry
-from tripmesh.mesh.mesh import ROOT
+from tripmesh.mesh.mesh import ROOT, stop_on_sigterm
 
 # What a full report covers when nothing is asked for and no runs are given.
 DEFAULT_PROTOCOLS = "2pc,3pc,saga,saga-lock,choreography"
@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
 
 def main(argv: list[str] | None = None) -> int:
     args, p = parse_args(argv)
+    stop_on_sigterm()  # killed, the run under way still stops its mesh
     bench = _bench(args.bench, p)  # refused before anything is run or read
     scenarios = registry()
     if args.duration is not None and args.duration <= 0:

@@ -37,7 +37,7 @@ from services import car, flight, hotel
 from services.catalog import write_catalog_file
 from tripmesh import PARTICIPANTS
 from tripmesh.mesh.layout import BROKER, POSTGRES, free_layout
-from tripmesh.mesh.mesh import ROOT, Mesh
+from tripmesh.mesh.mesh import ROOT, Mesh, stop_on_sigterm
 from tripmesh.runtime.names import BOOKING_MODES
 
 log = logging.getLogger("chaos")
@@ -383,6 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()  # killed, it still stops its mesh
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     config = RunConfig(
         scenario=registry()[args.scenario],

@@ -55,7 +55,7 @@ from loadtest.echo import echo_server
 from loadtest.meshes import isolated_mesh
 from loadtest.trips import bench_catalog, bench_request
 from tripmesh.mesh.layout import POSTGRES, STORES
-from tripmesh.mesh.mesh import ROOT, Mesh
+from tripmesh.mesh.mesh import ROOT, Mesh, stop_on_sigterm
 from tripmesh.runtime import rpc
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
@@ -327,6 +327,7 @@ def _provenance() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     config, runs_dir = parse_args(argv)
+    stop_on_sigterm()  # killed, it still stops its mesh
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     folder = runs_dir / f"bench-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)

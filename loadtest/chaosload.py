@@ -28,7 +28,7 @@ from pathlib import Path
 from loadtest import run as load
 from loadtest.trips import CHOICES
 from tripmesh.mesh.layout import Layout
-from tripmesh.mesh.mesh import ROOT, SERVING, grpc_health
+from tripmesh.mesh.mesh import ROOT, SERVING, grpc_health, stop_on_sigterm
 
 LAST_OFFSET = 25  # chaos runs put 30 days on sale; trips last up to 4 nights
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
     args = p.parse_args(argv)
+    stop_on_sigterm()  # killed, it stops the chaos run, which stops its mesh
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     folder = args.runs_dir / f"load-chaos-{args.scenario}-{args.protocol}-{stamp}"
     folder.mkdir(parents=True)
@@ -67,20 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     chaos_argv += ["--runs-dir", str(folder / "chaos")]
     print(f"load-chaos: {' '.join(chaos_argv[1:])}; reports in {folder}", flush=True)
     chaos = subprocess.Popen(chaos_argv, cwd=ROOT)
-    layout = _wait_for_mesh(folder / "chaos", chaos, timeout=120)
-    began = time.time()
-    # Stop before the scenario's traffic does, so Locust's trips settle with the rest.
-    seconds = max(5, int(args.duration - 2))
-    options = load.parse_args(
-        ["--protocol", args.protocol, "--users", str(args.users), "--shape", args.shape]
-        + ["--duration", f"{seconds}s", "--target", layout.client_address]
-    )
-    command = load.locust_argv(options, layout.client_address, folder)
-    command += ["--last-offset", str(LAST_OFFSET), "--seed", str(args.seed)]
-    os.environ["TRIPMESH_LOAD_OUT"] = str(folder)  # trips.json and history.jsonl
-    code = load.run_locust(command, folder / "locust.log")
-    ended = time.time()
-    status = chaos.wait()
+    try:
+        layout = _wait_for_mesh(folder / "chaos", chaos, timeout=120)
+        began = time.time()
+        # Stop before the scenario's traffic does, so Locust's trips settle with the rest.
+        seconds = max(5, int(args.duration - 2))
+        options = load.parse_args(
+            ["--protocol", args.protocol, "--users", str(args.users), "--shape", args.shape]
+            + ["--duration", f"{seconds}s", "--target", layout.client_address]
+        )
+        command = load.locust_argv(options, layout.client_address, folder)
+        command += ["--last-offset", str(LAST_OFFSET), "--seed", str(args.seed)]
+        os.environ["TRIPMESH_LOAD_OUT"] = str(folder)  # trips.json and history.jsonl
+        code = load.run_locust(command, folder / "locust.log")
+        ended = time.time()
+        status = chaos.wait()
+    finally:
+        if chaos.poll() is None:  # this process is being stopped: so is the chaos run
+            chaos.terminate()
+            chaos.wait()
     record = {
         "scenario": args.scenario,
         "protocol": args.protocol,

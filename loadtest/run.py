@@ -42,7 +42,7 @@ from loadtest.progress import Progress, seconds
 from loadtest.tally import judge, merge_tallies
 from loadtest.trips import CHOICES, peak_catalog
 from tripmesh.mesh.layout import free_port
-from tripmesh.mesh.mesh import ROOT
+from tripmesh.mesh.mesh import ROOT, stop_on_sigterm
 from tripmesh.runtime import tls
 
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
@@ -194,6 +194,7 @@ def run_locust(
     printed and kept in `log_path`; its exit code, or the first failing worker's.
     `progress`: a live line on the terminal while it runs."""
     started: list[subprocess.Popen[bytes]] = []
+    locust: subprocess.Popen[str] | None = None
     try:
         with log_path.open("w") as log, progress or contextlib.nullcontext():
             locust = subprocess.Popen(
@@ -221,6 +222,9 @@ def run_locust(
             code = code or worker_code
         return code
     finally:
+        if locust is not None and locust.poll() is None:  # this process is being stopped
+            locust.terminate()
+            locust.wait()
         for worker in started:
             if worker.poll() is None:
                 worker.kill()
@@ -229,6 +233,7 @@ def run_locust(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()  # killed, it still stops Locust and an isolated mesh
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     mode = "ui" if args.ui else args.shape
     folder = args.runs_dir / f"load-{mode}-{args.protocol}-{stamp}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -51,12 +52,25 @@ from tripmesh.mesh.layout import (
     TOXIPROXY,
     Layout,
 )
-from tripmesh.mesh.supervise import Program, Supervisor, SupervisorError, render_config
+from tripmesh.mesh.supervise import Program, Supervisor, render_config
 from tripmesh.mesh.toxiproxy import Toxiproxy, ToxiproxyError
 from tripmesh.runtime import auth, tls
 from tripmesh.runtime.postgres import PostgresError, PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end this process the way Ctrl-C does, through every `finally`: a tool
+    that started a mesh of its own (a chaos run, the bench, a load run) then stops it when
+    it is killed (a CI job's time-out, `kill`), instead of leaving its servers running.
+    Call it from the main thread of a command-line entry point."""
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def order(layout: Layout) -> list[str]:
@@ -318,7 +332,7 @@ class Mesh:
             for name in self.layout.coordinator_names:
                 self.supervisor.start(name)
             self._wait_serving(self.layout.coordinator_names, deadline)
-        except (MeshError, SupervisorError):
+        except BaseException:  # MeshError, SupervisorError, or the tool being stopped
             # A half-started mesh is worse than none: stop it, keep its logs.
             self.supervisor.shutdown(timeout=60)
             raise
