@@ -7,7 +7,6 @@ someone found them.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,21 +14,8 @@ import time
 from pathlib import Path
 
 from tests.procs import ROOT
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    """The command lines of live processes that name `text` (a folder only this run uses)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue  # gone meanwhile
-        if text in argv:
-            found.append(f"{entry.name}: {argv}")
-    return found
+from tripmesh.mesh.mesh import Mesh
+from tripmesh.mesh.supervise import pid_alive
 
 
 def test_a_chaos_run_stopped_with_sigterm_stops_its_mesh(tmp_path: Path) -> None:
@@ -44,8 +30,8 @@ def test_a_chaos_run_stopped_with_sigterm_stops_its_mesh(tmp_path: Path) -> None
             assert run.poll() is None, run.communicate()[0].decode()[-2000:]
             assert time.monotonic() < deadline, "the run never got going"
             time.sleep(0.2)
-        mesh = next(runs.glob("*/mesh"))
-        assert _processes_mentioning(str(mesh))  # its supervisord names the mesh's folder
+        pids = Mesh(next(runs.glob("*/mesh"))).pids()  # supervisord and every program
+        assert all(pid_alive(pid) for pid in pids.values()), pids
         run.send_signal(signal.SIGTERM)
         output, _ = run.communicate(timeout=120)
     finally:
@@ -53,4 +39,5 @@ def test_a_chaos_run_stopped_with_sigterm_stops_its_mesh(tmp_path: Path) -> None
             run.kill()
             run.wait()
     assert run.returncode == 128 + signal.SIGTERM, output.decode()[-2000:]
-    assert _processes_mentioning(str(mesh)) == []
+    left = {name: pid for name, pid in pids.items() if pid_alive(pid)}
+    assert not left, f"still running after SIGTERM: {left}"
