@@ -47,6 +47,14 @@ class CoordinatorMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.steps_per_call = Histogram(
+            "tripmesh_participant_steps_per_call",
+            "Protocol steps one Steps call carried to a participant (they travel together"
+            " while earlier calls are on the way).",
+            ["participant"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.step_failures = Counter(
             "tripmesh_step_failures",
             "Participant calls that failed: outcome unknown, or rejected.",

@@ -97,6 +97,10 @@ class CoordinatorConfig:
     lease: float = 5.0
     max_wait: float = 30.0
     sweep_every: float = 5.0
+    #: Steps calls on the way at once to each participant; the steps asked for
+    #: meanwhile leave together when one returns (coordinator/clients.StepBatcher).
+    #: 0: each step its own RPC.
+    step_batches: int = 2
     grace: float = 5.0
 
     @classmethod
@@ -185,6 +189,13 @@ class CoordinatorConfig:
             "--rpc-timeout", type=float, default=float(env.get("TRIPMESH_RPC_TIMEOUT", 2.0))
         )
         p.add_argument(
+            "--step-batches",
+            type=int,
+            default=int(env.get("TRIPMESH_STEP_BATCHES", 2)),
+            help="Steps calls on the way at once to each participant; the steps asked for "
+            "meanwhile travel together in the next (0: each step its own RPC; default 2)",
+        )
+        p.add_argument(
             "--step-give-up", type=float, default=float(env.get("TRIPMESH_STEP_GIVE_UP", 5))
         )
         p.add_argument(
@@ -223,6 +234,8 @@ class CoordinatorConfig:
                 raise layouts.LayoutError("--lease: must be positive")
             if a.sweep_every <= 0:
                 raise layouts.LayoutError("--sweep-every: must be positive")
+            if a.step_batches < 0:
+                raise layouts.LayoutError("--step-batches: must not be negative")
             if a.store:
                 check_dsn(a.store, "--store")
         except layouts.LayoutError as exc:
@@ -239,6 +252,7 @@ class CoordinatorConfig:
             default_protocol=Protocol(a.default_protocol),
             saga_pivot=None if a.saga_pivot == "none" else LegKind(a.saga_pivot),
             rpc_timeout=a.rpc_timeout,
+            step_batches=a.step_batches,
             policies=Policies(
                 step=RetryPolicy(give_up_after=a.step_give_up),
                 compensation=RetryPolicy(give_up_after=a.compensation_give_up),
@@ -299,6 +313,7 @@ async def serve(config: CoordinatorConfig) -> None:
         metrics=metrics,
         token=mesh_token,
         credentials=to_participants,
+        batches_in_flight=config.step_batches,
     )
     catalog = Catalog(participants)
     engines: dict[Protocol, TripEngine] = {

@@ -14,13 +14,18 @@ with a catalog that never sells out (`loadtest.trips.bench_catalog`):
 3. the saga with its semantic lock (saga-lock), 2PC, 3PC and the choreographed
    saga the same (its trips travel as events on the broker, not as RPCs: it has
    no RPC count and no efficiency);
-4. efficiency = trips/s x RPCs per trip / echo RPCs/s at the same concurrency.
-   RPCs per trip, on the success path: the client's BookTrip (1) plus the
-   coordinator's participant calls: saga 3 Reserves (4 in all), saga-lock 3
+4. efficiency = trips/s x calls per trip / echo RPCs/s at the same concurrency.
+   Calls per trip, on the success path: the client's BookTrip (1) plus the
+   coordinator's participant steps: saga 3 Reserves (4 in all), saga-lock 3
    Reserves and 3 Confirms (7), 2PC 3 Prepares and 3 Commits (7), 3PC 3
-   CanCommits, 3 PreCommits and 3 DoCommits (10). Each RPC crosses one proxy, as
-   the echo does. Not counted: the coordinator's log writes (saga 2, 2PC 3,
-   group-committed; see coordinator/journal.py) and the participants' (one per step).
+   CanCommits, 3 PreCommits and 3 DoCommits (10). Each would be one RPC through
+   one proxy, as the echo is; but a busy coordinator sends a participant the
+   steps of many trips in one Steps call (coordinator/clients.py, StepBatcher),
+   so efficiency above 1 is possible: a step then costs less than a bare RPC.
+   How many steps a call carried is in the coordinator's
+   tripmesh_participant_steps_per_call. Not counted: the coordinator's log
+   writes (saga 2, 2PC 3, group-committed; see coordinator/journal.py) and the
+   participants' (one per step).
 
 Then: the coordinator's memory (VmRSS) over `--rss-trips` more trips, and the
 contended flight (`loadtest.contention`). With `--profile`, py-spy records the

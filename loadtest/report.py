@@ -32,7 +32,8 @@ def _at(points: Sequence[Mapping[str, Any]], concurrency: int) -> Mapping[str, A
 def efficiency(
     points: Mapping[str, Sequence[Mapping[str, Any]]], rpcs: Mapping[str, int]
 ) -> dict[str, dict[str, float]]:
-    """Per protocol and concurrency: trips/s x RPCs per trip / echo RPCs/s at that concurrency."""
+    """Per protocol and concurrency: trips/s x calls per trip / echo RPCs/s at that concurrency
+    (a call: what one RPC would carry alone; steps sent together in a Steps call count each)."""
     found: dict[str, dict[str, float]] = {}
     for protocol in _measured(points):
         found[protocol] = {}
@@ -116,7 +117,7 @@ def render(results: Mapping[str, Any], console: Console | None = None) -> None:
         f" ({results.get('runs', 1)} run(s){', medians' if results.get('runs', 1) > 1 else ''})"
     )
     # A row per protocol and concurrency: readable at 80 columns however many protocols.
-    for head in ("run", "c", "per s", "p50 ms", "p99 ms", "RPCs/trip", "eff."):
+    for head in ("run", "c", "per s", "p50 ms", "p99 ms", "calls/trip", "eff."):
         table.add_column(head, justify="left" if head == "run" else "right")
     rpcs = results.get("rpcs_per_trip", {})
     for echo in points["echo"]:

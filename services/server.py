@@ -224,6 +224,7 @@ PROTOCOL_STEPS = (
     "Reserve",
     "Cancel",
     "Confirm",
+    "Steps",
 )
 
 

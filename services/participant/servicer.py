@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import grpc
+from google.rpc import code_pb2
 
 from services.participant.convert import (
     hold_from_proto,
@@ -23,8 +26,8 @@ from services.participant.domain import (
 )
 from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
-from tripmesh.runtime import failpoints
-from tripmesh.runtime.errors import FieldViolation
+from tripmesh.runtime import failpoints, logs, rpc
+from tripmesh.runtime.errors import FieldViolation, TripmeshError
 from tripmesh.runtime.fields import check_text
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.runtime.prometheus import Children
@@ -33,6 +36,8 @@ from tripmesh.v1 import participant_pb2_grpc
 
 log = logging.getLogger(__name__)
 _MAX_PAGE = 1000
+# The most steps one Steps call may carry (a coordinator sends at most 64).
+MAX_STEPS = 1000
 # A reservation in one of these is on its way somewhere else: its step is logged at DEBUG.
 _ON_THE_WAY = frozenset(
     {ReservationStatus.HELD, ReservationStatus.PRE_COMMITTED, ReservationStatus.PENDING}
@@ -71,6 +76,18 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self.metrics = metrics or ParticipantMetrics(store.kind, store.units)
         self._steps = Children(self.metrics.steps)
         self._votes = Children(self.metrics.votes)
+        # A Steps call's step (the name of its request field) -> the method that does it.
+        self._step_methods: dict[str, Callable[[Any, Any], Awaitable[Any]]] = {
+            "prepare": self.Prepare,
+            "commit": self.Commit,
+            "abort": self.Abort,
+            "can_commit": self.CanCommit,
+            "pre_commit": self.PreCommit,
+            "do_commit": self.DoCommit,
+            "reserve": self.Reserve,
+            "cancel": self.Cancel,
+            "confirm": self.Confirm,
+        }
 
     def _done(self, step: str, done: Reservation, outcome: str, detail: str = "") -> None:
         """Count the step and log a line of it (the trip id is in scope from metadata).
@@ -206,6 +223,52 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self._done("cancel", done, done.status.value)
         return pb.CancelResponse(reservation=reservation_to_proto(done))
 
+    async def Steps(
+        self, request: pb.StepsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepsResponse:
+        """Each step as its own call would do it, all at once; each answered on its own."""
+        steps = request.steps
+        if len(steps) > MAX_STEPS:
+            raise ParticipantError.invalid(
+                FieldViolation("steps", f"at most {MAX_STEPS} steps per call, not {len(steps)}")
+            )
+        if len(steps) == 1:  # no task to spawn: a lone step runs in the call's own task
+            return pb.StepsResponse(outcomes=[await self._step(0, steps[0], context)])
+        outcomes = await asyncio.gather(
+            *(self._step(index, step, context) for index, step in enumerate(steps))
+        )
+        return pb.StepsResponse(outcomes=outcomes)
+
+    async def _step(
+        self, index: int, step: pb.Step, context: grpc.aio.ServicerContext
+    ) -> pb.StepOutcome:
+        """One step of a Steps call, its trip in scope for its log lines; its error answered
+        as its own call's status would be."""
+        which = step.WhichOneof("request")
+        if which is None:
+            return _step_error(
+                index,
+                ParticipantError.invalid(
+                    FieldViolation("request", "names no step (prepare, reserve, commit...)")
+                ),
+            )
+        request = getattr(step, which)
+        logs.bind(trip_id=request.trip_id, correlation_id=step.correlation_id)
+        try:
+            reply = await self._step_methods[which](request, context)
+        except TripmeshError as exc:
+            return _step_error(index, exc, which)
+        except Exception:  # as CallGuard answers a lone call: INTERNAL, logged
+            log.exception("unexpected error in step %d (%s) of Steps", index, which)
+            return pb.StepOutcome(
+                error=pb.StepError(
+                    code=code_pb2.INTERNAL, message="internal error; see the server log"
+                )
+            )
+        outcome = pb.StepOutcome()
+        getattr(outcome, which).CopyFrom(reply)
+        return outcome
+
     async def GetInventory(
         self, request: pb.GetInventoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetInventoryResponse:
@@ -266,3 +329,20 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             resources=[resource_to_proto(r, self.unit) for r in found],
             next_page_token=found[-1].resource_id if len(found) == limit else "",
         )
+
+
+def _step_error(index: int, error: TripmeshError, which: str = "") -> pb.StepOutcome:
+    """A failed step's outcome: its status, its fields named from the Steps request."""
+    prefix = f"steps[{index}].{which + '.' if which else ''}"
+    violations = [
+        pb.StepFieldViolation(field=prefix + v.field, description=v.description)
+        for v in error.violations
+    ]
+    message = (
+        "; ".join(f"{v.field}: {v.description}" for v in violations)
+        if violations
+        else error.message
+    )
+    return pb.StepOutcome(
+        error=pb.StepError(code=rpc.rpc_code(error), message=message, field_violations=violations)
+    )

@@ -92,6 +92,11 @@ def test_only_the_mesh_calls_a_participants_steps_and_decisions(make_cluster) ->
         lambda: flight.Cancel(cancel, timeout=5, metadata=auth.bearer(operator_token))
     )
     assert denied == grpc.StatusCode.PERMISSION_DENIED
+    # Nor in a Steps call, which carries the same steps.
+    steps = ppb.StepsRequest(steps=[ppb.Step(cancel=cancel)])
+    assert _refused(lambda: flight.Steps(steps, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
+    denied = _refused(lambda: flight.Steps(steps, timeout=5, metadata=auth.bearer(operator_token)))
+    assert denied == grpc.StatusCode.PERMISSION_DENIED
     assert books.totals("flight", "FX") == (0, 1)  # still confirmed: nothing written
     (leg,) = books.reservations("flight", trip.trip_id)
     assert leg.status == ppb.RESERVATION_STATUS_CONFIRMED

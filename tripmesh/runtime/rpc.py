@@ -41,7 +41,7 @@ from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError, in
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_CODES = {
+_CODES: dict[ErrorKind, tuple[grpc.StatusCode, int]] = {
     ErrorKind.INVALID: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
     ErrorKind.NOT_FOUND: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
     ErrorKind.CONFLICT: (grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
@@ -51,9 +51,13 @@ _CODES = {
 }
 
 
+def rpc_code(error: TripmeshError) -> int:
+    """The google.rpc.Code (an int) that `error` is answered with."""
+    return _CODES[error.kind][1]
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: TripmeshError) -> None:
     """Abort the RPC with the status that `error` maps to (raises)."""
-    _, rpc_code = _CODES[error.kind]
     details = []
     if error.violations:
         bad_request = error_details_pb2.BadRequest(
@@ -67,7 +71,7 @@ async def abort_with(context: grpc.aio.ServicerContext, error: TripmeshError) ->
         packed = any_pb2.Any()
         packed.Pack(bad_request)
         details.append(packed)
-    status = status_pb2.Status(code=rpc_code, message=error.message, details=details)
+    status = status_pb2.Status(code=rpc_code(error), message=error.message, details=details)
     await context.abort_with_status(rpc_status.to_status(status))
 
 
