@@ -62,6 +62,13 @@ def test_reduced_scenario_finds_no_violation(tmp_path: Path, name: str, protocol
             expected |= {fp.split("@")[0] for fp in PARTICIPANTS.values()}
         # Each armed failpoint fired (once: a marker each), so each crash really happened.
         assert fired == expected
+    elif schedule and {fault["action"] for fault in schedule} == {"latency"}:
+        # Latency fails nothing (a trip that failed here was refused: sold out); the
+        # clients feel it as time. Half the trips took at least the slowest edge's added
+        # latency (each way), where a trip without it takes tens of milliseconds.
+        measures = json.loads((outcome.run_dir / "measures.json").read_text())
+        slowest = max(fault["attributes"]["latency"] for fault in schedule)
+        assert measures["latency_p50_ms"] >= slowest, measures["latency_p50_ms"]
     elif schedule:
         # The clients felt the faults: some call's outcome was unknown, or a trip failed over.
         assert any(op.type == "info" for op in history) or any(
