@@ -90,7 +90,8 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         }
 
     def _done(self, step: str, done: Reservation, outcome: str, detail: str = "") -> None:
-        """Count the step and log a line of it (the trip id is in scope from metadata).
+        """Count the step and log a line of it (the trip id is in scope: from the call's
+        metadata, or bound for each step of a Steps call).
 
         One line per reservation at INFO, when it reaches where it ends (confirmed,
         cancelled, released, refused): the trace of a trip across the four logs.
