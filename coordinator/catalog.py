@@ -14,7 +14,7 @@ import time
 
 from coordinator.clients import CatalogEntry, OutcomeUnknown, ParticipantRejected, Participants
 from coordinator.domain import LEG_ORDER, CoordinatorError, LegKind, LegRequest, TripRequest
-from tripmesh.runtime.errors import ErrorKind, FieldViolation
+from tripmesh.runtime.errors import ErrorKind, FieldViolation, describe
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ class Catalog:
                 )
         if missing:
             raise CoordinatorError(
-                "; ".join(f"{v.field}: {v.description}" for v in missing),
+                describe(missing),
                 kind=ErrorKind.NOT_FOUND,
                 violations=tuple(missing),
             )
         if off_sale:
             raise CoordinatorError(
-                "; ".join(f"{v.field}: {v.description}" for v in off_sale),
+                describe(off_sale),
                 kind=ErrorKind.INVALID,
                 violations=tuple(off_sale),
             )

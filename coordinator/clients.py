@@ -225,7 +225,7 @@ class StepBatcher:
         timeout: float,
         in_flight: int,
         metadata: tuple[tuple[str, str], ...],
-        sizes: HistogramChild | None = None,
+        sizes: HistogramChild,
     ) -> None:
         self._stub = stub
         self._sizes = sizes
@@ -274,8 +274,7 @@ class StepBatcher:
         loop = asyncio.get_running_loop()
         try:
             timeout = max(min(w.deadline for w in batch) - loop.time(), 0.001)
-            if self._sizes is not None:
-                self._sizes.observe(len(batch))
+            self._sizes.observe(len(batch))
             reply = await self._stub.Steps(
                 pb.StepsRequest(steps=[w.step for w in batch]),
                 timeout=timeout,
@@ -349,6 +348,12 @@ class ParticipantClient(Participant):
         self.metrics.step_failures.labels(self.kind.value, step, "unknown").inc()
         return OutcomeUnknown(message)
 
+    def _rpc_failed(self, method: str, step: str, exc: grpc.aio.AioRpcError) -> Exception:
+        """The error to raise for an RPC that failed as a whole (counted)."""
+        return self._failed(
+            method, step, f"{exc.code().name}: {exc.details()}", exc.code() in _DEFINITE
+        )
+
     async def _call(self, method: str, request: object) -> object:
         step = method.lower()
         duration = self._durations(self.kind.value, step)
@@ -360,9 +365,7 @@ class ParticipantClient(Participant):
                 metadata=(*logs.outgoing_metadata(), *self._credentials),
             )
         except grpc.aio.AioRpcError as exc:
-            raise self._failed(
-                method, step, f"{exc.code().name}: {exc.details()}", exc.code() in _DEFINITE
-            ) from exc
+            raise self._rpc_failed(method, step, exc) from exc
         finally:
             duration.observe(time.perf_counter() - started)
 
@@ -378,9 +381,7 @@ class ParticipantClient(Participant):
             outcome = await batcher.step(which, request)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise self._failed(
-                    method, step, f"{exc.code().name}: {exc.details()}", exc.code() in _DEFINITE
-                ) from exc
+                raise self._rpc_failed(method, step, exc) from exc
             alone = True  # a participant from before Steps
         except OutcomeUnknown as exc:
             raise self._failed(method, step, exc.message, False) from exc

@@ -27,7 +27,7 @@ from services.participant.domain import (
 from services.participant.metrics import ParticipantMetrics
 from services.participant.store import ParticipantStore
 from tripmesh.runtime import failpoints, logs, rpc
-from tripmesh.runtime.errors import FieldViolation, TripmeshError
+from tripmesh.runtime.errors import FieldViolation, TripmeshError, describe
 from tripmesh.runtime.fields import check_text
 from tripmesh.runtime.paging import position_from_token
 from tripmesh.runtime.prometheus import Children
@@ -335,15 +335,13 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
 def _step_error(index: int, error: TripmeshError, which: str = "") -> pb.StepOutcome:
     """A failed step's outcome: its status, its fields named from the Steps request."""
     prefix = f"steps[{index}].{which + '.' if which else ''}"
-    violations = [
-        pb.StepFieldViolation(field=prefix + v.field, description=v.description)
-        for v in error.violations
-    ]
-    message = (
-        "; ".join(f"{v.field}: {v.description}" for v in violations)
-        if violations
-        else error.message
-    )
+    violations = [FieldViolation(prefix + v.field, v.description) for v in error.violations]
     return pb.StepOutcome(
-        error=pb.StepError(code=rpc.rpc_code(error), message=message, field_violations=violations)
+        error=pb.StepError(
+            code=rpc.rpc_code(error),
+            message=describe(violations) if violations else error.message,
+            field_violations=[
+                pb.StepFieldViolation(field=v.field, description=v.description) for v in violations
+            ],
+        )
     )

@@ -28,6 +28,11 @@ class FieldViolation:
     description: str
 
 
+def describe(violations: tuple[FieldViolation, ...] | list[FieldViolation]) -> str:
+    """The message that names every bad field: ``flight.seats: must be positive; car: ...``."""
+    return "; ".join(f"{v.field}: {v.description}" for v in violations)
+
+
 class TripmeshError(Exception):
     """Root of every error tripmesh raises on purpose."""
 
@@ -49,8 +54,7 @@ class TripmeshError(Exception):
     @classmethod
     def invalid(cls, *violations: FieldViolation) -> TripmeshError:
         """An INVALID_ARGUMENT error of this class whose message names every bad field."""
-        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        return cls(message, kind=ErrorKind.INVALID, violations=violations)
+        return cls(describe(violations), kind=ErrorKind.INVALID, violations=violations)
 
 
 def invalid(*violations: FieldViolation) -> TripmeshError:
