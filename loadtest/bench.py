@@ -61,7 +61,7 @@ from loadtest.meshes import isolated_mesh
 from loadtest.trips import bench_catalog, bench_request
 from tripmesh.mesh.layout import POSTGRES, STORES
 from tripmesh.mesh.mesh import ROOT, Mesh, stop_on_sigterm
-from tripmesh.runtime import rpc
+from tripmesh.runtime import heap, rpc
 from tripmesh.v1 import coordinator_pb2 as pb
 from tripmesh.v1 import coordinator_pb2_grpc, participant_pb2_grpc
 
@@ -313,6 +313,9 @@ async def _measure(
     config: BenchConfig, mesh: Mesh, echo: str, echo_pid: int, folder: Path
 ) -> dict[str, Any]:
     bench = Bench(config, mesh, echo, echo_pid, folder)
+    # The driver measures latency: a full collection of its own heap would be counted
+    # as the mesh's (the servers freeze theirs the same way).
+    heap.freeze_start_up()
     try:
         return await bench.run()
     finally:

@@ -124,6 +124,10 @@ def test_metrics_agree_with_the_books(make_cluster) -> None:
         assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= exported
         assert "python_info" in exported
         assert not [name for name in exported if name.endswith("_created")], address
+        # Start-up's heap is out of the garbage collector's walk, and its pauses are timed.
+        runtime = scrape(address)
+        assert total(runtime, "tripmesh_gc_frozen_objects") > 10_000, address
+        assert total(runtime, "tripmesh_gc_pause_seconds_count", generation="0") > 0, address
 
 
 PROMQL_WORDS = {

@@ -2,7 +2,8 @@
 metric's children for the per-call paths.
 
 The process's CPU, memory and file descriptors (`process_*`), the Python
-runtime (`python_info`, `python_gc_*`), and no `*_created` series: a counter's
+runtime (`python_info`, `python_gc_*`), the garbage collector's pauses and frozen
+start-up (`tripmesh_gc_*`, `tripmesh.runtime.heap`), and no `*_created` series: a counter's
 creation time is noise on every dashboard and doubles the series count.
 """
 
@@ -18,6 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import CollectorRegistry
+
+from tripmesh.runtime.heap import GC_PAUSES
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -50,4 +53,5 @@ def new_registry() -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+    registry.register(GC_PAUSES)
     return registry

@@ -7,7 +7,9 @@
   a body that is not a valid message gets INVALID_ARGUMENT (every method, the
   streaming ones too), and where the caller's trip and correlation id come
   into scope for logging.
-- `serve_until_signalled`: graceful shutdown on SIGTERM: health goes
+- `serve_until_signalled`: serving, with start-up's heap frozen out of the
+  garbage collector's reach (`heap.freeze_start_up`), until SIGTERM, when
+  it shuts down gracefully: health goes
   NOT_SERVING first, then in-flight RPCs get `grace` seconds to finish; and
   a loud exit when the process's storage fails (`StorageFailure`).
 - `channel`: a long-lived client channel with keepalive and retries of
@@ -35,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from tripmesh.runtime import logs
+from tripmesh.runtime import heap, logs
 from tripmesh.runtime.errors import ErrorKind, FieldViolation, TripmeshError, invalid
 
 log = logging.getLogger(__name__)
@@ -414,8 +416,12 @@ async def serve_until_signalled(
 ) -> bool:
     """Serve until SIGTERM or SIGINT (shut down gracefully; False) or a storage failure
     (health NOT_SERVING, then stop; True). Several servers (one process's
-    listeners) go NOT_SERVING and drain together."""
+    listeners) go NOT_SERVING and drain together.
+
+    Start-up's objects are frozen first: no full collection walks them again
+    while the process serves (see `tripmesh.runtime.heap`)."""
     servers = [running] if isinstance(running, RunningServer) else list(running)
+    log.debug("start-up heap frozen: %d objects", heap.freeze_start_up())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
