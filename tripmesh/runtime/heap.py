@@ -13,7 +13,7 @@ without them).
 `freeze_start_up`, called once a server is up, moves everything alive then
 into the collector's permanent generation (`gc.freeze`): never walked again,
 still freed by reference counting, so a full collection walks only what was
-made since (about 1 ms). The thresholds stay Python's own: raising them only
+made since (1-2 ms measured). The thresholds stay Python's own: raising them only
 trades fewer young collections for longer ones (measured: 4-7 ms each).
 
 `GC_PAUSES` times each collection of this process (a `gc.callbacks` hook: two
