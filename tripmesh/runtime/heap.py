@@ -25,7 +25,9 @@ them as `tripmesh_gc_pause_seconds` by generation, with the frozen count as
 
 from __future__ import annotations
 
+import bisect
 import gc
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -68,13 +70,8 @@ class GcPauses(Collector):
             return
         took = time.perf_counter() - self._started
         generation = info["generation"]
-        counts = self._counts[generation]
-        for index, bound in enumerate(BUCKETS):
-            if took <= bound:
-                counts[index] += 1
-                break
-        else:
-            counts[-1] += 1
+        # The first bucket whose bound is at least `took`; past the last, the overflow count.
+        self._counts[generation][bisect.bisect_left(BUCKETS, took)] += 1
         self._sums[generation] += took
 
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
@@ -83,12 +80,12 @@ class GcPauses(Collector):
             "Time the garbage collector held the GIL, per collection, by generation.",
             labels=["generation"],
         )
+        bounds = (*map(str, BUCKETS), "+Inf")
         for generation in range(3):
-            cumulative, buckets = 0, []
-            for bound, count in zip((*map(str, BUCKETS), "+Inf"), self._counts[generation]):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            pauses.add_metric([str(generation)], buckets, self._sums[generation])
+            cumulative = itertools.accumulate(self._counts[generation])
+            pauses.add_metric(
+                [str(generation)], list(zip(bounds, cumulative)), self._sums[generation]
+            )
         yield pauses
         yield GaugeMetricFamily(
             "tripmesh_gc_frozen_objects",
